@@ -1,0 +1,2 @@
+DROP INDEX CONCURRENTLY IF EXISTS tasks_assignee_id_idx;
+DROP INDEX CONCURRENTLY IF EXISTS tasks_project_id_idx;

@@ -1,0 +1,555 @@
+//! `rollout`: apply, inspect and verify diesel-rollout migrations.
+//!
+//! Exit codes: 0 success, 1 failure (including an incomplete `verify`),
+//! 2 usage error.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+use diesel::prelude::*;
+use diesel_rollout::cluster::ThrowawayCluster;
+use diesel_rollout::{
+    connect, redact_url, with_database, MigrationSet, MigrationStatus, Migrator, Track,
+};
+
+const EXAMPLES: &str = "\
+Examples:
+  rollout check                                  apply the embedded example set to a throwaway server
+  DATABASE_URL=postgres://app@db/app rollout up  apply pending required migrations
+  rollout status --json                          every migration and its state, as JSON
+  rollout verify                                 exit 1 unless every required migration is applied
+  rollout new add_orders --migrations-dir migrations
+
+Exit codes: 0 success, 1 failure, 2 usage error.";
+
+/// Schema migrations for PostgreSQL services deployed by rolling update.
+#[derive(Parser)]
+#[command(name = "rollout", version, about, after_help = EXAMPLES)]
+struct Cli {
+    /// PostgreSQL connection URL (also read from DATABASE_URL).
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// Required-track migrations directory, instead of the embedded example set.
+    #[arg(long, global = true, value_name = "DIR")]
+    migrations_dir: Option<PathBuf>,
+
+    /// Deferred-track migrations directory (default: `migrations_deferred` beside --migrations-dir).
+    #[arg(long, global = true, value_name = "DIR")]
+    deferred_dir: Option<PathBuf>,
+
+    /// Refuse applied versions this binary does not know and edited applied migrations.
+    #[arg(long, global = true)]
+    strict: bool,
+
+    /// Less logging (warnings and errors only).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+
+    /// More logging (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show every migration known to this binary or recorded in the database.
+    Status {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply the pending required migrations.
+    Up,
+    /// Exit 0 when every required migration is applied and none failed, 1 otherwise.
+    Verify {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a migration directory with the next version.
+    New {
+        /// The migration's name (letters, digits and `_`).
+        name: String,
+        /// Create it in the deferred track (run_in_transaction = false).
+        #[arg(long)]
+        deferred: bool,
+    },
+    /// Apply everything from scratch to a scratch database, verify, and show the status.
+    ///
+    /// Without a database URL it starts a throwaway PostgreSQL server from the
+    /// server binaries on this machine; with one, it creates and drops a
+    /// scratch database there.
+    Check,
+}
+
+/// An error for the user, with the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<diesel_rollout::Error> for Failure {
+    fn from(e: diesel_rollout::Error) -> Self {
+        Failure {
+            code: 1,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+fn failure(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 1,
+        message: message.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli);
+    match run(&cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_tracing(cli: &Cli) {
+    let level = if cli.quiet {
+        "warn"
+    } else {
+        match cli.verbose {
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+fn migration_set(cli: &Cli) -> Result<MigrationSet, Failure> {
+    match (&cli.migrations_dir, &cli.deferred_dir) {
+        (None, None) => Ok(MigrationSet::example()),
+        (Some(req), def) => {
+            let def = def.clone().unwrap_or_else(|| sibling_deferred(req));
+            Ok(MigrationSet::from_dirs(req, &def)?)
+        }
+        (None, Some(_)) => Err(usage(
+            "--deferred-dir needs --migrations-dir too (the embedded set is used as a whole)",
+        )),
+    }
+}
+
+/// `migrations_deferred` beside the required directory.
+fn sibling_deferred(required: &std::path::Path) -> PathBuf {
+    required
+        .parent()
+        .unwrap_or_else(|| std::path::Path::new("."))
+        .join("migrations_deferred")
+}
+
+fn database_url(cli: &Cli) -> Result<&str, Failure> {
+    cli.database_url
+        .as_deref()
+        .ok_or_else(|| usage("no database given: pass --database-url URL or set DATABASE_URL"))
+}
+
+fn migrator(cli: &Cli) -> Result<Migrator, Failure> {
+    Ok(Migrator::new(migration_set(cli)?)
+        .strict(cli.strict)
+        .application_name("rollout"))
+}
+
+fn run(cli: &Cli) -> Result<u8, Failure> {
+    match &cli.command {
+        Command::Status { json } => {
+            let m = migrator(cli)?;
+            let mut conn = connect(database_url(cli)?)?;
+            let rows = m.status(&mut conn)?;
+            if *json {
+                print_out(&status_json(&rows));
+            } else {
+                print_out(&status_table(&rows));
+            }
+            Ok(0)
+        }
+        Command::Up => {
+            let m = migrator(cli)?;
+            let report = m.run(database_url(cli)?)?;
+            if report.applied.is_empty() {
+                print_out("nothing to apply: every required migration is applied\n");
+            } else {
+                let mut s = String::new();
+                for a in &report.applied {
+                    s.push_str(&format!(
+                        "applied {} ({} ms)\n",
+                        a.dir_name,
+                        a.duration.as_millis()
+                    ));
+                }
+                print_out(&s);
+            }
+            Ok(0)
+        }
+        Command::Verify { json } => {
+            let m = migrator(cli)?;
+            let mut conn = connect(database_url(cli)?)?;
+            let v = m.verify(&mut conn)?;
+            if *json {
+                let value = serde_json::json!({
+                    "complete": v.is_complete(),
+                    "missing": v.missing.iter().map(|(version, gap)| serde_json::json!({"version": version, "gap": gap})).collect::<Vec<_>>(),
+                    "failed": v.failed.iter().map(|(version, error)| serde_json::json!({"version": version, "error": error})).collect::<Vec<_>>(),
+                    "unknown": v.unknown,
+                });
+                print_out(&format!("{value:#}\n"));
+            } else {
+                print_out(&verify_text(&m, &v));
+            }
+            Ok(if v.is_complete() { 0 } else { 1 })
+        }
+        Command::New { name, deferred } => new_migration(cli, name, *deferred),
+        Command::Check => check(cli),
+    }
+}
+
+fn print_out(s: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(s.as_bytes());
+    let _ = out.flush();
+}
+
+fn verify_text(m: &Migrator, v: &diesel_rollout::Verification) -> String {
+    let name = |version: &str| {
+        m.migrations()
+            .get(version)
+            .map_or_else(|| version.to_string(), |m| m.dir_name().to_string())
+    };
+    let mut s = String::new();
+    if v.is_complete() {
+        s.push_str("complete: every required migration is applied\n");
+    }
+    for (version, gap) in &v.missing {
+        s.push_str(&format!(
+            "missing: {}{}\n",
+            name(version),
+            if *gap {
+                " (a gap: older than the newest applied migration)"
+            } else {
+                ""
+            }
+        ));
+    }
+    for (version, error) in &v.failed {
+        s.push_str(&format!("failed: {}: {error}\n", name(version)));
+    }
+    for version in &v.unknown {
+        s.push_str(&format!(
+            "unknown: {version} is applied but not known to this binary (not an error)\n"
+        ));
+    }
+    s
+}
+
+fn status_json(rows: &[MigrationStatus]) -> String {
+    let items: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "version": r.version,
+                "track": r.track.map(|t| t.as_str()),
+                "name": r.name,
+                "state": r.state.as_str(),
+                "applied_at": r.applied_at,
+                "error": r.error,
+                "statements_completed": r.statements_completed,
+                "changed": r.changed,
+            })
+        })
+        .collect();
+    format!("{:#}\n", serde_json::Value::Array(items))
+}
+
+fn status_table(rows: &[MigrationStatus]) -> String {
+    let header = ["VERSION", "TRACK", "NAME", "STATE", "APPLIED AT"];
+    let cells: Vec<[String; 5]> = rows
+        .iter()
+        .map(|r| {
+            let mut state = r.state.as_str().to_string();
+            if r.changed {
+                state.push_str(" (edited)");
+            }
+            if let Some(n) = r.statements_completed {
+                state.push_str(&format!(" ({n} statements done)"));
+            }
+            [
+                r.version.clone(),
+                r.track.map_or("-", |t| t.as_str()).to_string(),
+                if r.name.is_empty() {
+                    "-".into()
+                } else {
+                    r.name.clone()
+                },
+                state,
+                r.applied_at.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut width = header.map(str::len);
+    for row in &cells {
+        for (w, c) in width.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cols: [&str; 5]| {
+        let mut s = String::new();
+        for (i, c) in cols.iter().enumerate() {
+            if i + 1 == cols.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header);
+    for row in &cells {
+        out.push_str(&line([&row[0], &row[1], &row[2], &row[3], &row[4]]));
+    }
+    for r in rows.iter().filter(|r| r.error.is_some()) {
+        out.push_str(&format!(
+            "\n{} failed: {}\n",
+            r.version,
+            r.error.as_deref().unwrap_or_default()
+        ));
+    }
+    out
+}
+
+/// Days since 1970-01-01 to a civil (year, month, day), proleptic Gregorian.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+fn new_migration(cli: &Cli, name: &str, deferred: bool) -> Result<u8, Failure> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(usage(format!(
+            "migration name `{name}` must be letters, digits and `_` only"
+        )));
+    }
+    let req = cli
+        .migrations_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("migrations"));
+    let def = cli
+        .deferred_dir
+        .clone()
+        .unwrap_or_else(|| sibling_deferred(&req));
+    let set = MigrationSet::from_dirs(&req, &def)?;
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
+    let t = secs.rem_euclid(86_400);
+    let stamp = format!(
+        "{y:04}{mo:02}{d:02}{:02}{:02}{:02}",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    );
+    let dir_name = match set.newest_version() {
+        Some(newest)
+            if diesel_rollout_version_cmp(&stamp, newest) != std::cmp::Ordering::Greater =>
+        {
+            format!("{}_{name}", increment(newest))
+        }
+        _ => format!(
+            "{y:04}-{mo:02}-{d:02}-{:02}{:02}{:02}_{name}",
+            t / 3600,
+            t / 60 % 60,
+            t % 60
+        ),
+    };
+    let dir = if deferred { def } else { req }.join(&dir_name);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| failure(format!("cannot create {}: {e}", dir.display())))?;
+    let write = |file: &str, body: &str| {
+        std::fs::write(dir.join(file), body)
+            .map_err(|e| failure(format!("cannot write {}: {e}", dir.join(file).display())))
+    };
+    if deferred {
+        write(
+            "up.sql",
+            "-- Runs after start-up, outside any transaction, one statement at a time.\n\
+             -- CREATE INDEX CONCURRENTLY IF NOT EXISTS ... ;\n",
+        )?;
+        write("down.sql", "-- DROP INDEX CONCURRENTLY IF EXISTS ... ;\n")?;
+        write("metadata.toml", "run_in_transaction = false\n")?;
+    } else {
+        write(
+            "up.sql",
+            "-- Runs at start-up, in its own transaction, before the replica is ready.\n",
+        )?;
+        write("down.sql", "")?;
+    }
+    print_out(&format!("created {}\n", dir.display()));
+    Ok(0)
+}
+
+fn diesel_rollout_version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
+
+/// `version + 1` on a string of digits of any length.
+fn increment(version: &str) -> String {
+    let mut digits: Vec<u8> = version.bytes().collect();
+    for d in digits.iter_mut().rev() {
+        if *d == b'9' {
+            *d = b'0';
+        } else {
+            *d += 1;
+            return String::from_utf8(digits).unwrap_or_default();
+        }
+    }
+    format!("1{}", String::from_utf8(digits).unwrap_or_default())
+}
+
+/// Drops the scratch database of `rollout check`, whatever happened.
+struct ScratchDb {
+    admin_url: String,
+    name: String,
+}
+
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        if let Ok(mut conn) = connect(&self.admin_url) {
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn);
+        }
+    }
+}
+
+fn check(cli: &Cli) -> Result<u8, Failure> {
+    let migrator = migrator(cli)?;
+    let started = Instant::now();
+    let cluster;
+    let admin_url = match &cli.database_url {
+        Some(url) => url.clone(),
+        None => {
+            tracing::info!("no database given: starting a throwaway PostgreSQL server");
+            cluster = ThrowawayCluster::start().map_err(|e| failure(e.to_string()))?;
+            cluster.admin_url()
+        }
+    };
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let name = format!("rollout_check_{}_{nanos}", std::process::id());
+    let url = with_database(&admin_url, &name).ok_or_else(|| {
+        usage(format!(
+            "`rollout check` needs a postgres:// URL to create its scratch database on, not {}",
+            redact_url(&admin_url)
+        ))
+    })?;
+    {
+        let mut admin = connect(&admin_url)?;
+        diesel::sql_query(format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .map_err(|e| {
+                failure(format!(
+                    "cannot create the scratch database {name} on {}: {e}. `rollout check` \
+                     needs a role allowed to CREATE DATABASE",
+                    redact_url(&admin_url)
+                ))
+            })?;
+    }
+    let _scratch = ScratchDb {
+        admin_url: admin_url.clone(),
+        name: name.clone(),
+    };
+    tracing::info!(database = %name, "applying every migration from scratch");
+    let mut conn = connect(&url)?;
+    let required = migrator.run_on(&mut conn)?;
+    let deferred = migrator.run_deferred_on(&mut conn)?;
+    let verification = migrator.verify(&mut conn)?;
+    let rows = migrator.status(&mut conn)?;
+    let mut out = status_table(&rows);
+    let pending_deferred = rows
+        .iter()
+        .filter(|r| r.track == Some(Track::Deferred) && r.state.as_str() != "applied")
+        .count();
+    out.push_str(&format!(
+        "\napplied {} required and {} deferred migrations in {} ms; verify: {}\n",
+        required.applied.len(),
+        deferred.applied.len(),
+        started.elapsed().as_millis(),
+        if verification.is_complete() && pending_deferred == 0 {
+            "complete"
+        } else {
+            "INCOMPLETE"
+        }
+    ));
+    print_out(&out);
+    if verification.is_complete() && pending_deferred == 0 {
+        Ok(0)
+    } else {
+        print_out(&verify_text(&migrator, &verification));
+        Ok(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_753), (2024, 1, 31));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn increments_any_length() {
+        assert_eq!(increment("20240131120000"), "20240131120001");
+        assert_eq!(increment("199"), "200");
+        assert_eq!(increment("99"), "100");
+    }
+}

@@ -1,0 +1,151 @@
+//! PostgreSQL schema migrations for services that run many replicas and
+//! deploy by rolling update.
+//!
+//! Migrations use diesel's layout (`VERSION_name/up.sql`, `down.sql`,
+//! `metadata.toml`) in two directories:
+//!
+//! - `migrations/`, the **required** track, applied at start-up by
+//!   [`Migrator::run`] under a session advisory lock: one replica applies,
+//!   the others wait and then find nothing to do. Each migration runs on
+//!   its own, in its own transaction unless its `metadata.toml` says
+//!   `run_in_transaction = false`, in which case its statements are sent one
+//!   at a time and a retry resumes after the last completed one.
+//! - `migrations_deferred/`, the **deferred** track (`CREATE INDEX
+//!   CONCURRENTLY` and friends), applied after start-up, in the background.
+//!
+//! # Embedding a service's migrations
+//!
+//! In the service's `Cargo.toml`:
+//!
+//! ```toml
+//! [dependencies]
+//! diesel-rollout = "0.1"
+//!
+//! [build-dependencies]
+//! diesel-rollout = { version = "0.1", default-features = false }
+//! ```
+//!
+//! In its `build.rs`, one call validates both directories (failing the
+//! build with a message naming every problem) and embeds them:
+//!
+//! ```no_run
+//! // build.rs
+//! diesel_rollout::embed("migrations", "migrations_deferred");
+//! ```
+//!
+//! At start-up, before reporting ready:
+//!
+//! ```ignore
+//! static MIGRATIONS: diesel_rollout::MigrationSet = diesel_rollout::include_migrations!();
+//!
+//! let report = diesel_rollout::Migrator::new(MIGRATIONS.clone()).run(&database_url)?;
+//! ```
+//!
+//! # Logging
+//!
+//! The library never prints. It logs with `tracing`: a span per migration
+//! (version, name, track) and events for the lock wait (naming who holds
+//! the lock), each migration applied, and each failure.
+
+#[cfg(feature = "runtime")]
+mod error;
+#[cfg(feature = "runtime")]
+mod ledger;
+#[cfg(feature = "runtime")]
+mod lock;
+#[cfg(feature = "runtime")]
+mod migration;
+#[cfg(feature = "runtime")]
+mod migrator;
+#[cfg(feature = "runtime")]
+mod report;
+mod source;
+mod url;
+
+#[cfg(feature = "cli")]
+pub mod cluster;
+
+#[cfg(feature = "runtime")]
+pub use crate::error::{Error, ErrorKind, MigrationRef};
+#[cfg(feature = "runtime")]
+pub use crate::lock::{lock_key, LockHolder};
+#[cfg(feature = "runtime")]
+pub use crate::migration::{Migration, MigrationSet};
+#[cfg(feature = "runtime")]
+pub use crate::migrator::{connect, Migrator};
+#[cfg(feature = "runtime")]
+pub use crate::report::{Applied, MigrationStatus, Report, State, Verification};
+pub use crate::source::sql::{split_statements, LexError, Statement};
+pub use crate::source::{Problem, SourceError, Track};
+pub use crate::url::{redact_url, with_database};
+
+use std::path::{Path, PathBuf};
+
+/// The file, in `OUT_DIR`, that [`embed`] writes and
+/// [`include_migrations!`] reads.
+pub const EMBED_FILE: &str = "diesel_rollout_migrations.rs";
+
+/// Embeds a service's two migration directories; call it from the
+/// service's `build.rs`. Relative paths are taken from the package's root.
+///
+/// It validates both directories with the same rules as the runtime, prints
+/// `cargo:rerun-if-changed` for both folders and every file in them (so a
+/// new migration directory triggers a rebuild), and writes the table that
+/// [`include_migrations!`] includes. A missing `deferred` directory is an
+/// empty track.
+///
+/// # Panics
+/// Never: on an invalid set it prints every problem and exits the build
+/// script with status 1, which fails the build with that message. Use
+/// [`try_embed`] to handle the error yourself.
+#[allow(clippy::print_stderr, clippy::print_stdout)]
+pub fn embed(required: impl AsRef<Path>, deferred: impl AsRef<Path>) {
+    if let Err(e) = try_embed(required, deferred) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// As [`embed`], returning the problems instead of failing the build.
+///
+/// # Errors
+/// Every problem of the set, each naming its paths and the fix.
+#[allow(clippy::print_stdout)]
+pub fn try_embed(
+    required: impl AsRef<Path>,
+    deferred: impl AsRef<Path>,
+) -> Result<(), SourceError> {
+    let root = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let out_dir = std::env::var_os("OUT_DIR")
+        .map(PathBuf::from)
+        .ok_or_else(|| SourceError {
+            problems: vec![Problem {
+                paths: Vec::new(),
+                line: None,
+                message: "OUT_DIR is not set: call diesel_rollout::embed from a build script"
+                    .into(),
+            }],
+        })?;
+    let lines = source::embed_to(
+        &root.join(required),
+        &root.join(deferred),
+        &out_dir.join(EMBED_FILE),
+        "::diesel_rollout",
+    )?;
+    for line in lines {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// The [`MigrationSet`] that [`embed`] wrote in the build script, as a
+/// constant expression:
+/// `static MIGRATIONS: MigrationSet = diesel_rollout::include_migrations!();`
+#[macro_export]
+macro_rules! include_migrations {
+    () => {
+        include!(concat!(env!("OUT_DIR"), "/diesel_rollout_migrations.rs"))
+    };
+}

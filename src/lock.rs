@@ -1,0 +1,296 @@
+//! Session advisory locks: keys, waiting without holding a snapshot, who
+//! holds the lock, and releasing it on every path.
+
+use std::ops::{Deref, DerefMut};
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_query;
+use diesel::sql_types::{BigInt, Bool, Integer, Text};
+
+use crate::error::{Error, ErrorKind};
+use crate::source::Track;
+
+/// The advisory lock key of a track: the first eight bytes of
+/// `SHA-256("diesel-rollout:<track>:<migrations table>")`, read as a
+/// big-endian `i64`. Deterministic, different for the two tracks, and
+/// different for migration sets that keep their ledgers in different tables.
+pub fn lock_key(migrations_table: &str, track: Track) -> i64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(
+        format!("diesel-rollout:{}:{migrations_table}", track.as_str()).as_bytes(),
+    );
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(bytes)
+}
+
+/// The session holding an advisory lock.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct LockHolder {
+    /// Backend process id.
+    #[diesel(sql_type = Integer)]
+    pub pid: i32,
+    /// Its `application_name` (may be empty).
+    #[diesel(sql_type = Text)]
+    pub application_name: String,
+    /// When its connection started (the lock is at most this old).
+    #[diesel(sql_type = Text)]
+    pub since: String,
+    /// Its client address, or `local`.
+    #[diesel(sql_type = Text)]
+    pub client: String,
+}
+
+impl std::fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let app = if self.application_name.is_empty() {
+            "no application_name"
+        } else {
+            &self.application_name
+        };
+        write!(
+            f,
+            "pid {} ({app}, from {}, connected since {})",
+            self.pid, self.client, self.since
+        )
+    }
+}
+
+#[derive(QueryableByName)]
+struct Flag {
+    #[diesel(sql_type = Bool)]
+    flag: bool,
+}
+
+/// Tries the lock once; never blocks.
+pub(crate) fn try_lock(conn: &mut PgConnection, key: i64) -> Result<bool, Error> {
+    sql_query("SELECT pg_try_advisory_lock($1) AS flag")
+        .bind::<BigInt, _>(key)
+        .get_result::<Flag>(conn)
+        .map(|f| f.flag)
+        .map_err(|e| Error::db("taking the advisory lock", e))
+}
+
+/// Who holds the lock, if anyone.
+pub(crate) fn holder(conn: &mut PgConnection, key: i64) -> Result<Option<LockHolder>, Error> {
+    sql_query(include_str!("sql/lock_holder.sql"))
+        .bind::<BigInt, _>(key)
+        .get_result(conn)
+        .optional()
+        .map_err(|e| Error::db("looking up who holds the advisory lock", e))
+}
+
+/// Whether `pg_locks` shows the lock held by this session's own backend.
+/// Through a pooler in transaction mode it is not.
+pub(crate) fn held_by_me(conn: &mut PgConnection, key: i64) -> Result<bool, Error> {
+    #[derive(QueryableByName)]
+    struct Held {
+        #[diesel(sql_type = Bool)]
+        held: bool,
+    }
+    sql_query(include_str!("sql/lock_held_by_me.sql"))
+        .bind::<BigInt, _>(key)
+        .get_result::<Held>(conn)
+        .map(|h| h.held)
+        .map_err(|e| Error::db("checking that this session holds the advisory lock", e))
+}
+
+fn unlock(conn: &mut PgConnection, key: i64) -> Result<bool, Error> {
+    sql_query("SELECT pg_advisory_unlock($1) AS flag")
+        .bind::<BigInt, _>(key)
+        .get_result::<Flag>(conn)
+        .map(|f| f.flag)
+        .map_err(|e| Error::db("releasing the advisory lock", e))
+}
+
+/// A pseudo-random pause in `[0, max)`, different across processes and
+/// calls (no cryptographic quality needed).
+fn jitter(max: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let seed = u64::from(nanos) ^ (u64::from(std::process::id()) << 20);
+    let mixed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16;
+    let max_us = u64::try_from(max.as_micros()).unwrap_or(u64::MAX).max(1);
+    Duration::from_micros(mixed % max_us)
+}
+
+/// How to wait for a lock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Wait {
+    /// Between two `pg_try_advisory_lock` calls.
+    pub poll: Duration,
+    /// Between two log lines naming the holder.
+    pub report_every: Duration,
+    /// Give up after this long.
+    pub deadline: Duration,
+}
+
+/// A held session advisory lock on a borrowed connection. Released by
+/// [`LockGuard::release`], or on drop (panics included) as a last resort.
+pub(crate) struct LockGuard<'c> {
+    conn: &'c mut PgConnection,
+    key: i64,
+    held: bool,
+}
+
+impl<'c> LockGuard<'c> {
+    /// Waits for the lock by polling `pg_try_advisory_lock`, so no statement
+    /// (and no snapshot) stays open while waiting: a blocked
+    /// `pg_advisory_lock` would stall `CREATE INDEX CONCURRENTLY` elsewhere.
+    /// Returns the guard and how long it waited.
+    pub(crate) fn acquire(
+        conn: &'c mut PgConnection,
+        key: i64,
+        track: Track,
+        wait: Wait,
+    ) -> Result<(Self, Duration), Error> {
+        let start = Instant::now();
+        let mut last_report = None::<Instant>;
+        let mut attempt = 0u32;
+        loop {
+            if try_lock(conn, key)? {
+                let guard = LockGuard {
+                    conn,
+                    key,
+                    held: true,
+                };
+                return guard.confirm().map(|g| (g, start.elapsed()));
+            }
+            let waited = start.elapsed();
+            if last_report.is_none_or(|t: Instant| t.elapsed() >= wait.report_every) {
+                let who = holder(conn, key)?;
+                match &who {
+                    Some(h) => tracing::info!(
+                        track = %track, key, holder_pid = h.pid,
+                        holder_application_name = %h.application_name,
+                        holder_since = %h.since, waited_secs = waited.as_secs(),
+                        "waiting for the {track} migration lock, held by {h}"
+                    ),
+                    None => tracing::info!(
+                        track = %track, key, waited_secs = waited.as_secs(),
+                        "waiting for the {track} migration lock"
+                    ),
+                }
+                last_report = Some(Instant::now());
+            }
+            if waited >= wait.deadline {
+                let who = holder(conn, key)?
+                    .map(|h| format!(", held by {h}"))
+                    .unwrap_or_default();
+                return Err(Error::new(
+                    ErrorKind::LockTimeout,
+                    format!(
+                        "gave up waiting for the {track} migration lock (advisory lock {key}) \
+                         after {}s{who}. Another replica is applying migrations or is stuck: \
+                         see `rollout status`, and if that session is dead, end it with \
+                         SELECT pg_terminate_backend(pid); or raise the lock wait deadline",
+                        waited.as_secs()
+                    ),
+                ));
+            }
+            // Poll quickly at first, then at the configured interval, with
+            // jitter so a stampede of replicas does not poll in lockstep.
+            attempt = attempt.saturating_add(1);
+            let base = wait.poll.min(Duration::from_millis(25) * attempt);
+            std::thread::sleep(base + jitter(base / 2));
+        }
+    }
+
+    /// Checks the lock is held by this backend. On failure releases what it
+    /// can and explains the pooler problem.
+    fn confirm(mut self) -> Result<Self, Error> {
+        if held_by_me(self.conn, self.key)? {
+            return Ok(self);
+        }
+        // The unlock may land on another server connection too; try anyway.
+        let _ = unlock(self.conn, self.key);
+        self.held = false;
+        Err(Error::new(
+            ErrorKind::LockNotHeld,
+            format!(
+                "the advisory lock {} was granted, but pg_locks does not show it held by this \
+                 session's backend: a connection pooler in transaction mode (PgBouncer, \
+                 Supavisor, RDS Proxy...) sits between this process and PostgreSQL, and \
+                 session locks do not work through it. Migrate over a direct connection \
+                 to the server (or a pooler in session mode)",
+                self.key
+            ),
+        ))
+    }
+
+    /// Releases the lock.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unlock`] when the unlock failed or found no lock: the
+    /// connection's state is unknown and must be dropped.
+    pub(crate) fn release(mut self) -> Result<(), Error> {
+        self.held = false;
+        match unlock(self.conn, self.key) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::new(
+                ErrorKind::Unlock,
+                format!(
+                    "advisory lock {} was not held at release: the session changed under us \
+                     (a pooler, or a reconnect). Drop this connection",
+                    self.key
+                ),
+            )),
+            Err(e) => Err(Error::new(
+                ErrorKind::Unlock,
+                format!(
+                    "{e}. The session may still hold advisory lock {}: drop this connection \
+                     (closing it releases the lock)",
+                    self.key
+                ),
+            )),
+        }
+    }
+}
+
+impl Deref for LockGuard<'_> {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        self.conn
+    }
+}
+
+impl DerefMut for LockGuard<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn
+    }
+}
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        // Reached on a panic or an early return without release: leave any
+        // transaction the panic interrupted, then unlock.
+        let _ = self.conn.batch_execute("ROLLBACK");
+        match unlock(self.conn, self.key) {
+            Ok(true) => tracing::warn!(key = self.key, "advisory lock released during unwind"),
+            _ => tracing::error!(
+                key = self.key,
+                "could not release advisory lock during unwind: drop this connection"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_stable_and_distinct() {
+        let r = lock_key("__diesel_schema_migrations", Track::Required);
+        let d = lock_key("__diesel_schema_migrations", Track::Deferred);
+        assert_ne!(r, d);
+        assert_eq!(r, lock_key("__diesel_schema_migrations", Track::Required));
+        assert_ne!(r, lock_key("other_ledger", Track::Required));
+    }
+}

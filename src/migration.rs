@@ -1,0 +1,263 @@
+//! Migrations as the runner sees them, embedded or read from disk, and
+//! diesel's `MigrationSource`/`Migration` traits over them.
+
+use std::borrow::Cow;
+use std::cmp::Ordering;
+use std::fmt;
+use std::path::Path;
+
+use diesel::connection::BoxableConnection;
+use diesel::migration::{
+    self, MigrationMetadata, MigrationName, MigrationSource, MigrationVersion,
+};
+use diesel::pg::Pg;
+
+use crate::error::Error;
+use crate::source::{self, sql, Track};
+
+/// One migration of a set: its version, track, SQL and metadata.
+///
+/// Built by the build-time embed (see [`embed`](crate::embed)) or read from
+/// disk by [`MigrationSet::from_dirs`].
+#[derive(Debug, Clone)]
+pub struct Migration {
+    version: Cow<'static, str>,
+    dir_name: Cow<'static, str>,
+    name: Cow<'static, str>,
+    track: Track,
+    up_sql: Cow<'static, str>,
+    up_path: Cow<'static, str>,
+    down_sql: Option<Cow<'static, str>>,
+    run_in_transaction: bool,
+    checksum: Cow<'static, str>,
+}
+
+impl Migration {
+    /// Used by generated code only.
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub const fn __embedded(
+        version: &'static str,
+        dir_name: &'static str,
+        name: &'static str,
+        track: Track,
+        up_sql: &'static str,
+        up_path: &'static str,
+        down_sql: Option<&'static str>,
+        run_in_transaction: bool,
+        checksum: &'static str,
+    ) -> Self {
+        Migration {
+            version: Cow::Borrowed(version),
+            dir_name: Cow::Borrowed(dir_name),
+            name: Cow::Borrowed(name),
+            track,
+            up_sql: Cow::Borrowed(up_sql),
+            up_path: Cow::Borrowed(up_path),
+            down_sql: match down_sql {
+                Some(s) => Some(Cow::Borrowed(s)),
+                None => None,
+            },
+            run_in_transaction,
+            checksum: Cow::Borrowed(checksum),
+        }
+    }
+
+    fn from_files(f: source::MigrationFiles) -> Self {
+        Migration {
+            version: f.version.into(),
+            dir_name: f.dir_name.into(),
+            name: f.name.into(),
+            track: f.track,
+            up_sql: f.up_sql.into(),
+            up_path: f.up_path.to_string_lossy().into_owned().into(),
+            down_sql: f.down.map(|(_, s)| s.into()),
+            run_in_transaction: f.run_in_transaction,
+            checksum: f.checksum.into(),
+        }
+    }
+
+    /// The version, all digits (`20240131120000`).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The directory name (`2024-01-31-120000_add_users`).
+    pub fn dir_name(&self) -> &str {
+        &self.dir_name
+    }
+
+    /// The name after the version (`add_users`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The track the migration belongs to.
+    pub fn track(&self) -> Track {
+        self.track
+    }
+
+    /// The SQL of `up.sql`.
+    pub fn up_sql(&self) -> &str {
+        &self.up_sql
+    }
+
+    /// The path `up.sql` was read from (at build time for embedded sets).
+    pub fn up_path(&self) -> &str {
+        &self.up_path
+    }
+
+    /// The SQL of `down.sql`, when there is one.
+    pub fn down_sql(&self) -> Option<&str> {
+        self.down_sql.as_deref()
+    }
+
+    /// Whether the migration runs in its own transaction (`false` when its
+    /// `metadata.toml` says `run_in_transaction = false`).
+    pub fn run_in_transaction(&self) -> bool {
+        self.run_in_transaction
+    }
+
+    /// Lower-case hex SHA-256 of `up.sql`.
+    pub fn checksum(&self) -> &str {
+        &self.checksum
+    }
+
+    /// The statements of `up.sql`, as a no-transaction migration sends them.
+    pub(crate) fn up_statements(&self) -> Result<Vec<sql::Statement>, Error> {
+        sql::split_statements(&self.up_sql).map_err(|e| Error::lex(self, e))
+    }
+}
+
+/// The migrations of both tracks, ordered by version (numerically).
+#[derive(Debug, Clone)]
+pub struct MigrationSet {
+    migrations: Cow<'static, [Migration]>,
+}
+
+impl MigrationSet {
+    /// Used by generated code only.
+    #[doc(hidden)]
+    pub const fn __embedded(migrations: &'static [Migration]) -> Self {
+        MigrationSet {
+            migrations: Cow::Borrowed(migrations),
+        }
+    }
+
+    /// The example set embedded in this crate (`migrations/` and
+    /// `migrations_deferred/` of the repository): a small multi-tenant task
+    /// tracker. `rollout` uses it when no directory is given.
+    pub fn example() -> Self {
+        include!(concat!(env!("OUT_DIR"), "/example_migrations.rs"))
+    }
+
+    /// Reads and validates a pair of directories at run time, with the same
+    /// rules and messages as the build-time embed. A missing `deferred`
+    /// directory is an empty track.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidMigrationSet`](crate::ErrorKind::InvalidMigrationSet)
+    /// naming every problem found.
+    pub fn from_dirs(required: &Path, deferred: &Path) -> Result<Self, Error> {
+        let files = source::read_pair(required, deferred).map_err(Error::source_set)?;
+        Ok(MigrationSet {
+            migrations: files.into_iter().map(Migration::from_files).collect(),
+        })
+    }
+
+    /// Every migration of both tracks, ordered by version.
+    pub fn migrations(&self) -> &[Migration] {
+        &self.migrations
+    }
+
+    /// The migrations of one track, ordered by version.
+    pub fn track(&self, track: Track) -> impl Iterator<Item = &Migration> {
+        self.migrations.iter().filter(move |m| m.track == track)
+    }
+
+    /// The migration with this version, if the set has it.
+    pub fn get(&self, version: &str) -> Option<&Migration> {
+        self.migrations
+            .iter()
+            .find(|m| source::compare_versions(&m.version, version) == Ordering::Equal)
+    }
+
+    /// The greatest version in either track.
+    pub fn newest_version(&self) -> Option<&str> {
+        self.migrations.last().map(|m| m.version())
+    }
+}
+
+impl fmt::Display for Migration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.dir_name)
+    }
+}
+
+impl MigrationName for Migration {
+    fn version(&self) -> MigrationVersion<'_> {
+        MigrationVersion::from(self.version.as_ref())
+    }
+}
+
+impl MigrationMetadata for Migration {
+    fn run_in_transaction(&self) -> bool {
+        self.run_in_transaction
+    }
+}
+
+/// Runs a script the way this crate does: whole for a transactional
+/// migration, statement by statement for a no-transaction one (diesel sends
+/// it as one implicit transaction, which `CONCURRENTLY` refuses).
+fn execute_script(
+    conn: &mut dyn BoxableConnection<Pg>,
+    script: &str,
+    one_at_a_time: bool,
+) -> migration::Result<()> {
+    if one_at_a_time {
+        for s in sql::split_statements(script)? {
+            conn.batch_execute(&s.sql)?;
+        }
+        Ok(())
+    } else {
+        Ok(conn.batch_execute(script)?)
+    }
+}
+
+impl migration::Migration<Pg> for Migration {
+    fn run(&self, conn: &mut dyn BoxableConnection<Pg>) -> migration::Result<()> {
+        execute_script(conn, &self.up_sql, !self.run_in_transaction)
+    }
+
+    fn revert(&self, conn: &mut dyn BoxableConnection<Pg>) -> migration::Result<()> {
+        match &self.down_sql {
+            Some(down) => execute_script(conn, down, !self.run_in_transaction),
+            None => Err(Box::new(
+                diesel_migrations::MigrationError::NoMigrationRevertFile,
+            )),
+        }
+    }
+
+    fn metadata(&self) -> &dyn MigrationMetadata {
+        self
+    }
+
+    fn name(&self) -> &dyn MigrationName {
+        self
+    }
+}
+
+/// Both tracks, ordered by version, so diesel's own `MigrationHarness` (and
+/// `diesel migration` tooling built on it) sees the same history. diesel's
+/// harness takes no lock: use [`Migrator`](crate::Migrator) to apply them in
+/// production.
+impl MigrationSource<Pg> for MigrationSet {
+    fn migrations(&self) -> migration::Result<Vec<Box<dyn migration::Migration<Pg>>>> {
+        Ok(self
+            .migrations
+            .iter()
+            .cloned()
+            .map(|m| Box::new(m) as Box<dyn migration::Migration<Pg>>)
+            .collect())
+    }
+}

@@ -1,0 +1,755 @@
+//! The required-track runner, `status` and `verify`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::result::Error as DieselError;
+
+use crate::error::{describe_db_error, is_connection_error, Error, ErrorKind};
+use crate::ledger::{self, LedgerRow, Tables};
+use crate::lock::{self, LockGuard};
+use crate::migration::{Migration, MigrationSet};
+use crate::report::{Applied, MigrationStatus, Report, State, Verification};
+use crate::source::{compare_versions, sql, Track};
+use crate::url::redact_url;
+
+/// Applies a [`MigrationSet`] safely with many replicas: the required track
+/// at start-up under a session advisory lock, one migration at a time.
+///
+/// Options are set by value; every default is given on its setter.
+///
+/// ```no_run
+/// use diesel_rollout::{MigrationSet, Migrator};
+///
+/// let migrator = Migrator::new(MigrationSet::example());
+/// let report = migrator.run(&std::env::var("DATABASE_URL")?)?;
+/// for m in &report.applied {
+///     println!("applied {} in {:?}", m.dir_name, m.duration);
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Migrator {
+    set: MigrationSet,
+    migrations_table: String,
+    attempts_table: String,
+    lock_deadline: Duration,
+    lock_poll: Duration,
+    lock_report_every: Duration,
+    lock_timeout: Duration,
+    statement_timeout: Duration,
+    deferred_lock_timeout: Duration,
+    deferred_statement_timeout: Duration,
+    strict: bool,
+    application_name: String,
+}
+
+impl Migrator {
+    /// A migrator for `set` with the default options.
+    pub fn new(set: MigrationSet) -> Self {
+        Migrator {
+            set,
+            migrations_table: "__diesel_schema_migrations".into(),
+            attempts_table: "__diesel_rollout_attempts".into(),
+            lock_deadline: Duration::from_secs(600),
+            lock_poll: Duration::from_millis(500),
+            lock_report_every: Duration::from_secs(10),
+            lock_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(300),
+            deferred_lock_timeout: Duration::ZERO,
+            deferred_statement_timeout: Duration::ZERO,
+            strict: false,
+            application_name: "diesel-rollout".into(),
+        }
+    }
+
+    /// The table recording applied versions. Default
+    /// `__diesel_schema_migrations` (diesel's, so the diesel CLI sees the
+    /// same history). Give independent migration sets sharing a database
+    /// different tables; the lock keys follow the table name.
+    pub fn migrations_table(mut self, name: impl Into<String>) -> Self {
+        self.migrations_table = name.into();
+        self
+    }
+
+    /// The table recording every attempt. Default `__diesel_rollout_attempts`.
+    pub fn attempts_table(mut self, name: impl Into<String>) -> Self {
+        self.attempts_table = name.into();
+        self
+    }
+
+    /// How long to wait for another replica's migration lock before giving
+    /// up. Default 10 minutes.
+    pub fn lock_wait_deadline(mut self, deadline: Duration) -> Self {
+        self.lock_deadline = deadline;
+        self
+    }
+
+    /// The longest pause between two tries of the lock while waiting
+    /// (polling starts faster). Default 500 ms.
+    pub fn lock_poll_interval(mut self, interval: Duration) -> Self {
+        self.lock_poll = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How often to log who holds the lock while waiting. Default 10 s.
+    pub fn lock_report_interval(mut self, interval: Duration) -> Self {
+        self.lock_report_every = interval;
+        self
+    }
+
+    /// `lock_timeout` for required migrations, so a migration that waits on
+    /// a busy table fails fast instead of queueing all traffic behind its
+    /// lock request. Zero turns it off. Default 5 s.
+    pub fn required_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
+    /// `statement_timeout` for required migrations. Zero turns it off.
+    /// Default 5 minutes: a required migration must be cheap; move long
+    /// work to the deferred track.
+    pub fn required_statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
+
+    /// `lock_timeout` for deferred migrations. Zero turns it off. Default
+    /// off: `CREATE INDEX CONCURRENTLY` waits for older transactions through
+    /// the lock manager, and its weak lock does not block writes while it
+    /// queues.
+    pub fn deferred_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.deferred_lock_timeout = timeout;
+        self
+    }
+
+    /// `statement_timeout` for deferred migrations. Zero turns it off.
+    /// Default off: index builds on large tables can take hours.
+    pub fn deferred_statement_timeout(mut self, timeout: Duration) -> Self {
+        self.deferred_statement_timeout = timeout;
+        self
+    }
+
+    /// Strict mode: refuse to run when the database has applied versions
+    /// this binary does not know, or an applied migration's `up.sql`
+    /// changed. Default off: both are logged as warnings and reported, so
+    /// an old binary starts against a newer schema during a rollout.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
+    /// `application_name` of the connections [`Migrator::run`] opens, shown
+    /// to replicas waiting for the lock. Default `diesel-rollout`.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = name.into();
+        self
+    }
+
+    /// The migration set.
+    pub fn migrations(&self) -> &MigrationSet {
+        &self.set
+    }
+
+    /// The advisory lock key of a track for this migrator's ledger table
+    /// (see [`lock_key`](crate::lock_key)).
+    pub fn lock_key(&self, track: Track) -> i64 {
+        lock::lock_key(&self.migrations_table, track)
+    }
+
+    fn tables(&self) -> Result<Tables, Error> {
+        Tables::new(&self.migrations_table, &self.attempts_table)
+            .map_err(|m| Error::new(ErrorKind::Config, m))
+    }
+
+    /// Opens a dedicated connection, applies the pending required
+    /// migrations on it (see [`Migrator::run_on`]) and closes it, which
+    /// also releases the advisory lock whatever happened.
+    ///
+    /// # Errors
+    /// As [`Migrator::run_on`], plus [`ErrorKind::Connection`] when the
+    /// database cannot be reached (the URL in the message has no password).
+    pub fn run(&self, database_url: &str) -> Result<Report, Error> {
+        let mut conn = crate::connect(database_url)?;
+        set_application_name(&mut conn, &self.application_name)?;
+        self.run_on(&mut conn)
+    }
+
+    /// Applies the pending required migrations on `conn`, which should be
+    /// a connection of its own (not shared with other work while this
+    /// runs).
+    ///
+    /// When nothing is pending this is one query and takes no lock.
+    /// Otherwise it waits for the track's session advisory lock (polling,
+    /// so no snapshot is held while waiting), re-reads the ledger, and
+    /// applies each pending migration in version order, each on its own:
+    /// in its own transaction with its ledger rows, or, for
+    /// `run_in_transaction = false`, statement by statement with progress
+    /// recorded, resuming after the last completed statement on a retry.
+    /// It stops at the first failure; earlier migrations stay applied.
+    ///
+    /// # Errors
+    /// [`ErrorKind::MigrationFailed`] with the migration, file, line and
+    /// PostgreSQL's message; [`ErrorKind::LockTimeout`],
+    /// [`ErrorKind::LockNotHeld`] (a pooler in transaction mode), strict
+    /// mode's refusals, and ledger errors. The error's
+    /// [`report`](Error::report) tells what was applied before it. When
+    /// [`Error::connection_unusable`] is true, drop `conn`.
+    pub fn run_on(&self, conn: &mut PgConnection) -> Result<Report, Error> {
+        self.run_track(conn, Track::Required)
+    }
+
+    /// Applies the pending deferred migrations on `conn`, in the
+    /// foreground, under the deferred track's advisory lock (waiting for
+    /// it up to the lock wait deadline). Each runs outside any transaction,
+    /// statement by statement, with the deferred timeouts.
+    ///
+    /// # Errors
+    /// As [`Migrator::run_on`]; also [`ErrorKind::RequiredPending`] when
+    /// required migrations known to this binary are not applied yet.
+    pub fn run_deferred_on(&self, conn: &mut PgConnection) -> Result<Report, Error> {
+        self.run_track(conn, Track::Deferred)
+    }
+
+    fn run_track(&self, conn: &mut PgConnection, track: Track) -> Result<Report, Error> {
+        let tables = self.tables()?;
+        let mut report = Report::default();
+
+        match ledger::rows_fast(conn, &tables) {
+            Ok(rows) => {
+                let a = self.analyze(&rows, track);
+                if a.pending.is_empty() {
+                    self.check_drift(&a, &mut report)?;
+                    tracing::debug!(track = %track, "nothing pending");
+                    return Ok(report);
+                }
+            }
+            Err(e) if is_connection_error(&e) => {
+                return Err(Error::db("reading the migration ledger", e));
+            }
+            // A ledger table is missing: the locked path creates it.
+            Err(_) => {}
+        }
+
+        let key = lock::lock_key(&tables.migrations_name, track);
+        let wait = lock::Wait {
+            poll: self.lock_poll,
+            report_every: self.lock_report_every,
+            deadline: self.lock_deadline,
+        };
+        let (mut guard, waited) = LockGuard::acquire(conn, key, track, wait)?;
+        report.took_lock = true;
+        report.lock_wait = waited;
+        tracing::debug!(
+            key,
+            waited_ms = waited.as_millis() as u64,
+            "took the {track} lock"
+        );
+
+        let result = self.apply_locked(&mut guard, &tables, track, &mut report);
+        let reset = guard.batch_execute("RESET lock_timeout; RESET statement_timeout");
+        let released = guard.release();
+        match (result, released) {
+            (Ok(()), Ok(())) => {
+                if let Err(e) = reset {
+                    tracing::warn!(error = %e, "could not reset session timeouts");
+                }
+                Ok(report)
+            }
+            (Ok(()), Err(e)) => Err(e.with_report(report)),
+            (Err(e), Ok(())) => Err(e.with_report(report)),
+            (Err(e), Err(unlock)) => {
+                tracing::error!(error = %unlock, "releasing the lock after a failure");
+                Err(e.unusable().with_report(report))
+            }
+        }
+    }
+
+    fn apply_locked(
+        &self,
+        conn: &mut PgConnection,
+        tables: &Tables,
+        track: Track,
+        report: &mut Report,
+    ) -> Result<(), Error> {
+        ledger::ensure_tables(conn, tables)?;
+        let (lock_timeout, statement_timeout) = match track {
+            Track::Required => (self.lock_timeout, self.statement_timeout),
+            Track::Deferred => (self.deferred_lock_timeout, self.deferred_statement_timeout),
+        };
+        conn.batch_execute(&format!(
+            "SET lock_timeout = {}; SET statement_timeout = {}",
+            lock_timeout.as_millis(),
+            statement_timeout.as_millis()
+        ))
+        .map_err(|e| Error::db("setting the session's timeouts", e))?;
+        let n = ledger::mark_interrupted(conn, tables, track)?;
+        if n > 0 {
+            tracing::warn!(
+                attempts = n,
+                "found {track}-track attempts left running by a process that died"
+            );
+        }
+        let rows = ledger::rows(conn, tables)?;
+        let a = self.analyze(&rows, track);
+        self.check_drift(&a, report)?;
+        if track == Track::Deferred {
+            let required = self.analyze(&rows, Track::Required);
+            if let Some(first) = required.pending.first() {
+                return Err(Error::new(
+                    ErrorKind::RequiredPending,
+                    format!(
+                        "{} required migration(s) known to this binary are not applied yet                          (first: {}): deferred migrations never run before them. Apply the                          required track first (`rollout up`)",
+                        required.pending.len(),
+                        first.dir_name()
+                    ),
+                ));
+            }
+        }
+        if a.pending.is_empty() {
+            tracing::info!(track = %track, "another process applied the pending migrations");
+        }
+        for m in a.pending {
+            let row = a.rows.get(normal(m.version())).copied();
+            let applied = if m.run_in_transaction() {
+                apply_transactional(conn, tables, m)?
+            } else {
+                apply_statements(conn, tables, m, row)?
+            };
+            report.applied.push(applied);
+        }
+        Ok(())
+    }
+
+    fn analyze<'a>(&'a self, rows: &'a [LedgerRow], track: Track) -> Analysis<'a> {
+        let by_version: HashMap<&str, &LedgerRow> =
+            rows.iter().map(|r| (normal(&r.version), r)).collect();
+        let mut pending = Vec::new();
+        let mut changed = Vec::new();
+        for m in self.set.migrations() {
+            match by_version.get(normal(m.version())) {
+                Some(r)
+                    if r.applied
+                        && r.applied_checksum
+                            .as_deref()
+                            .is_some_and(|c| c != m.checksum()) =>
+                {
+                    changed.push(m)
+                }
+                Some(r) if r.applied => {}
+                _ if m.track() == track => pending.push(m),
+                _ => {}
+            }
+        }
+        let mut unknown: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.applied && self.set.get(&r.version).is_none())
+            .map(|r| r.version.as_str())
+            .collect();
+        unknown.sort_by(|a, b| compare_versions(a, b));
+        Analysis {
+            pending,
+            changed,
+            unknown,
+            rows: by_version,
+        }
+    }
+
+    /// Unknown applied versions and changed `up.sql`: warnings, or errors
+    /// in strict mode.
+    fn check_drift(&self, a: &Analysis<'_>, report: &mut Report) -> Result<(), Error> {
+        report.unknown = a.unknown.iter().map(|s| s.to_string()).collect();
+        report.changed = a.changed.iter().map(|m| m.version().to_string()).collect();
+        if !a.unknown.is_empty() {
+            let list = a.unknown.join(", ");
+            if self.strict {
+                return Err(Error::new(
+                    ErrorKind::UnknownVersions,
+                    format!(
+                        "the database has applied migrations this binary does not know: {list}. \
+                         A newer binary applied them. Strict mode refuses to run; deploy the \
+                         newer binary, or turn strict mode off to allow old binaries during a \
+                         rollout"
+                    ),
+                ));
+            }
+            tracing::warn!(
+                versions = %list,
+                "the database has applied migrations this binary does not know \
+                 (a newer binary applied them); carrying on"
+            );
+        }
+        for m in &a.changed {
+            if self.strict {
+                return Err(Error::new(
+                    ErrorKind::ChecksumMismatch,
+                    format!(
+                        "{} of applied migration {} changed since it was applied (its SHA-256 \
+                         is now {}). Applied migrations must not be edited: restore the \
+                         original and add a new migration for the change",
+                        m.up_path(),
+                        m.dir_name(),
+                        m.checksum()
+                    ),
+                )
+                .at(m, None));
+            }
+            tracing::warn!(
+                version = m.version(),
+                path = m.up_path(),
+                "up.sql of an applied migration changed since it was applied; \
+                 add a new migration instead of editing an applied one"
+            );
+        }
+        Ok(())
+    }
+
+    /// A row per migration known to the binary or recorded in the
+    /// database, ordered by version. Read-only.
+    ///
+    /// # Errors
+    /// When the ledger cannot be read.
+    pub fn status(&self, conn: &mut PgConnection) -> Result<Vec<MigrationStatus>, Error> {
+        let tables = self.tables()?;
+        let rows = ledger::rows(conn, &tables)?;
+        let a = self.analyze(&rows, Track::Required);
+        let mut out = Vec::new();
+        for m in self.set.migrations() {
+            let row = a.rows.get(normal(m.version())).copied();
+            let state = match row {
+                Some(r) if r.applied => State::Applied,
+                Some(r) if r.failed() => State::Failed,
+                _ => State::Pending,
+            };
+            out.push(MigrationStatus {
+                version: m.version().to_string(),
+                track: Some(m.track()),
+                name: m.name().to_string(),
+                state,
+                applied_at: row.and_then(|r| r.applied_at.clone()),
+                error: row
+                    .filter(|_| state == State::Failed)
+                    .and_then(|r| r.error.clone()),
+                statements_completed: row
+                    .filter(|_| state == State::Failed && !m.run_in_transaction())
+                    .and_then(|r| r.statements_completed),
+                changed: a.changed.iter().any(|c| c.version() == m.version()),
+            });
+        }
+        for v in &a.unknown {
+            let row = a.rows.get(normal(v)).copied();
+            out.push(MigrationStatus {
+                version: v.to_string(),
+                track: None,
+                name: String::new(),
+                state: State::Unknown,
+                applied_at: row.and_then(|r| r.applied_at.clone()),
+                error: None,
+                statements_completed: None,
+                changed: false,
+            });
+        }
+        out.sort_by(|a, b| compare_versions(&a.version, &b.version));
+        Ok(out)
+    }
+
+    /// Checks that every required migration known to the binary is
+    /// applied and none has failed. Read-only: works on a hot standby or a
+    /// session with `default_transaction_read_only = on`.
+    ///
+    /// # Errors
+    /// When the ledger cannot be read (an incomplete database is not an
+    /// error: see [`Verification::is_complete`]).
+    pub fn verify(&self, conn: &mut PgConnection) -> Result<Verification, Error> {
+        let tables = self.tables()?;
+        let rows = ledger::rows(conn, &tables)?;
+        let a = self.analyze(&rows, Track::Required);
+        let newest_applied = rows
+            .iter()
+            .filter(|r| r.applied)
+            .map(|r| r.version.as_str())
+            .max_by(|a, b| compare_versions(a, b));
+        let mut v = Verification {
+            unknown: a.unknown.iter().map(|s| s.to_string()).collect(),
+            ..Verification::default()
+        };
+        for m in a.pending {
+            match a.rows.get(normal(m.version())) {
+                Some(r) if r.failed() => v.failed.push((
+                    m.version().to_string(),
+                    r.error.clone().unwrap_or_else(|| "failed".into()),
+                )),
+                _ => {
+                    let gap = newest_applied.is_some_and(|n| {
+                        compare_versions(m.version(), n) == std::cmp::Ordering::Less
+                    });
+                    v.missing.push((m.version().to_string(), gap));
+                }
+            }
+        }
+        Ok(v)
+    }
+}
+
+struct Analysis<'a> {
+    /// Required migrations not applied, in version order.
+    pending: Vec<&'a Migration>,
+    /// Applied migrations whose `up.sql` changed.
+    changed: Vec<&'a Migration>,
+    /// Applied versions the set does not have.
+    unknown: Vec<&'a str>,
+    rows: HashMap<&'a str, &'a LedgerRow>,
+}
+
+/// The version without leading zeros, so `0001` and `1` match.
+fn normal(v: &str) -> &str {
+    let t = v.trim_start_matches('0');
+    if t.is_empty() {
+        "0"
+    } else {
+        t
+    }
+}
+
+fn set_application_name(conn: &mut PgConnection, name: &str) -> Result<(), Error> {
+    let quoted = name.replace('\'', "''");
+    conn.batch_execute(&format!("SET application_name = '{quoted}'"))
+        .map_err(|e| Error::db("setting application_name", e))
+}
+
+/// 1-based line in the script of PostgreSQL's error position (a 1-based
+/// character index into the statement), or of the statement's start.
+fn error_line(script: &str, stmt: &sql::Statement, e: &DieselError) -> usize {
+    let pos = match e {
+        DieselError::DatabaseError(_, info) => info.statement_position(),
+        _ => None,
+    };
+    match pos.and_then(|p| usize::try_from(p).ok()).filter(|p| *p > 0) {
+        Some(p) => {
+            let byte = stmt
+                .sql
+                .char_indices()
+                .nth(p - 1)
+                .map_or(stmt.sql.len(), |(b, _)| b);
+            sql::line_of_offset(script, stmt.offset + byte)
+        }
+        None => stmt.line,
+    }
+}
+
+fn apply_transactional(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+) -> Result<Applied, Error> {
+    let statements = m.up_statements()?;
+    let total = i32::try_from(statements.len()).unwrap_or(i32::MAX);
+    let span = tracing::info_span!(
+        "migration",
+        version = m.version(),
+        name = m.name(),
+        track = %m.track(),
+        transaction = true
+    );
+    let _enter = span.enter();
+    tracing::info!(statements = total, "applying {}", m.dir_name());
+    let start = Instant::now();
+    let mut failed_at = None;
+    let result = conn.transaction::<(), DieselError, _>(|c| {
+        for s in &statements {
+            if let Err(e) = c.batch_execute(&s.sql) {
+                failed_at = Some(s);
+                return Err(e);
+            }
+        }
+        ledger::insert_version(c, tables, m.version())?;
+        ledger::record_success(c, tables, m, total)
+    });
+    let elapsed = start.elapsed();
+    match result {
+        Ok(()) => {
+            tracing::info!(
+                duration_ms = elapsed.as_millis() as u64,
+                "applied {}",
+                m.dir_name()
+            );
+            Ok(Applied {
+                version: m.version().to_string(),
+                dir_name: m.dir_name().to_string(),
+                track: m.track(),
+                duration: elapsed,
+                statements: statements.len(),
+            })
+        }
+        Err(e) => {
+            let (line, what) = match failed_at {
+                Some(s) => (Some(error_line(m.up_sql(), s, &e)), "its SQL"),
+                None => (None, "recording it in the ledger"),
+            };
+            let pg = describe_db_error(&e);
+            if !is_connection_error(&e) {
+                if let Err(le) =
+                    ledger::record_failure(conn, tables, m, &pg, total, elapsed.as_secs_f64())
+                {
+                    tracing::warn!(error = %le, "could not record the failed attempt");
+                }
+            }
+            let at = match line {
+                Some(l) => format!("{}:{l}", m.up_path()),
+                None => m.up_path().to_string(),
+            };
+            tracing::error!(error = %pg, line, "migration {} failed", m.dir_name());
+            let kind = if is_connection_error(&e) {
+                ErrorKind::Connection
+            } else {
+                ErrorKind::MigrationFailed
+            };
+            Err(Error::new(
+                kind,
+                format!(
+                    "migration {} (track {}) failed in {what} at {at}: {pg}. It ran in a \
+                     transaction that was rolled back, so none of it is applied; migrations \
+                     before it stay applied. Fix it and deploy again; `rollout status` shows \
+                     where the database stands",
+                    m.dir_name(),
+                    m.track()
+                ),
+            )
+            .at(m, line))
+        }
+    }
+}
+
+/// A `run_in_transaction = false` migration: one statement at a time,
+/// progress recorded after each, resuming after the last completed one.
+pub(crate) fn apply_statements(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    row: Option<&LedgerRow>,
+) -> Result<Applied, Error> {
+    let statements = m.up_statements()?;
+    let total = i32::try_from(statements.len()).unwrap_or(i32::MAX);
+    let resume = match row {
+        Some(r) if r.failed() && r.statements_completed.unwrap_or(0) > 0 => {
+            if r.attempt_checksum.as_deref() != Some(m.checksum()) {
+                return Err(Error::new(
+                    ErrorKind::PartialMigrationChanged,
+                    format!(
+                        "no-transaction migration {} was partly applied ({} of its statements \
+                         completed) and its up.sql ({}) changed since, so resuming it is unsafe. \
+                         Restore the up.sql that was partly applied, or repair the database by \
+                         hand and then delete its failed rows from the attempts table",
+                        m.dir_name(),
+                        r.statements_completed.unwrap_or(0),
+                        m.up_path()
+                    ),
+                )
+                .at(m, None));
+            }
+            usize::try_from(r.statements_completed.unwrap_or(0)).unwrap_or(0)
+        }
+        _ => 0,
+    };
+    let span = tracing::info_span!(
+        "migration",
+        version = m.version(),
+        name = m.name(),
+        track = %m.track(),
+        transaction = false
+    );
+    let _enter = span.enter();
+    if resume > 0 {
+        tracing::info!(
+            completed = resume,
+            statements = total,
+            "resuming {} after statement {resume}",
+            m.dir_name()
+        );
+    } else {
+        tracing::info!(
+            statements = total,
+            "applying {} statement by statement",
+            m.dir_name()
+        );
+    }
+    let start = Instant::now();
+    let id = ledger::start_attempt(conn, tables, m, resume as i32, total)
+        .map_err(|e| Error::db("recording the attempt", e))?;
+    for (i, s) in statements.iter().enumerate().skip(resume) {
+        tracing::debug!(statement = i + 1, line = s.line, "executing");
+        if let Err(e) = conn.batch_execute(&s.sql) {
+            let pg = describe_db_error(&e);
+            let line = error_line(m.up_sql(), s, &e);
+            if !is_connection_error(&e) {
+                if let Err(le) = ledger::finish_attempt(conn, tables, id, "failed", Some(&pg)) {
+                    tracing::warn!(error = %le, "could not record the failed attempt");
+                }
+            }
+            tracing::error!(error = %pg, statement = i + 1, line, "migration {} failed", m.dir_name());
+            let kind = if is_connection_error(&e) {
+                ErrorKind::Connection
+            } else {
+                ErrorKind::MigrationFailed
+            };
+            return Err(Error::new(
+                kind,
+                format!(
+                    "migration {} (track {}, no transaction) failed at {}:{line}, statement {} \
+                     of {total}: {pg}. Statements 1 to {i} completed and stay applied; the next \
+                     run resumes at statement {}. Fix the cause (or the statement, if it never \
+                     ran) and run again; `rollout status` shows where it stopped",
+                    m.dir_name(),
+                    m.track(),
+                    m.up_path(),
+                    i + 1,
+                    i + 1
+                ),
+            )
+            .at(m, Some(line)));
+        }
+        ledger::progress(conn, tables, id, (i + 1) as i32)
+            .map_err(|e| Error::db("recording progress", e).at(m, Some(s.line)))?;
+    }
+    conn.transaction::<(), DieselError, _>(|c| {
+        ledger::insert_version(c, tables, m.version())?;
+        ledger::finish_attempt(c, tables, id, "success", None)
+    })
+    .map_err(|e| Error::db("recording the migration as applied", e).at(m, None))?;
+    let elapsed = start.elapsed();
+    tracing::info!(
+        duration_ms = elapsed.as_millis() as u64,
+        "applied {}",
+        m.dir_name()
+    );
+    Ok(Applied {
+        version: m.version().to_string(),
+        dir_name: m.dir_name().to_string(),
+        track: m.track(),
+        duration: elapsed,
+        statements: statements.len() - resume,
+    })
+}
+
+/// Opens a connection, with an error that never shows the password.
+///
+/// # Errors
+/// [`ErrorKind::Connection`] naming the redacted URL and the cause.
+pub fn connect(database_url: &str) -> Result<PgConnection, Error> {
+    PgConnection::establish(database_url).map_err(|e| {
+        let cause = e.to_string();
+        // libpq can echo parts of the connection string; scrub the password.
+        let cause = crate::url::scrub(&cause, database_url);
+        Error::new(
+            ErrorKind::Connection,
+            format!(
+                "cannot connect to {}: {}. Check the URL (--database-url or DATABASE_URL), \
+                 that the server is running and reachable, and the credentials",
+                redact_url(database_url),
+                cause.trim_end()
+            ),
+        )
+    })
+}

@@ -1,0 +1,11 @@
+-- The ledger rows when only diesel's table exists (a database migrated by
+-- diesel before diesel-rollout was adopted).
+SELECT version,
+       true AS applied,
+       to_char(run_on, 'YYYY-MM-DD HH24:MI:SS') AS applied_at,
+       NULL::text AS outcome,
+       NULL::text AS error,
+       NULL::integer AS statements_completed,
+       NULL::text AS attempt_checksum,
+       NULL::text AS applied_checksum
+FROM {migrations}

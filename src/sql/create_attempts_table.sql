@@ -1,0 +1,20 @@
+-- diesel-rollout's own record: one row per attempt to apply a migration.
+CREATE TABLE {attempts} (
+    id                   BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    version              VARCHAR(50) NOT NULL,
+    name                 TEXT NOT NULL,
+    track                TEXT NOT NULL CHECK (track IN ('required', 'deferred')),
+    checksum             TEXT NOT NULL,
+    started_at           TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    finished_at          TIMESTAMPTZ,
+    outcome              TEXT NOT NULL
+                         CHECK (outcome IN ('running', 'success', 'failed', 'interrupted')),
+    error                TEXT,
+    statements_completed INTEGER NOT NULL DEFAULT 0,
+    statements_total     INTEGER NOT NULL,
+    host                 TEXT,
+    client_pid           INTEGER,
+    backend_pid          INTEGER NOT NULL DEFAULT pg_backend_pid(),
+    application_name     TEXT NOT NULL DEFAULT current_setting('application_name')
+);
+CREATE INDEX ON {attempts} (version, id);

@@ -1,0 +1,1 @@
+INSERT INTO {migrations} (version) VALUES ($1)

@@ -1,0 +1,23 @@
+-- Per version: applied or not, when, the latest attempt, and the checksum of
+-- the latest successful attempt. One query: this is the whole fast path.
+WITH latest AS (
+    SELECT DISTINCT ON (version) version, outcome, error, statements_completed, checksum
+    FROM {attempts}
+    ORDER BY version, id DESC
+), succeeded AS (
+    SELECT DISTINCT ON (version) version, checksum
+    FROM {attempts}
+    WHERE outcome = 'success'
+    ORDER BY version, id DESC
+)
+SELECT coalesce(m.version, l.version) AS version,
+       m.version IS NOT NULL AS applied,
+       to_char(m.run_on, 'YYYY-MM-DD HH24:MI:SS') AS applied_at,
+       l.outcome,
+       l.error,
+       l.statements_completed,
+       l.checksum AS attempt_checksum,
+       s.checksum AS applied_checksum
+FROM {migrations} m
+FULL JOIN latest l ON l.version = m.version
+LEFT JOIN succeeded s ON s.version = coalesce(m.version, l.version)

@@ -1,0 +1,156 @@
+//! Test support: a PostgreSQL server (DATABASE_URL, or a throwaway cluster
+//! started once per test binary) and a fresh database per test, dropped
+//! even when the test fails.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+use diesel_rollout::cluster::ThrowawayCluster;
+use diesel_rollout::{with_database, MigrationSet, Migrator};
+
+enum Server {
+    External(String),
+    Throwaway(Box<ThrowawayCluster>),
+}
+
+impl Server {
+    fn admin_url(&self) -> String {
+        match self {
+            Server::External(url) => url.clone(),
+            Server::Throwaway(c) => c.admin_url(),
+        }
+    }
+}
+
+static SERVER: OnceLock<Server> = OnceLock::new();
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn server() -> &'static Server {
+    SERVER.get_or_init(|| match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Server::External(url),
+        _ => Server::Throwaway(Box::new(ThrowawayCluster::start().unwrap_or_else(|e| {
+            panic!(
+                "no DATABASE_URL and no throwaway PostgreSQL server: {e}\n\
+                 Install the PostgreSQL server binaries (Debian: apt-get install postgresql) \
+                 or set DATABASE_URL to a server where this user may CREATE DATABASE"
+            )
+        }))),
+    })
+}
+
+/// A database of its own for one test, dropped on drop.
+pub struct TestDb {
+    pub url: String,
+    pub name: String,
+    admin_url: String,
+}
+
+impl TestDb {
+    pub fn new() -> Self {
+        let admin_url = server().admin_url();
+        let name = format!(
+            "rollout_test_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut admin = PgConnection::establish(&admin_url).expect("connect to the test server");
+        diesel::sql_query(format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .expect("create the test database");
+        let url = with_database(&admin_url, &name).expect("a postgres:// URL");
+        TestDb {
+            url,
+            name,
+            admin_url,
+        }
+    }
+
+    pub fn conn(&self) -> PgConnection {
+        PgConnection::establish(&self.url).expect("connect to the test database")
+    }
+
+    /// A scalar bigint query.
+    pub fn count(&self, sql: &str) -> i64 {
+        #[derive(QueryableByName)]
+        struct N {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        diesel::sql_query(sql)
+            .get_result::<N>(&mut self.conn())
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .n
+    }
+
+    /// A column of text.
+    pub fn texts(&self, sql: &str) -> Vec<String> {
+        #[derive(QueryableByName)]
+        struct T {
+            #[diesel(sql_type = Text)]
+            t: String,
+        }
+        diesel::sql_query(sql)
+            .load::<T>(&mut self.conn())
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .into_iter()
+            .map(|r| r.t)
+            .collect()
+    }
+
+    /// Advisory locks held in this database.
+    pub fn advisory_locks(&self) -> i64 {
+        self.count(
+            "SELECT count(*) AS n FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+             WHERE l.locktype = 'advisory' AND d.datname = current_database()",
+        )
+    }
+
+    /// `rollout` with DATABASE_URL pointing at this database.
+    pub fn rollout(&self) -> Command {
+        let mut c = rollout();
+        c.env("DATABASE_URL", &self.url);
+        c
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Never panic here: a panic while a failed test unwinds aborts.
+        if let Ok(mut admin) = PgConnection::establish(&self.admin_url) {
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut admin);
+        }
+    }
+}
+
+/// The `rollout` binary, without DATABASE_URL from the environment.
+pub fn rollout() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rollout"));
+    c.env_remove("DATABASE_URL").env_remove("RUST_LOG");
+    c
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+pub fn fixture_set(name: &str) -> MigrationSet {
+    let dir = fixture(name);
+    MigrationSet::from_dirs(&dir.join("migrations"), &dir.join("migrations_deferred"))
+        .expect("valid fixture")
+}
+
+pub fn migrator(name: &str) -> Migrator {
+    Migrator::new(fixture_set(name))
+}
