@@ -12,7 +12,8 @@ use clap::{Parser, Subcommand};
 use diesel::prelude::*;
 use diesel_rollout::cluster::ThrowawayCluster;
 use diesel_rollout::{
-    connect, redact_url, with_database, MigrationSet, MigrationStatus, Migrator, Track,
+    compare_versions, connect, parse_dir_name, redact_url, with_database, MigrationSet,
+    MigrationStatus, Migrator, Track,
 };
 
 const EXAMPLES: &str = "\
@@ -378,7 +379,22 @@ fn new_migration(cli: &Cli, name: &str, deferred: bool) -> Result<u8, Failure> {
         .deferred_dir
         .clone()
         .unwrap_or_else(|| sibling_deferred(&req));
-    let set = MigrationSet::from_dirs(&req, &def)?;
+    // The newest version by directory name only: a scaffolded migration
+    // that is still empty must not stop the next `new`.
+    let newest = [&req, &def]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| parse_dir_name(&e.file_name().to_string_lossy()).ok())
+        .map(|(version, _)| version)
+        .max_by(|a, b| compare_versions(a, b));
+    if !req.is_dir() {
+        return Err(failure(format!(
+            "{} does not exist: create the migrations directory first, or pass --migrations-dir",
+            req.display()
+        )));
+    }
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -390,10 +406,8 @@ fn new_migration(cli: &Cli, name: &str, deferred: bool) -> Result<u8, Failure> {
         t / 60 % 60,
         t % 60
     );
-    let dir_name = match set.newest_version() {
-        Some(newest)
-            if diesel_rollout_version_cmp(&stamp, newest) != std::cmp::Ordering::Greater =>
-        {
+    let dir_name = match newest.as_deref() {
+        Some(newest) if compare_versions(&stamp, newest) != std::cmp::Ordering::Greater => {
             format!("{}_{name}", increment(newest))
         }
         _ => format!(
@@ -427,11 +441,6 @@ fn new_migration(cli: &Cli, name: &str, deferred: bool) -> Result<u8, Failure> {
     }
     print_out(&format!("created {}\n", dir.display()));
     Ok(0)
-}
-
-fn diesel_rollout_version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
-    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
 /// `version + 1` on a string of digits of any length.

@@ -1,0 +1,255 @@
+//! The `rollout` command line, as a user runs it.
+
+mod support;
+
+use std::process::Output;
+
+use support::{fixture, rollout, TestDb};
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Each invalid set is refused before any connection, naming the file,
+/// the line where there is one, and the fix.
+#[test]
+fn every_bad_input_fixture_is_refused_with_its_path_and_fix() {
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "bad_duplicate_across_tracks",
+            &[
+                "version 20240501120000 is used by 2 migrations",
+                "migrations/2024-05-01-120000_add_orders (required)",
+                "migrations_deferred/20240501120000_index_orders (deferred)",
+                "rollout new NAME",
+            ],
+        ),
+        (
+            "bad_non_digit_version",
+            &["migrations/v2_add_orders: `v2_add_orders` does not start with a version"],
+        ),
+        ("bad_missing_up", &["1_add_orders/up.sql: missing up.sql"]),
+        ("bad_empty_up", &["1_add_orders/up.sql: up.sql is empty"]),
+        (
+            "bad_metadata_unknown_key",
+            &["1_add_orders/metadata.toml:2: unknown key `run_in_transation`"],
+        ),
+        (
+            "bad_metadata_without_key",
+            &["1_add_orders/metadata.toml: metadata.toml exists but does not set `run_in_transaction`"],
+        ),
+        (
+            "bad_metadata_unparseable",
+            &["1_add_orders/metadata.toml:1: cannot parse `run_in_transaction: false`"],
+        ),
+        (
+            "bad_concurrently_in_transaction",
+            &[
+                "1_add_orders/up.sql:3: `CONCURRENTLY` cannot run inside a transaction block",
+                "move it to the deferred track",
+            ],
+        ),
+    ];
+    for (name, expected) in cases {
+        let dir = fixture(name);
+        let out = rollout()
+            .args([
+                "status",
+                "--database-url",
+                "postgres://nobody@127.0.0.1:1/none",
+            ])
+            .arg("--migrations-dir")
+            .arg(dir.join("migrations"))
+            .output()
+            .unwrap();
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        for e in *expected {
+            assert!(stderr.contains(e), "{name}: expected `{e}` in:\n{stderr}");
+        }
+        assert!(
+            !stderr.contains("cannot connect"),
+            "{name}: validated before connecting"
+        );
+    }
+}
+
+#[test]
+fn up_status_json_and_verify() {
+    let db = TestDb::new();
+    let dir = fixture("counted").join("migrations");
+
+    let out = db
+        .rollout()
+        .arg("verify")
+        .arg("--migrations-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).0.contains("missing: 0001_create_effects"));
+
+    let out = db
+        .rollout()
+        .args(["-q", "up", "--migrations-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("applied 0003_index_items_no_tx"),
+        "{stdout}"
+    );
+
+    let out = db
+        .rollout()
+        .args(["status", "--json", "--migrations-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    for row in rows {
+        for key in ["version", "track", "name", "state"] {
+            assert!(row.get(key).is_some(), "{key} missing in {row}");
+        }
+    }
+    assert_eq!(rows[0]["state"], "applied");
+    assert_eq!(rows[0]["track"], "required");
+    assert_eq!(rows[4]["version"], "0011");
+    assert_eq!(rows[4]["track"], "deferred");
+    assert_eq!(rows[4]["state"], "pending");
+
+    let out = db
+        .rollout()
+        .arg("status")
+        .arg("--migrations-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let (stdout, _) = text(&out);
+    let header = stdout.lines().next().unwrap();
+    assert!(header.starts_with("VERSION  TRACK     NAME"), "{stdout}");
+    assert!(
+        stdout.contains("0002     required  create_items"),
+        "{stdout}"
+    );
+
+    let out = db
+        .rollout()
+        .arg("verify")
+        .arg("--migrations-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+    assert!(text(&out).0.contains("complete"));
+}
+
+#[test]
+fn new_scaffolds_the_next_version_in_either_track() {
+    let tmp = tempfile::tempdir().unwrap();
+    let req = tmp.path().join("migrations");
+    std::fs::create_dir_all(req.join("99999999999999_far_future")).unwrap();
+    std::fs::write(req.join("99999999999999_far_future/up.sql"), "SELECT 1;").unwrap();
+
+    let out = rollout()
+        .args(["new", "add_orders", "--migrations-dir"])
+        .arg(&req)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert!(req.join("100000000000000_add_orders/up.sql").exists());
+
+    let out = rollout()
+        .args(["new", "index_orders", "--deferred", "--migrations-dir"])
+        .arg(&req)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out).1);
+    let dir = tmp
+        .path()
+        .join("migrations_deferred/100000000000001_index_orders");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("metadata.toml")).unwrap(),
+        "run_in_transaction = false\n"
+    );
+
+    let out = rollout()
+        .args(["new", "bad name", "--migrations-dir"])
+        .arg(&req)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_password_never_appears_in_errors() {
+    let secret = "s3cr3t-Pa55";
+    let urls = [
+        format!("postgres://alice:{secret}@127.0.0.1:1/app"),
+        format!("postgres://alice:{secret}@no-such-host.invalid/app"),
+        format!("postgres://alice:{secret}@127.0.0.1:1/app?sslmode=bogus"),
+        format!("host=127.0.0.1 port=1 user=alice password={secret} dbname=app"),
+        format!("postgres://alice:{secret}@[::1/app"),
+    ];
+    for url in &urls {
+        for cmd in ["up", "status", "verify"] {
+            let out = rollout()
+                .args(["-v", cmd, "--database-url", url])
+                .output()
+                .unwrap();
+            let (stdout, stderr) = text(&out);
+            assert_eq!(out.status.code(), Some(1), "{cmd} {url}: {stderr}");
+            assert!(stderr.contains("error:"), "{stderr}");
+            assert!(
+                !stderr.contains(secret) && !stdout.contains(secret),
+                "password leaked by `{cmd}` for {url}:\n{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn missing_database_url_is_a_usage_error() {
+    let out = rollout().arg("up").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("DATABASE_URL"));
+}
+
+#[test]
+fn check_applies_the_embedded_set_in_a_scratch_database_and_drops_it() {
+    let db = TestDb::new();
+    let out = db.rollout().arg("check").output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("applied 6 required and 3 deferred migrations"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("verify: complete"), "{stdout}");
+    assert!(stdout.contains("create_audit_events"), "{stdout}");
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM pg_database WHERE datname LIKE 'rollout_check_%'"),
+        0,
+        "the scratch database is dropped"
+    );
+}
+
+#[test]
+fn check_without_a_database_starts_its_own_server() {
+    let out = rollout().arg("check").output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("verify: complete"), "{stdout}");
+    assert!(
+        stderr.contains("starting a throwaway PostgreSQL server"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,146 @@
+//! A service embeds its own two directories with one call in its
+//! `build.rs`: the embed works, a new migration directory triggers a
+//! rebuild, and an invalid set fails the build with a clear message.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn write(path: &Path, body: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, body).unwrap();
+}
+
+fn cargo(service: &Path, args: &[&str]) -> Output {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Command::new(env!("CARGO"))
+        .args(args)
+        .args(["--quiet", "--offline"])
+        .current_dir(service)
+        // Its own target directory (the suite's is locked by this run),
+        // kept between runs so only the first one compiles diesel.
+        .env("CARGO_TARGET_DIR", root.join("target/embed-test"))
+        .env_remove("RUSTFLAGS")
+        .output()
+        .expect("run cargo")
+}
+
+#[test]
+fn a_service_embeds_its_directories_in_one_build_script_call() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let svc = tmp.path().join("svc");
+    let dep = format!(
+        "{{ path = {:?}, default-features = false",
+        root.to_string_lossy()
+    );
+    write(
+        &svc.join("Cargo.toml"),
+        &format!(
+            "[package]\nname = \"svc\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+             [dependencies]\ndiesel-rollout = {dep}, features = [\"runtime\"] }}\n\n\
+             [build-dependencies]\ndiesel-rollout = {dep} }}\n"
+        ),
+    );
+    std::fs::copy(root.join("Cargo.lock"), svc.join("Cargo.lock")).unwrap();
+    write(
+        &svc.join("build.rs"),
+        "fn main() {\n    diesel_rollout::embed(\"migrations\", \"migrations_deferred\");\n}\n",
+    );
+    write(
+        &svc.join("src/main.rs"),
+        "use std::io::Write;\n\
+         static MIGRATIONS: diesel_rollout::MigrationSet = diesel_rollout::include_migrations!();\n\
+         fn main() {\n    let mut out = std::io::stdout().lock();\n    \
+         for m in MIGRATIONS.migrations() {\n        \
+         writeln!(out, \"{} {} {} {}\", m.version(), m.track(), m.name(), m.checksum()).unwrap();\n    }\n}\n",
+    );
+    write(
+        &svc.join("migrations/2024-01-01-000000_create_users/up.sql"),
+        "CREATE TABLE users (id INT);\n",
+    );
+
+    let out = cargo(&svc, &["run"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        stdout,
+        format!(
+            "20240101000000 required create_users {}\n",
+            diesel_rollout_checksum("CREATE TABLE users (id INT);\n")
+        )
+    );
+
+    // A new migration directory, and no other change, rebuilds.
+    write(
+        &svc.join("migrations_deferred/2024-02-01-000000_index_users/up.sql"),
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS users_id_idx ON users (id);\n",
+    );
+    write(
+        &svc.join("migrations_deferred/2024-02-01-000000_index_users/metadata.toml"),
+        "run_in_transaction = false\n",
+    );
+    let out = cargo(&svc, &["run"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("20240201000000 deferred index_users"),
+        "the new migration must be embedded: {stdout}"
+    );
+
+    // A version used in both tracks fails the build, naming both paths.
+    write(
+        &svc.join("migrations/20240201000000_add_email/up.sql"),
+        "ALTER TABLE users ADD COLUMN email TEXT;\n",
+    );
+    let out = cargo(&svc, &["build"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("version 20240201000000 is used by 2 migrations"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("migrations/20240201000000_add_email (required)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("migrations_deferred/2024-02-01-000000_index_users (deferred)"),
+        "{stderr}"
+    );
+}
+
+fn diesel_rollout_checksum(body: &str) -> String {
+    // The checksum is SHA-256 of up.sql; check it against sha256sum when
+    // the tool is there, otherwise against the library's own function.
+    match Command::new("sha256sum")
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(body.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
+        }
+        Err(_) => panic!("sha256sum (coreutils) is needed by this test"),
+    }
+}
