@@ -5,7 +5,7 @@
 //! `metadata.toml`) in two directories:
 //!
 //! - `migrations/`, the **required** track, applied at start-up by
-//!   [`Migrator::run`] under a session advisory lock: one replica applies,
+//!   [`Migrator::run_required`] under a session advisory lock: one replica applies,
 //!   the others wait and then find nothing to do. Each migration runs on
 //!   its own, in its own transaction unless its `metadata.toml` says
 //!   `run_in_transaction = false`, in which case its statements are sent one
@@ -38,7 +38,7 @@
 //! ```ignore
 //! static MIGRATIONS: diesel_rollout::MigrationSet = diesel_rollout::include_migrations!();
 //!
-//! let report = diesel_rollout::Migrator::new(MIGRATIONS.clone()).run(&database_url)?;
+//! let report = diesel_rollout::Migrator::new(MIGRATIONS.clone()).run_required(&database_url)?;
 //! ```
 //!
 //! # Logging

@@ -24,7 +24,7 @@ use crate::url::redact_url;
 /// use diesel_rollout::{MigrationSet, Migrator};
 ///
 /// let migrator = Migrator::new(MigrationSet::example());
-/// let report = migrator.run(&std::env::var("DATABASE_URL")?)?;
+/// let report = migrator.run_required(&std::env::var("DATABASE_URL")?)?;
 /// for m in &report.applied {
 ///     println!("applied {} in {:?}", m.dir_name, m.duration);
 /// }
@@ -141,7 +141,7 @@ impl Migrator {
         self
     }
 
-    /// `application_name` of the connections [`Migrator::run`] opens, shown
+    /// `application_name` of the connections [`Migrator::run_required`] opens, shown
     /// to replicas waiting for the lock. Default `diesel-rollout`.
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
         self.application_name = name.into();
@@ -165,16 +165,16 @@ impl Migrator {
     }
 
     /// Opens a dedicated connection, applies the pending required
-    /// migrations on it (see [`Migrator::run_on`]) and closes it, which
+    /// migrations on it (see [`Migrator::run_required_on`]) and closes it, which
     /// also releases the advisory lock whatever happened.
     ///
     /// # Errors
-    /// As [`Migrator::run_on`], plus [`ErrorKind::Connection`] when the
+    /// As [`Migrator::run_required_on`], plus [`ErrorKind::Connection`] when the
     /// database cannot be reached (the URL in the message has no password).
-    pub fn run(&self, database_url: &str) -> Result<Report, Error> {
+    pub fn run_required(&self, database_url: &str) -> Result<Report, Error> {
         let mut conn = crate::connect(database_url)?;
         set_application_name(&mut conn, &self.application_name)?;
-        self.run_on(&mut conn)
+        self.run_required_on(&mut conn)
     }
 
     /// Applies the pending required migrations on `conn`, which should be
@@ -197,7 +197,7 @@ impl Migrator {
     /// mode's refusals, and ledger errors. The error's
     /// [`report`](Error::report) tells what was applied before it. When
     /// [`Error::connection_unusable`] is true, drop `conn`.
-    pub fn run_on(&self, conn: &mut PgConnection) -> Result<Report, Error> {
+    pub fn run_required_on(&self, conn: &mut PgConnection) -> Result<Report, Error> {
         self.run_track(conn, Track::Required)
     }
 
@@ -207,7 +207,7 @@ impl Migrator {
     /// statement by statement, with the deferred timeouts.
     ///
     /// # Errors
-    /// As [`Migrator::run_on`]; also [`ErrorKind::RequiredPending`] when
+    /// As [`Migrator::run_required_on`]; also [`ErrorKind::RequiredPending`] when
     /// required migrations known to this binary are not applied yet.
     pub fn run_deferred_on(&self, conn: &mut PgConnection) -> Result<Report, Error> {
         self.run_track(conn, Track::Deferred)

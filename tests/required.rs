@@ -20,7 +20,7 @@ fn applies_from_empty_then_a_second_run_does_nothing() {
     let db = TestDb::new();
     let m = migrator("counted");
 
-    let report = m.run(&db.url).unwrap();
+    let report = m.run_required(&db.url).unwrap();
     let applied: Vec<_> = report.applied.iter().map(|a| a.version.as_str()).collect();
     assert_eq!(applied, ["0001", "0002", "0003", "0010"]);
     assert!(report.took_lock);
@@ -40,7 +40,7 @@ fn applies_from_empty_then_a_second_run_does_nothing() {
     );
     assert_eq!(db.count("SELECT item_count() AS n"), 0);
 
-    let again = m.run(&db.url).unwrap();
+    let again = m.run_required(&db.url).unwrap();
     assert!(again.applied.is_empty());
     assert!(!again.took_lock, "nothing pending must not take the lock");
     assert_eq!(effects(&db), ["0001:1", "0002:1", "0003:1", "0010:1"]);
@@ -100,7 +100,7 @@ impl SpawnPiped for std::process::Command {
 fn a_failure_mid_set_keeps_earlier_migrations_and_leaves_nothing_of_the_failed_one() {
     let db = TestDb::new();
     let m = migrator("fails_midway");
-    let err = m.run(&db.url).unwrap_err();
+    let err = m.run_required(&db.url).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::MigrationFailed);
     let at = err.migration().unwrap();
     assert_eq!(at.version, "2");
@@ -150,7 +150,7 @@ fn a_failure_mid_set_keeps_earlier_migrations_and_leaves_nothing_of_the_failed_o
 fn a_failed_no_transaction_migration_resumes_after_its_last_completed_statement() {
     let db = TestDb::new();
     let m = migrator("no_tx_fails");
-    let err = m.run(&db.url).unwrap_err();
+    let err = m.run_required(&db.url).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::MigrationFailed);
     assert_eq!(err.migration().unwrap().line, Some(2));
     assert!(err.to_string().contains("statement 2 of 3"), "{err}");
@@ -168,7 +168,7 @@ fn a_failed_no_transaction_migration_resumes_after_its_last_completed_statement(
     diesel::sql_query("CREATE TABLE step_two_target (id INT)")
         .execute(&mut db.conn())
         .unwrap();
-    let report = m.run(&db.url).unwrap();
+    let report = m.run_required(&db.url).unwrap();
     assert_eq!(report.applied.len(), 1);
     assert_eq!(report.applied[0].statements, 2);
     assert_eq!(db.count("SELECT count(*) AS n FROM step_two_target"), 1);
@@ -179,12 +179,12 @@ fn a_failed_no_transaction_migration_resumes_after_its_last_completed_statement(
 fn an_unknown_applied_version_is_reported_not_an_error_unless_strict() {
     let db = TestDb::new();
     let m = migrator("counted");
-    m.run(&db.url).unwrap();
+    m.run_required(&db.url).unwrap();
     diesel::sql_query("INSERT INTO __diesel_schema_migrations (version) VALUES ('9999')")
         .execute(&mut db.conn())
         .unwrap();
 
-    let report = m.run(&db.url).unwrap();
+    let report = m.run_required(&db.url).unwrap();
     assert_eq!(report.unknown, ["9999"]);
     let status = m.status(&mut db.conn()).unwrap();
     let last = status.last().unwrap();
@@ -194,7 +194,7 @@ fn an_unknown_applied_version_is_reported_not_an_error_unless_strict() {
     );
     assert!(m.verify(&mut db.conn()).unwrap().is_complete());
 
-    let err = m.clone().strict(true).run(&db.url).unwrap_err();
+    let err = m.clone().strict(true).run_required(&db.url).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::UnknownVersions);
     assert!(err.to_string().contains("9999"), "{err}");
 }
@@ -213,7 +213,7 @@ fn verify_names_a_gap_and_works_on_a_read_only_session() {
     .unwrap();
     let v = m.verify(&mut db.conn()).unwrap();
     assert_eq!(v.missing.len(), 4);
-    let err = m.run(&db.url).unwrap_err();
+    let err = m.run_required(&db.url).unwrap_err();
     assert!(err.to_string().contains("read-only"), "{err}");
     assert_eq!(db.advisory_locks(), 0);
 
@@ -225,7 +225,7 @@ fn verify_names_a_gap_and_works_on_a_read_only_session() {
         db.name
     ))
     .unwrap();
-    m.run(&db.url).unwrap();
+    m.run_required(&db.url).unwrap();
     diesel::sql_query("DELETE FROM __diesel_schema_migrations WHERE version = '0002'")
         .execute(&mut db.conn())
         .unwrap();
@@ -268,7 +268,7 @@ fn a_held_lock_is_waited_for_and_its_holder_named() {
         ))
         .unwrap();
 
-    let err = m.run(&db.url).unwrap_err();
+    let err = m.run_required(&db.url).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::LockTimeout);
     assert!(err.to_string().contains("other-replica"), "{err}");
     assert_eq!(
@@ -279,7 +279,7 @@ fn a_held_lock_is_waited_for_and_its_holder_named() {
     diesel::sql_query(format!("SELECT pg_advisory_unlock({key})"))
         .execute(&mut holder)
         .unwrap();
-    assert_eq!(m.run(&db.url).unwrap().applied.len(), 4);
+    assert_eq!(m.run_required(&db.url).unwrap().applied.len(), 4);
 }
 
 #[test]
@@ -296,16 +296,16 @@ fn an_edited_applied_migration_warns_and_strict_mode_refuses() {
         .unwrap()
     };
     diesel_rollout::Migrator::new(set(tmp.path()))
-        .run(&db.url)
+        .run_required(&db.url)
         .unwrap();
     let up = tmp.path().join("migrations/0001_create_effects/up.sql");
     let body = std::fs::read_to_string(&up).unwrap();
     std::fs::write(&up, body + "\n-- edited after it was applied\n").unwrap();
 
     let m = diesel_rollout::Migrator::new(set(tmp.path()));
-    let report = m.run(&db.url).unwrap();
+    let report = m.run_required(&db.url).unwrap();
     assert_eq!(report.changed, ["0001"]);
-    let err = m.strict(true).run(&db.url).unwrap_err();
+    let err = m.strict(true).run_required(&db.url).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ChecksumMismatch);
     assert!(err.to_string().contains("0001_create_effects"), "{err}");
 }
@@ -334,7 +334,7 @@ fn ledger_tables_are_configurable_so_two_sets_share_a_database() {
         a.lock_key(diesel_rollout::Track::Required),
         b.lock_key(diesel_rollout::Track::Required)
     );
-    b.run(&db.url).unwrap();
+    b.run_required(&db.url).unwrap();
     assert_eq!(
         db.count("SELECT count(*) AS n FROM other_schema_migrations"),
         4
@@ -344,5 +344,48 @@ fn ledger_tables_are_configurable_so_two_sets_share_a_database() {
         0
     );
     let bad = migrator("counted").migrations_table("x; drop table y");
-    assert_eq!(bad.run(&db.url).unwrap_err().kind(), ErrorKind::Config);
+    assert_eq!(
+        bad.run_required(&db.url).unwrap_err().kind(),
+        ErrorKind::Config
+    );
+}
+
+#[test]
+fn diesel_harness_sees_the_same_history_and_runs_no_transaction_migrations() {
+    use diesel_migrations::MigrationHarness;
+
+    // diesel's own harness applies the set through the MigrationSource
+    // impl; the no-transaction migration's two CONCURRENTLY statements
+    // are sent one at a time (diesel alone sends them as one batch, which
+    // PostgreSQL refuses inside its implicit transaction).
+    let db = TestDb::new();
+    let set = support::fixture_set("counted");
+    let mut conn = db.conn();
+    let applied = conn.run_pending_migrations(set.clone()).unwrap();
+    assert_eq!(applied.len(), 5);
+    assert_eq!(
+        effects(&db),
+        ["0001:1", "0002:1", "0003:1", "0010:1", "0011:1"]
+    );
+
+    // And what diesel recorded, diesel-rollout reads as applied.
+    let m = migrator("counted");
+    assert!(m.run_required(&db.url).unwrap().applied.is_empty());
+    assert!(m.verify(&mut db.conn()).unwrap().is_complete());
+
+    // The other way round: what diesel-rollout applied, diesel sees.
+    let db2 = TestDb::new();
+    m.run_required(&db2.url).unwrap();
+    let mut conn2 = db2.conn();
+    let versions: Vec<String> = conn2
+        .applied_migrations()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.to_string())
+        .collect();
+    assert_eq!(versions.len(), 4);
+    assert!(
+        conn2.has_pending_migration(set).unwrap(),
+        "0011 is deferred, so still pending"
+    );
 }

@@ -200,7 +200,7 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
         }
         Command::Up => {
             let m = migrator(cli)?;
-            let report = m.run(database_url(cli)?)?;
+            let report = m.run_required(database_url(cli)?)?;
             if report.applied.is_empty() {
                 print_out("nothing to apply: every required migration is applied\n");
             } else {
@@ -515,7 +515,7 @@ fn check(cli: &Cli) -> Result<u8, Failure> {
     };
     tracing::info!(database = %name, "applying every migration from scratch");
     let mut conn = connect(&url)?;
-    let required = migrator.run_on(&mut conn)?;
+    let required = migrator.run_required_on(&mut conn)?;
     let deferred = migrator.run_deferred_on(&mut conn)?;
     let verification = migrator.verify(&mut conn)?;
     let rows = migrator.status(&mut conn)?;
