@@ -43,6 +43,9 @@ pub enum ErrorKind {
     /// Deferred migrations were asked for while required migrations known
     /// to this binary are pending.
     RequiredPending,
+    /// The deferred track was stopped (shutdown) before it finished; the
+    /// next run resumes where it stopped.
+    Stopped,
     /// An option of the [`Migrator`](crate::Migrator) is invalid (a table
     /// name, say).
     Config,

@@ -48,6 +48,10 @@
 //! the lock), each migration applied, and each failure.
 
 #[cfg(feature = "runtime")]
+mod catalog;
+#[cfg(feature = "runtime")]
+mod deferred;
+#[cfg(feature = "runtime")]
 mod error;
 #[cfg(feature = "runtime")]
 mod ledger;
@@ -65,6 +69,10 @@ mod url;
 #[cfg(feature = "cli")]
 pub mod cluster;
 
+#[cfg(feature = "runtime")]
+pub use crate::catalog::IndexBuildProgress;
+#[cfg(feature = "runtime")]
+pub use crate::deferred::{DeferredHandle, DeferredMetrics, DeferredState, PgPool, StopMode};
 #[cfg(feature = "runtime")]
 pub use crate::error::{Error, ErrorKind, MigrationRef};
 #[cfg(feature = "runtime")]

@@ -97,7 +97,7 @@ pub(crate) fn held_by_me(conn: &mut PgConnection, key: i64) -> Result<bool, Erro
         .map_err(|e| Error::db("checking that this session holds the advisory lock", e))
 }
 
-fn unlock(conn: &mut PgConnection, key: i64) -> Result<bool, Error> {
+pub(crate) fn unlock(conn: &mut PgConnection, key: i64) -> Result<bool, Error> {
     sql_query("SELECT pg_advisory_unlock($1) AS flag")
         .bind::<BigInt, _>(key)
         .get_result::<Flag>(conn)

@@ -7,6 +7,7 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
 
+use crate::catalog;
 use crate::error::{describe_db_error, is_connection_error, Error, ErrorKind};
 use crate::ledger::{self, LedgerRow, Tables};
 use crate::lock::{self, LockGuard};
@@ -42,6 +43,7 @@ pub struct Migrator {
     statement_timeout: Duration,
     deferred_lock_timeout: Duration,
     deferred_statement_timeout: Duration,
+    pub(crate) deferred: crate::deferred::DeferredOptions,
     strict: bool,
     application_name: String,
 }
@@ -60,6 +62,7 @@ impl Migrator {
             statement_timeout: Duration::from_secs(300),
             deferred_lock_timeout: Duration::ZERO,
             deferred_statement_timeout: Duration::ZERO,
+            deferred: crate::deferred::DeferredOptions::default(),
             strict: false,
             application_name: "diesel-rollout".into(),
         }
@@ -159,7 +162,11 @@ impl Migrator {
         lock::lock_key(&self.migrations_table, track)
     }
 
-    fn tables(&self) -> Result<Tables, Error> {
+    pub(crate) fn deferred_timeouts(&self) -> (Duration, Duration) {
+        (self.deferred_lock_timeout, self.deferred_statement_timeout)
+    }
+
+    pub(crate) fn tables(&self) -> Result<Tables, Error> {
         Tables::new(&self.migrations_table, &self.attempts_table)
             .map_err(|m| Error::new(ErrorKind::Config, m))
     }
@@ -316,14 +323,14 @@ impl Migrator {
             let applied = if m.run_in_transaction() {
                 apply_transactional(conn, tables, m)?
             } else {
-                apply_statements(conn, tables, m, row)?
+                apply_statements(conn, tables, m, row, &Hooks::none())?
             };
             report.applied.push(applied);
         }
         Ok(())
     }
 
-    fn analyze<'a>(&'a self, rows: &'a [LedgerRow], track: Track) -> Analysis<'a> {
+    pub(crate) fn analyze<'a>(&'a self, rows: &'a [LedgerRow], track: Track) -> Analysis<'a> {
         let by_version: HashMap<&str, &LedgerRow> =
             rows.iter().map(|r| (normal(&r.version), r)).collect();
         let mut pending = Vec::new();
@@ -359,7 +366,7 @@ impl Migrator {
 
     /// Unknown applied versions and changed `up.sql`: warnings, or errors
     /// in strict mode.
-    fn check_drift(&self, a: &Analysis<'_>, report: &mut Report) -> Result<(), Error> {
+    pub(crate) fn check_drift(&self, a: &Analysis<'_>, report: &mut Report) -> Result<(), Error> {
         report.unknown = a.unknown.iter().map(|s| s.to_string()).collect();
         report.changed = a.changed.iter().map(|m| m.version().to_string()).collect();
         if !a.unknown.is_empty() {
@@ -493,18 +500,18 @@ impl Migrator {
     }
 }
 
-struct Analysis<'a> {
-    /// Required migrations not applied, in version order.
-    pending: Vec<&'a Migration>,
+pub(crate) struct Analysis<'a> {
+    /// Migrations of the track not applied, in version order.
+    pub pending: Vec<&'a Migration>,
     /// Applied migrations whose `up.sql` changed.
-    changed: Vec<&'a Migration>,
+    pub changed: Vec<&'a Migration>,
     /// Applied versions the set does not have.
-    unknown: Vec<&'a str>,
-    rows: HashMap<&'a str, &'a LedgerRow>,
+    pub unknown: Vec<&'a str>,
+    pub rows: HashMap<&'a str, &'a LedgerRow>,
 }
 
 /// The version without leading zeros, so `0001` and `1` match.
-fn normal(v: &str) -> &str {
+pub(crate) fn normal(v: &str) -> &str {
     let t = v.trim_start_matches('0');
     if t.is_empty() {
         "0"
@@ -513,7 +520,7 @@ fn normal(v: &str) -> &str {
     }
 }
 
-fn set_application_name(conn: &mut PgConnection, name: &str) -> Result<(), Error> {
+pub(crate) fn set_application_name(conn: &mut PgConnection, name: &str) -> Result<(), Error> {
     let quoted = name.replace('\'', "''");
     conn.batch_execute(&format!("SET application_name = '{quoted}'"))
         .map_err(|e| Error::db("setting application_name", e))
@@ -588,8 +595,11 @@ fn apply_transactional(
                 Some(s) => (Some(error_line(m.up_sql(), s, &e)), "its SQL"),
                 None => (None, "recording it in the ledger"),
             };
-            let pg = describe_db_error(&e);
+            let mut pg = describe_db_error(&e);
             if !is_connection_error(&e) {
+                if let Some(s) = failed_at {
+                    pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
+                }
                 if let Err(le) =
                     ledger::record_failure(conn, tables, m, &pg, total, elapsed.as_secs_f64())
                 {
@@ -622,6 +632,84 @@ fn apply_transactional(
     }
 }
 
+/// What the deferred runner plugs into statement-by-statement execution.
+pub(crate) struct Hooks<'a> {
+    /// Called before each statement with its 0-based index and the total.
+    pub on_statement: &'a dyn Fn(&Migration, usize, usize),
+    /// Polled between statements and while waiting for another build.
+    pub should_stop: &'a dyn Fn() -> bool,
+    /// Called with the name of each invalid index dropped to be rebuilt.
+    pub on_index_repaired: &'a dyn Fn(&str),
+    /// How often to look again at a build another session is running.
+    pub poll: Duration,
+}
+
+impl Hooks<'static> {
+    pub(crate) fn none() -> Self {
+        Hooks {
+            on_statement: &|_, _, _| {},
+            should_stop: &|| false,
+            on_index_repaired: &|_| {},
+            poll: Duration::from_secs(2),
+        }
+    }
+}
+
+/// When a statement failed on `lock_timeout`, says who is in the way: the
+/// table it alters, and any index build running now.
+fn explain_lock_timeout(conn: &mut PgConnection, statement: &str, e: &DieselError) -> String {
+    let message = match e {
+        DieselError::DatabaseError(_, info) => info.message(),
+        _ => return String::new(),
+    };
+    if !message.contains("lock timeout") {
+        return String::new();
+    }
+    let mut out = String::new();
+    if let Some(table) = catalog::altered_table(statement) {
+        out.push_str(&format!(" It could not lock table {table} in time"));
+    } else {
+        out.push_str(" It could not take a lock in time");
+    }
+    let builds = catalog::builds_in_progress(conn).unwrap_or_default();
+    if builds.is_empty() {
+        out.push_str(
+            ": another session holds a conflicting lock (see pg_locks). It failed fast instead of \
+             queueing traffic behind its lock request; run it again when the table is quiet",
+        );
+    } else {
+        let list = builds
+            .iter()
+            .map(|b| {
+                format!(
+                    "pid {} ({}) running {} of index {} on {} ({})",
+                    b.pid,
+                    if b.application_name.is_empty() {
+                        "no application_name"
+                    } else {
+                        &b.application_name
+                    },
+                    b.command,
+                    if b.index_name.is_empty() {
+                        "?"
+                    } else {
+                        &b.index_name
+                    },
+                    b.table_name,
+                    b.phase
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        out.push_str(&format!(
+            ": an index build holds the table: {list}. A deferred build keeps its table \
+             locked against schema changes until it finishes; deploy this migration after \
+             the build is done, or move the build after this migration"
+        ));
+    }
+    out
+}
+
 /// A `run_in_transaction = false` migration: one statement at a time,
 /// progress recorded after each, resuming after the last completed one.
 pub(crate) fn apply_statements(
@@ -629,6 +717,7 @@ pub(crate) fn apply_statements(
     tables: &Tables,
     m: &Migration,
     row: Option<&LedgerRow>,
+    hooks: &Hooks<'_>,
 ) -> Result<Applied, Error> {
     let statements = m.up_statements()?;
     let total = i32::try_from(statements.len()).unwrap_or(i32::MAX);
@@ -678,12 +767,51 @@ pub(crate) fn apply_statements(
     let start = Instant::now();
     let id = ledger::start_attempt(conn, tables, m, resume as i32, total)
         .map_err(|e| Error::db("recording the attempt", e))?;
+    let checks = catalog::Checks {
+        should_stop: hooks.should_stop,
+        on_repaired: hooks.on_index_repaired,
+        poll: hooks.poll,
+    };
     for (i, s) in statements.iter().enumerate().skip(resume) {
+        if (hooks.should_stop)() {
+            let why = format!("stopped by shutdown before statement {}", i + 1);
+            if let Err(le) = ledger::finish_attempt(conn, tables, id, "interrupted", Some(&why)) {
+                tracing::warn!(error = %le, "could not record the interrupted attempt");
+            }
+            return Err(Error::new(
+                ErrorKind::Stopped,
+                format!(
+                    "migration {} stopped before statement {} of {total}: the next run resumes there",
+                    m.dir_name(),
+                    i + 1
+                ),
+            )
+            .at(m, Some(s.line)));
+        }
+        (hooks.on_statement)(m, i, statements.len());
         tracing::debug!(statement = i + 1, line = s.line, "executing");
+        let op = catalog::classify(&s.sql);
+        let prepared = match &op {
+            Some(op) => catalog::prepare(conn, op, m, s.line, &checks),
+            None => Ok(()),
+        };
+        if let Err(e) = prepared {
+            let outcome = if e.kind() == ErrorKind::Stopped {
+                "interrupted"
+            } else {
+                "failed"
+            };
+            if let Err(le) = ledger::finish_attempt(conn, tables, id, outcome, Some(&e.to_string()))
+            {
+                tracing::warn!(error = %le, "could not record the failed attempt");
+            }
+            return Err(e);
+        }
         if let Err(e) = conn.batch_execute(&s.sql) {
-            let pg = describe_db_error(&e);
+            let mut pg = describe_db_error(&e);
             let line = error_line(m.up_sql(), s, &e);
             if !is_connection_error(&e) {
+                pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
                 if let Err(le) = ledger::finish_attempt(conn, tables, id, "failed", Some(&pg)) {
                     tracing::warn!(error = %le, "could not record the failed attempt");
                 }
@@ -709,6 +837,16 @@ pub(crate) fn apply_statements(
                 ),
             )
             .at(m, Some(line)));
+        }
+        if let Some(op) = &op {
+            if let Err(e) = catalog::confirm(conn, op, m, s.line) {
+                if let Err(le) =
+                    ledger::finish_attempt(conn, tables, id, "failed", Some(&e.to_string()))
+                {
+                    tracing::warn!(error = %le, "could not record the failed attempt");
+                }
+                return Err(e);
+            }
         }
         ledger::progress(conn, tables, id, (i + 1) as i32)
             .map_err(|e| Error::db("recording progress", e).at(m, Some(s.line)))?;

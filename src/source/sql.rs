@@ -126,6 +126,69 @@ pub fn words(script: &str) -> Result<Vec<Word>, LexError> {
     Ok(out)
 }
 
+/// What kind of token a [`SqlToken`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// An unquoted identifier or keyword.
+    Word,
+    /// A `"quoted"` (or `U&"..."`) identifier.
+    QuotedIdent,
+    /// `;`
+    Semicolon,
+    /// Any other single ASCII character (operators, parentheses, `.`, ...).
+    Punct(char),
+    /// A string, dollar quote, number or `$n` parameter.
+    Literal,
+}
+
+/// A token of a script, outside comments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlToken {
+    /// Its kind.
+    pub kind: TokenKind,
+    /// The token as written.
+    pub text: String,
+    /// 1-based line where it starts.
+    pub line: usize,
+    /// Byte offset in the script.
+    pub offset: usize,
+}
+
+/// Every token of the script in order, comments skipped.
+///
+/// # Errors
+///
+/// A [`LexError`] if a string, quoted identifier, dollar quote or block
+/// comment is not terminated.
+pub fn tokens(script: &str) -> Result<Vec<SqlToken>, LexError> {
+    let mut lines = LineCounter::new(script);
+    let mut out = Vec::new();
+    for token in Lexer::new(script) {
+        let token = token?;
+        let text = &script[token.start..token.end];
+        let kind = match token.kind {
+            Kind::Word => TokenKind::Word,
+            Kind::Semicolon => TokenKind::Semicolon,
+            Kind::Punct(b) => TokenKind::Punct(char::from(b)),
+            Kind::Literal
+                if text.starts_with('"')
+                    || text.starts_with("U&\"")
+                    || text.starts_with("u&\"") =>
+            {
+                TokenKind::QuotedIdent
+            }
+            Kind::Literal => TokenKind::Literal,
+        };
+        out.push(SqlToken {
+            kind,
+            text: text.to_owned(),
+            line: lines.line_at(token.start),
+            offset: token.start,
+        });
+    }
+    Ok(out)
+}
+
 /// First occurrence of a keyword (case-insensitive, unquoted identifier
 /// match) outside strings/comments. The whole script is scanned, so a lexical
 /// error anywhere in it is reported even if the keyword occurs earlier.
@@ -766,5 +829,27 @@ mod tests {
         assert_eq!(line_of_offset(script, 2), 2);
         assert_eq!(line_of_offset(script, 5), 3);
         assert_eq!(line_of_offset(script, 999), 3);
+    }
+
+    #[test]
+    fn tokens_tell_quoted_identifiers_from_strings() {
+        let t = tokens("CREATE INDEX \"My Idx\" ON s.t ('x'); -- c").unwrap();
+        let kinds: Vec<_> = t.iter().map(|t| (t.kind, t.text.as_str())).collect();
+        assert_eq!(
+            kinds,
+            [
+                (TokenKind::Word, "CREATE"),
+                (TokenKind::Word, "INDEX"),
+                (TokenKind::QuotedIdent, "\"My Idx\""),
+                (TokenKind::Word, "ON"),
+                (TokenKind::Word, "s"),
+                (TokenKind::Punct('.'), "."),
+                (TokenKind::Word, "t"),
+                (TokenKind::Punct('('), "("),
+                (TokenKind::Literal, "'x'"),
+                (TokenKind::Punct(')'), ")"),
+                (TokenKind::Semicolon, ";"),
+            ]
+        );
     }
 }

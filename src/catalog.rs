@@ -1,0 +1,563 @@
+//! The catalog, not the ledger, is the truth for index builds.
+//!
+//! A failed `CREATE INDEX CONCURRENTLY` leaves an invalid index behind, and a
+//! retry with `IF NOT EXISTS` would skip it and report success. Before such a
+//! statement the runner drops an invalid leftover that no session is still
+//! building (waiting for one that is), and after it checks the index exists
+//! and is valid. Leftovers of a failed `REINDEX CONCURRENTLY` (`*_ccnew`,
+//! `*_ccold`) are handled the same way.
+
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_query;
+use diesel::sql_types::{BigInt, Bool, Integer, Text};
+
+use crate::error::{Error, ErrorKind};
+use crate::migration::Migration;
+use crate::source::sql::{self, SqlToken, TokenKind};
+
+/// An identifier as written and as PostgreSQL folds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Ident {
+    /// The name PostgreSQL stores (`Foo` → `foo`, `"Foo"` → `Foo`).
+    pub folded: String,
+}
+
+impl Ident {
+    fn from_token(t: &SqlToken) -> Option<Self> {
+        match t.kind {
+            TokenKind::Word => Some(Ident {
+                folded: t.text.to_ascii_lowercase(),
+            }),
+            TokenKind::QuotedIdent if t.text.starts_with('"') && t.text.len() >= 2 => Some(Ident {
+                folded: t.text[1..t.text.len() - 1].replace("\"\"", "\""),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// An index operation the runner checks against the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum IndexOp {
+    /// `CREATE [UNIQUE] INDEX CONCURRENTLY [IF NOT EXISTS] name ON table`.
+    Create {
+        index: Option<Ident>,
+        /// The table as written (`s.t`, `"T"`), for `to_regclass`.
+        table: String,
+        if_not_exists: bool,
+    },
+    /// `REINDEX INDEX CONCURRENTLY name`.
+    ReindexIndex { index: String },
+    /// `REINDEX TABLE CONCURRENTLY name`.
+    ReindexTable { table: String },
+}
+
+fn is_word(t: Option<&SqlToken>, w: &str) -> bool {
+    t.is_some_and(|t| t.kind == TokenKind::Word && t.text.eq_ignore_ascii_case(w))
+}
+
+/// A possibly qualified name starting at `i`: its text as written and the
+/// last part. Returns the index after it.
+fn qualified_name(t: &[SqlToken], mut i: usize) -> Option<(String, Ident, usize)> {
+    let mut text = String::new();
+    let mut last;
+    loop {
+        let tok = t.get(i)?;
+        last = Ident::from_token(tok)?;
+        text.push_str(&tok.text);
+        i += 1;
+        if t.get(i).is_some_and(|p| p.kind == TokenKind::Punct('.')) {
+            text.push('.');
+            i += 1;
+        } else {
+            return Some((text, last, i));
+        }
+    }
+}
+
+/// Recognises the concurrent index operations of a statement.
+pub(crate) fn classify(statement: &str) -> Option<IndexOp> {
+    let t = sql::tokens(statement).ok()?;
+    if is_word(t.first(), "create") {
+        let mut i = 1;
+        if is_word(t.get(i), "unique") {
+            i += 1;
+        }
+        if !is_word(t.get(i), "index") {
+            return None;
+        }
+        i += 1;
+        if !is_word(t.get(i), "concurrently") {
+            return None;
+        }
+        i += 1;
+        let mut if_not_exists = false;
+        if is_word(t.get(i), "if")
+            && is_word(t.get(i + 1), "not")
+            && is_word(t.get(i + 2), "exists")
+        {
+            if_not_exists = true;
+            i += 3;
+        }
+        let mut index = None;
+        if !is_word(t.get(i), "on") {
+            index = Ident::from_token(t.get(i)?);
+            i += 1;
+        }
+        if !is_word(t.get(i), "on") {
+            return None;
+        }
+        i += 1;
+        if is_word(t.get(i), "only") {
+            i += 1;
+        }
+        let (table, _, _) = qualified_name(&t, i)?;
+        return Some(IndexOp::Create {
+            index,
+            table,
+            if_not_exists,
+        });
+    }
+    if is_word(t.first(), "reindex") {
+        let mut i = 1;
+        if t.get(i).is_some_and(|p| p.kind == TokenKind::Punct('(')) {
+            while t.get(i).is_some_and(|p| p.kind != TokenKind::Punct(')')) {
+                i += 1;
+            }
+            i += 1;
+        }
+        let kind = t.get(i)?.text.to_ascii_lowercase();
+        i += 1;
+        if !is_word(t.get(i), "concurrently") {
+            return None;
+        }
+        let (name, _, _) = qualified_name(&t, i + 1)?;
+        return match kind.as_str() {
+            "index" => Some(IndexOp::ReindexIndex { index: name }),
+            "table" => Some(IndexOp::ReindexTable { table: name }),
+            _ => None,
+        };
+    }
+    None
+}
+
+/// The table an `ALTER TABLE` statement changes, for messages.
+pub(crate) fn altered_table(statement: &str) -> Option<String> {
+    let t = sql::tokens(statement).ok()?;
+    if !(is_word(t.first(), "alter") && is_word(t.get(1), "table")) {
+        return None;
+    }
+    let mut i = 2;
+    if is_word(t.get(i), "if") && is_word(t.get(i + 1), "exists") {
+        i += 2;
+    }
+    if is_word(t.get(i), "only") {
+        i += 1;
+    }
+    qualified_name(&t, i).map(|(name, _, _)| name)
+}
+
+/// One index of a table, as the catalog sees it.
+#[derive(Debug, Clone, QueryableByName)]
+pub(crate) struct IndexRow {
+    #[diesel(sql_type = Text)]
+    pub schema_name: String,
+    #[diesel(sql_type = Text)]
+    pub index_name: String,
+    #[diesel(sql_type = Text)]
+    pub table_name: String,
+    #[diesel(sql_type = Bool)]
+    pub valid: bool,
+    #[diesel(sql_type = Bool)]
+    pub building: bool,
+}
+
+impl IndexRow {
+    fn quoted(&self) -> String {
+        format!(
+            "\"{}\".\"{}\"",
+            self.schema_name.replace('"', "\"\""),
+            self.index_name.replace('"', "\"\"")
+        )
+    }
+
+    fn is_reindex_leftover(&self, of: Option<&str>) -> bool {
+        let Some(pos) = self
+            .index_name
+            .rfind("_ccnew")
+            .or_else(|| self.index_name.rfind("_ccold"))
+        else {
+            return false;
+        };
+        let suffix = &self.index_name[pos + 6..];
+        suffix.bytes().all(|b| b.is_ascii_digit())
+            && of.is_none_or(|base| &self.index_name[..pos] == base)
+    }
+}
+
+/// Every index of `table` (as written), empty when the table does not exist.
+pub(crate) fn table_indexes(conn: &mut PgConnection, table: &str) -> QueryResult<Vec<IndexRow>> {
+    sql_query(include_str!("sql/table_indexes.sql"))
+        .bind::<Text, _>(table)
+        .load(conn)
+}
+
+fn table_of_index(conn: &mut PgConnection, index: &str) -> QueryResult<Option<String>> {
+    #[derive(QueryableByName)]
+    struct T {
+        #[diesel(sql_type = Text)]
+        table_name: String,
+    }
+    sql_query(include_str!("sql/index_table.sql"))
+        .bind::<Text, _>(index)
+        .get_result::<T>(conn)
+        .optional()
+        .map(|t| t.map(|t| t.table_name))
+}
+
+/// What the checks need from the runner: whether to stop waiting.
+pub(crate) struct Checks<'a> {
+    pub should_stop: &'a dyn Fn() -> bool,
+    pub on_repaired: &'a dyn Fn(&str),
+    pub poll: Duration,
+}
+
+/// Progress of an index build, from `pg_stat_progress_create_index`.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct IndexBuildProgress {
+    /// The build's phase (`building index: scanning table`, ...).
+    #[diesel(sql_type = Text)]
+    pub phase: String,
+    /// The index being built (empty until it exists).
+    #[diesel(sql_type = Text)]
+    pub index_name: String,
+    /// The table it is built on.
+    #[diesel(sql_type = Text)]
+    pub table_name: String,
+    /// Blocks processed in the current phase.
+    #[diesel(sql_type = BigInt)]
+    pub blocks_done: i64,
+    /// Blocks to process in the current phase.
+    #[diesel(sql_type = BigInt)]
+    pub blocks_total: i64,
+    /// Tuples processed in the current phase.
+    #[diesel(sql_type = BigInt)]
+    pub tuples_done: i64,
+    /// Tuples to process in the current phase.
+    #[diesel(sql_type = BigInt)]
+    pub tuples_total: i64,
+}
+
+impl IndexBuildProgress {
+    /// Percent done in the current phase, from blocks or else tuples.
+    pub fn percent(&self) -> Option<f64> {
+        if self.blocks_total > 0 {
+            Some(100.0 * self.blocks_done as f64 / self.blocks_total as f64)
+        } else if self.tuples_total > 0 {
+            Some(100.0 * self.tuples_done as f64 / self.tuples_total as f64)
+        } else {
+            None
+        }
+    }
+}
+
+impl std::fmt::Display for IndexBuildProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = if self.index_name.is_empty() {
+            "index"
+        } else {
+            &self.index_name
+        };
+        write!(f, "{name} on {}: {}", self.table_name, self.phase)?;
+        if let Some(p) = self.percent() {
+            write!(f, " ({p:.0}%)")?;
+        }
+        Ok(())
+    }
+}
+
+/// The build a backend is running, if any.
+pub(crate) fn build_progress(
+    conn: &mut PgConnection,
+    pid: i32,
+) -> QueryResult<Option<IndexBuildProgress>> {
+    sql_query(include_str!("sql/build_progress.sql"))
+        .bind::<Integer, _>(pid)
+        .get_result(conn)
+        .optional()
+}
+
+/// An index build running now in this database.
+#[derive(Debug, Clone, QueryableByName)]
+pub(crate) struct RunningBuild {
+    #[diesel(sql_type = Integer)]
+    pub pid: i32,
+    #[diesel(sql_type = Text)]
+    pub application_name: String,
+    #[diesel(sql_type = Text)]
+    pub command: String,
+    #[diesel(sql_type = Text)]
+    pub phase: String,
+    #[diesel(sql_type = Text)]
+    pub index_name: String,
+    #[diesel(sql_type = Text)]
+    pub table_name: String,
+}
+
+pub(crate) fn builds_in_progress(conn: &mut PgConnection) -> QueryResult<Vec<RunningBuild>> {
+    sql_query(include_str!("sql/builds_in_progress.sql")).load(conn)
+}
+
+fn catalog_error(m: &Migration, line: usize, e: diesel::result::Error) -> Error {
+    Error::db("checking the index in the catalog", e).at(m, Some(line))
+}
+
+/// Picks the indexes a statement cares about.
+type Matcher = Box<dyn Fn(&IndexRow) -> bool>;
+
+/// Before a concurrent index statement: wait for builds still running,
+/// and drop invalid leftovers nobody is building.
+pub(crate) fn prepare(
+    conn: &mut PgConnection,
+    op: &IndexOp,
+    m: &Migration,
+    line: usize,
+    checks: &Checks<'_>,
+) -> Result<(), Error> {
+    let (table, wanted): (String, Matcher) = match op {
+        IndexOp::Create {
+            index: Some(index),
+            table,
+            ..
+        } => {
+            let name = index.folded.clone();
+            (
+                table.clone(),
+                Box::new(move |r: &IndexRow| r.index_name == name),
+            )
+        }
+        IndexOp::Create { index: None, .. } => return Ok(()),
+        IndexOp::ReindexIndex { index } => {
+            let Some(table) = table_of_index(conn, index).map_err(|e| catalog_error(m, line, e))?
+            else {
+                return Ok(());
+            };
+            let base = index
+                .rsplit('.')
+                .next()
+                .unwrap_or(index)
+                .trim_matches('"')
+                .to_string();
+            let folded = if index.contains('"') {
+                base
+            } else {
+                base.to_ascii_lowercase()
+            };
+            (
+                table,
+                Box::new(move |r: &IndexRow| r.is_reindex_leftover(Some(&folded))),
+            )
+        }
+        IndexOp::ReindexTable { table } => (
+            table.clone(),
+            Box::new(|r: &IndexRow| r.is_reindex_leftover(None)),
+        ),
+    };
+    let started = Instant::now();
+    let mut logged = None::<Instant>;
+    loop {
+        let rows = table_indexes(conn, &table).map_err(|e| catalog_error(m, line, e))?;
+        let mut waiting = false;
+        for r in rows.iter().filter(|r| wanted(r) && !r.valid) {
+            if r.building {
+                waiting = true;
+                if logged.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(30)) {
+                    tracing::info!(
+                        index = %r.index_name,
+                        table = %r.table_name,
+                        waited_secs = started.elapsed().as_secs(),
+                        "another session is still building index {}: waiting for it, not dropping it",
+                        r.index_name
+                    );
+                    logged = Some(Instant::now());
+                }
+            } else {
+                tracing::warn!(
+                    index = %r.index_name,
+                    table = %r.table_name,
+                    "dropping invalid index {} left by a failed build, to rebuild it",
+                    r.index_name
+                );
+                conn.batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {}", r.quoted()))
+                    .map_err(|e| {
+                        Error::db(&format!("dropping the invalid index {}", r.quoted()), e)
+                            .at(m, Some(line))
+                    })?;
+                (checks.on_repaired)(&r.index_name);
+            }
+        }
+        if !waiting {
+            return Ok(());
+        }
+        if (checks.should_stop)() {
+            return Err(Error::new(
+                ErrorKind::Stopped,
+                "stopped while waiting for another session's index build",
+            )
+            .at(m, Some(line)));
+        }
+        std::thread::sleep(checks.poll);
+    }
+}
+
+/// After a concurrent index statement: the index exists and is valid, and
+/// no `REINDEX` leftovers remain.
+pub(crate) fn confirm(
+    conn: &mut PgConnection,
+    op: &IndexOp,
+    m: &Migration,
+    line: usize,
+) -> Result<(), Error> {
+    let fail = |what: String| {
+        Error::new(
+            ErrorKind::MigrationFailed,
+            format!(
+                "migration {} at {}:{line}: {what}. The statement reported success, but the \
+                 catalog says otherwise; the next run drops the invalid index and builds it \
+                 again",
+                m.dir_name(),
+                m.up_path()
+            ),
+        )
+        .at(m, Some(line))
+    };
+    match op {
+        IndexOp::Create {
+            index: Some(index),
+            table,
+            if_not_exists,
+        } => {
+            let rows = table_indexes(conn, table).map_err(|e| catalog_error(m, line, e))?;
+            match rows.iter().find(|r| r.index_name == index.folded) {
+                Some(r) if r.valid => Ok(()),
+                Some(r) => Err(fail(format!(
+                    "index {} on {} is INVALID{}",
+                    r.index_name,
+                    r.table_name,
+                    if *if_not_exists {
+                        " (IF NOT EXISTS skipped an invalid index)"
+                    } else {
+                        ""
+                    }
+                ))),
+                // The table is not visible under that name (search_path):
+                // nothing to check against.
+                None if rows.is_empty() => Ok(()),
+                None => Err(fail(format!(
+                    "index {} does not exist on {table}",
+                    index.folded
+                ))),
+            }
+        }
+        IndexOp::Create { index: None, .. } => Ok(()),
+        IndexOp::ReindexIndex { index } => {
+            let Some(table) = table_of_index(conn, index).map_err(|e| catalog_error(m, line, e))?
+            else {
+                return Ok(());
+            };
+            check_no_invalid(conn, &table, m, line, fail)
+        }
+        IndexOp::ReindexTable { table } => check_no_invalid(conn, table, m, line, fail),
+    }
+}
+
+fn check_no_invalid(
+    conn: &mut PgConnection,
+    table: &str,
+    m: &Migration,
+    line: usize,
+    fail: impl Fn(String) -> Error,
+) -> Result<(), Error> {
+    let rows = table_indexes(conn, table).map_err(|e| catalog_error(m, line, e))?;
+    match rows.iter().find(|r| !r.valid && !r.building) {
+        Some(r) => Err(fail(format!(
+            "index {} on {} is INVALID after REINDEX CONCURRENTLY",
+            r.index_name, r.table_name
+        ))),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ident(s: &str) -> Option<Ident> {
+        Some(Ident { folded: s.into() })
+    }
+
+    #[test]
+    fn recognises_concurrent_index_statements() {
+        assert_eq!(
+            classify(
+                "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS Users_Email ON app.users (email)"
+            ),
+            Some(IndexOp::Create {
+                index: ident("users_email"),
+                table: "app.users".into(),
+                if_not_exists: true
+            })
+        );
+        assert_eq!(
+            classify("create index concurrently \"Odd Name\" on only \"T\" using gin (x)"),
+            Some(IndexOp::Create {
+                index: ident("Odd Name"),
+                table: "\"T\"".into(),
+                if_not_exists: false
+            })
+        );
+        assert_eq!(
+            classify("CREATE INDEX CONCURRENTLY ON t (a)"),
+            Some(IndexOp::Create {
+                index: None,
+                table: "t".into(),
+                if_not_exists: false
+            })
+        );
+        assert_eq!(classify("CREATE INDEX i ON t (a)"), None);
+        assert_eq!(
+            classify("REINDEX (VERBOSE) INDEX CONCURRENTLY s.i"),
+            Some(IndexOp::ReindexIndex {
+                index: "s.i".into()
+            })
+        );
+        assert_eq!(
+            classify("reindex table concurrently t"),
+            Some(IndexOp::ReindexTable { table: "t".into() })
+        );
+        assert_eq!(classify("REINDEX TABLE t"), None);
+        assert_eq!(
+            altered_table("ALTER TABLE IF EXISTS ONLY public.items ADD COLUMN x int"),
+            Some("public.items".into())
+        );
+    }
+
+    #[test]
+    fn reindex_leftovers_are_recognised_by_name() {
+        let row = |name: &str| IndexRow {
+            schema_name: "public".into(),
+            index_name: name.into(),
+            table_name: "t".into(),
+            valid: false,
+            building: false,
+        };
+        assert!(row("t_a_idx_ccnew").is_reindex_leftover(Some("t_a_idx")));
+        assert!(row("t_a_idx_ccold2").is_reindex_leftover(None));
+        assert!(!row("t_a_idx_ccnew").is_reindex_leftover(Some("other")));
+        assert!(!row("t_a_idx_ccnewx").is_reindex_leftover(None));
+        assert!(!row("t_a_idx").is_reindex_leftover(None));
+    }
+}
