@@ -305,6 +305,111 @@ pub(crate) struct RunningBuild {
     pub index_name: String,
     #[diesel(sql_type = Text)]
     pub table_name: String,
+    #[diesel(sql_type = BigInt)]
+    pub blocks_done: i64,
+    #[diesel(sql_type = BigInt)]
+    pub blocks_total: i64,
+    #[diesel(sql_type = BigInt)]
+    pub tuples_done: i64,
+    #[diesel(sql_type = BigInt)]
+    pub tuples_total: i64,
+}
+
+impl RunningBuild {
+    fn progress(&self) -> IndexBuildProgress {
+        IndexBuildProgress {
+            phase: self.phase.clone(),
+            index_name: self.index_name.clone(),
+            table_name: self.table_name.clone(),
+            blocks_done: self.blocks_done,
+            blocks_total: self.blocks_total,
+            tuples_done: self.tuples_done,
+            tuples_total: self.tuples_total,
+        }
+    }
+}
+
+/// What the catalog says of an index a migration creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IndexState {
+    /// It exists and is valid.
+    Valid,
+    /// It exists, is invalid, and nobody is building it (a failed build:
+    /// the next run drops and rebuilds it).
+    Invalid,
+    /// A build of it is in progress.
+    Building,
+    /// It does not exist.
+    Missing,
+}
+
+impl IndexState {
+    /// `valid`, `invalid`, `building` or `missing`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IndexState::Valid => "valid",
+            IndexState::Invalid => "invalid",
+            IndexState::Building => "building",
+            IndexState::Missing => "missing",
+        }
+    }
+}
+
+/// An index a migration creates, and its state in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IndexStatus {
+    /// The index name.
+    pub name: String,
+    /// The table as the migration names it.
+    pub table: String,
+    /// Its state.
+    pub state: IndexState,
+    /// Progress of its build, when building.
+    pub progress: Option<IndexBuildProgress>,
+}
+
+/// The state of every named index the statements of `m` create.
+pub(crate) fn migration_indexes(
+    conn: &mut PgConnection,
+    m: &Migration,
+    builds: &[RunningBuild],
+) -> QueryResult<Vec<IndexStatus>> {
+    let mut out = Vec::new();
+    let Ok(statements) = sql::split_statements(m.up_sql()) else {
+        return Ok(out);
+    };
+    for s in statements {
+        let Some(IndexOp::Create {
+            index: Some(index),
+            table,
+            ..
+        }) = classify(&s.sql)
+        else {
+            continue;
+        };
+        let rows = table_indexes(conn, &table)?;
+        let row = rows.iter().find(|r| r.index_name == index.folded);
+        let build = builds.iter().find(|b| {
+            b.index_name == index.folded || b.index_name.ends_with(&format!(".{}", index.folded))
+        });
+        let state = match row {
+            Some(r) if r.valid => IndexState::Valid,
+            Some(r) if r.building => IndexState::Building,
+            Some(_) => IndexState::Invalid,
+            None => IndexState::Missing,
+        };
+        out.push(IndexStatus {
+            name: index.folded.clone(),
+            table,
+            state,
+            progress: build
+                .filter(|_| state == IndexState::Building)
+                .map(RunningBuild::progress),
+        });
+    }
+    Ok(out)
 }
 
 pub(crate) fn builds_in_progress(conn: &mut PgConnection) -> QueryResult<Vec<RunningBuild>> {

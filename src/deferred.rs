@@ -162,6 +162,38 @@ impl Migrator {
         }
     }
 
+    /// The start-up call of a service: applies the required track on a
+    /// connection checked out of `pool` (blocking, as
+    /// [`Migrator::run_required_on`]), then starts the deferred track in the
+    /// background (as [`Migrator::start_deferred`]) and returns at once.
+    /// Report ready when this returns `Ok`, whatever the deferred track is
+    /// doing.
+    ///
+    /// # Errors
+    /// As [`Migrator::run_required_on`]; the deferred track is not started.
+    /// A connection whose state is unknown is discarded, not returned to the
+    /// pool.
+    pub fn run(&self, pool: &PgPool) -> Result<(crate::Report, DeferredHandle), Error> {
+        let mut conn = pool.get().map_err(|e| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("cannot check a connection out of the pool: {e}"),
+            )
+        })?;
+        match self.run_required_on(&mut conn) {
+            Ok(report) => {
+                drop(conn);
+                Ok((report, self.start_deferred(pool.clone())))
+            }
+            Err(e) => {
+                if e.connection_unusable() {
+                    discard(conn);
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Applies the deferred track in the foreground: as
     /// [`Migrator::start_deferred`], waiting for it to finish.
     pub fn run_deferred(&self, pool: PgPool) -> DeferredState {

@@ -70,7 +70,7 @@ mod url;
 pub mod cluster;
 
 #[cfg(feature = "runtime")]
-pub use crate::catalog::IndexBuildProgress;
+pub use crate::catalog::{IndexBuildProgress, IndexState, IndexStatus};
 #[cfg(feature = "runtime")]
 pub use crate::deferred::{DeferredHandle, DeferredMetrics, DeferredState, PgPool, StopMode};
 #[cfg(feature = "runtime")]

@@ -422,8 +422,16 @@ impl Migrator {
         let tables = self.tables()?;
         let rows = ledger::rows(conn, &tables)?;
         let a = self.analyze(&rows, Track::Required);
+        let builds = catalog::builds_in_progress(conn)
+            .map_err(|e| Error::db("reading index builds in progress", e))?;
         let mut out = Vec::new();
         for m in self.set.migrations() {
+            let indexes = if m.run_in_transaction() {
+                Vec::new()
+            } else {
+                catalog::migration_indexes(conn, m, &builds)
+                    .map_err(|e| Error::db("reading the indexes of a migration", e))?
+            };
             let row = a.rows.get(normal(m.version())).copied();
             let state = match row {
                 Some(r) if r.applied => State::Applied,
@@ -443,6 +451,7 @@ impl Migrator {
                     .filter(|_| state == State::Failed && !m.run_in_transaction())
                     .and_then(|r| r.statements_completed),
                 changed: a.changed.iter().any(|c| c.version() == m.version()),
+                indexes,
             });
         }
         for v in &a.unknown {
@@ -456,6 +465,7 @@ impl Migrator {
                 error: None,
                 statements_completed: None,
                 changed: false,
+                indexes: Vec::new(),
             });
         }
         out.sort_by(|a, b| compare_versions(&a.version, &b.version));

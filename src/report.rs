@@ -88,6 +88,9 @@ pub struct MigrationStatus {
     pub statements_completed: Option<i32>,
     /// `true` when applied and its `up.sql` changed since.
     pub changed: bool,
+    /// For a no-transaction migration: each named index its statements
+    /// create (`CREATE INDEX CONCURRENTLY`), and what the catalog says of it.
+    pub indexes: Vec<crate::catalog::IndexStatus>,
 }
 
 /// What `verify` found.

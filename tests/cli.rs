@@ -94,12 +94,13 @@ fn up_status_json_and_verify() {
 
     let out = db
         .rollout()
-        .args(["-q", "up", "--migrations-dir"])
+        .args(["-q", "up", "--required-only", "--migrations-dir"])
         .arg(&dir)
         .output()
         .unwrap();
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
+    assert!(!stdout.contains("deferred"), "{stdout}");
     assert!(
         stdout.contains("applied 0003_index_items_no_tx"),
         "{stdout}"

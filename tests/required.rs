@@ -63,6 +63,7 @@ fn eight_processes_racing_apply_each_migration_exactly_once() {
                 .output_spawn()
         })
         .collect();
+    let mut applied_by = Vec::new();
     for child in children {
         let out = child.wait_with_output().unwrap();
         assert!(
@@ -70,11 +71,18 @@ fn eight_processes_racing_apply_each_migration_exactly_once() {
             "rollout up failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        applied_by.push(stdout.matches("applied 0").count());
     }
-    assert_eq!(effects(&db), ["0001:1", "0002:1", "0003:1", "0010:1"]);
+    // `up` applies both tracks: each migration once, across all processes.
+    assert_eq!(
+        effects(&db),
+        ["0001:1", "0002:1", "0003:1", "0010:1", "0011:1"]
+    );
+    assert_eq!(applied_by.iter().sum::<usize>(), 5, "{applied_by:?}");
     assert_eq!(
         db.count("SELECT count(*) AS n FROM __diesel_rollout_attempts WHERE outcome = 'success'"),
-        4
+        5
     );
     assert_eq!(
         db.count("SELECT count(*) AS n FROM __diesel_rollout_attempts WHERE outcome <> 'success'"),

@@ -6,14 +6,15 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
 use diesel_rollout::cluster::ThrowawayCluster;
 use diesel_rollout::{
-    compare_versions, connect, parse_dir_name, redact_url, with_database, MigrationSet,
-    MigrationStatus, Migrator, Track,
+    compare_versions, connect, parse_dir_name, redact_url, with_database, DeferredState,
+    MigrationSet, MigrationStatus, Migrator, Track,
 };
 
 const EXAMPLES: &str = "\
@@ -22,9 +23,11 @@ Examples:
   DATABASE_URL=postgres://app@db/app rollout up  apply pending required migrations
   rollout status --json                          every migration and its state, as JSON
   rollout verify                                 exit 1 unless every required migration is applied
+  rollout deferred --wait                        apply the deferred track, waiting for another leader
   rollout new add_orders --migrations-dir migrations
 
-Exit codes: 0 success, 1 failure, 2 usage error.";
+Exit codes: 0 success, 1 failure, 2 usage error,
+3 another session holds the deferred lock (`rollout deferred` without --wait).";
 
 /// Schema migrations for PostgreSQL services deployed by rolling update.
 #[derive(Parser)]
@@ -66,8 +69,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Apply the pending required migrations.
-    Up,
+    /// Apply the pending required migrations, then the deferred ones in the
+    /// foreground, showing the progress of index builds. If another session
+    /// is applying the deferred track, wait for it.
+    Up {
+        /// Stop after the required track.
+        #[arg(long)]
+        required_only: bool,
+    },
+    /// Apply only the deferred migrations, in the foreground. Exits 3 when
+    /// another session holds the deferred lock, unless --wait.
+    Deferred {
+        /// Wait for the session holding the deferred lock instead of exiting 3.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Exit 0 when every required migration is applied and none failed, 1 otherwise.
     Verify {
         /// Print the result as JSON.
@@ -198,11 +214,12 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Command::Up => {
+        Command::Up { required_only } => {
             let m = migrator(cli)?;
-            let report = m.run_required(database_url(cli)?)?;
+            let url = database_url(cli)?;
+            let report = m.run_required(url)?;
             if report.applied.is_empty() {
-                print_out("nothing to apply: every required migration is applied\n");
+                print_out("required: nothing to apply\n");
             } else {
                 let mut s = String::new();
                 for a in &report.applied {
@@ -214,7 +231,17 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
                 }
                 print_out(&s);
             }
-            Ok(0)
+            if *required_only {
+                return Ok(0);
+            }
+            deferred(&m, url, true, cli.quiet)
+        }
+        Command::Deferred { wait } => {
+            let m = migrator(cli)?;
+            let url = database_url(cli)?;
+            // A clear error for an unreachable database before the pool.
+            drop(connect(url)?);
+            deferred(&m, url, *wait, cli.quiet)
         }
         Command::Verify { json } => {
             let m = migrator(cli)?;
@@ -235,6 +262,110 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
         }
         Command::New { name, deferred } => new_migration(cli, name, *deferred),
         Command::Check => check(cli),
+    }
+}
+
+/// Runs the deferred track in the foreground on a pool of two connections
+/// (one leads, one reads build progress), showing what it does.
+fn deferred(m: &Migrator, url: &str, wait: bool, quiet: bool) -> Result<u8, Failure> {
+    let pool = Pool::builder()
+        .max_size(2)
+        .min_idle(Some(0))
+        .connection_timeout(Duration::from_secs(10))
+        .build(ConnectionManager::<PgConnection>::new(url))
+        .map_err(|e| failure(format!("cannot create a connection pool: {e}")))?;
+    let handle = m
+        .clone()
+        .deferred_retry_non_leader(wait)
+        .deferred_retry_interval(Duration::from_secs(1))
+        .deferred_retry_max_interval(Duration::from_secs(5))
+        .deferred_failure_retries(0)
+        .deferred_progress_interval(Duration::from_secs(1))
+        .start_deferred(pool);
+    let mut last = String::new();
+    loop {
+        let state = handle.wait_for_change(Duration::from_secs(1));
+        let line = describe(&state);
+        if !quiet && !line.is_empty() && line != last {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "deferred: {line}");
+            last = line;
+        }
+        if handle.is_finished() {
+            break;
+        }
+    }
+    match handle.state() {
+        DeferredState::Done { applied } => {
+            if applied.is_empty() {
+                print_out("deferred: nothing to apply\n");
+            } else {
+                print_out(&format!(
+                    "deferred: applied {}\n",
+                    applied
+                        .iter()
+                        .map(|v| m.migrations().get(v).map_or(v.as_str(), |x| x.dir_name()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            Ok(0)
+        }
+        DeferredState::NotLeader { holder, .. } => {
+            let who = holder.map_or_else(|| "another session".to_string(), |h| h.to_string());
+            print_out(&format!(
+                "deferred: the deferred lock is held by {who}, which is applying the deferred \
+                 track; run with --wait to wait for it\n"
+            ));
+            Ok(3)
+        }
+        DeferredState::Failed { error, .. } => Err(failure(error)),
+        DeferredState::Stopped => Err(failure("the deferred track stopped before finishing")),
+        other => Err(failure(format!("the deferred track ended as {other:?}"))),
+    }
+}
+
+/// One line for a deferred state (empty for states not worth showing).
+fn describe(state: &DeferredState) -> String {
+    match state {
+        DeferredState::WaitingForRequired { pending } => {
+            format!("waiting: {pending} required migration(s) are not applied yet")
+        }
+        DeferredState::NotLeader {
+            holder,
+            retry_in: Some(_),
+        } => format!(
+            "{} is applying the deferred track; waiting for it",
+            holder
+                .as_ref()
+                .map_or_else(|| "another session".to_string(), |h| h.to_string())
+        ),
+        DeferredState::Running {
+            name,
+            statement,
+            statements,
+            progress,
+            ..
+        } => {
+            let mut s = format!("applying {name}");
+            if *statements > 0 {
+                s.push_str(&format!(" (statement {statement} of {statements})"));
+            }
+            if let Some(p) = progress {
+                s.push_str(&format!(": building {p}"));
+            }
+            s
+        }
+        DeferredState::Retrying {
+            version,
+            error,
+            retry_in,
+            ..
+        } => format!(
+            "{version} failed, retrying in {}s: {error}",
+            retry_in.as_secs()
+        ),
+        _ => String::new(),
     }
 }
 
@@ -289,6 +420,13 @@ fn status_json(rows: &[MigrationStatus]) -> String {
                 "error": r.error,
                 "statements_completed": r.statements_completed,
                 "changed": r.changed,
+                "indexes": r.indexes.iter().map(|i| serde_json::json!({
+                    "name": i.name,
+                    "table": i.table,
+                    "state": i.state.as_str(),
+                    "phase": i.progress.as_ref().map(|p| p.phase.clone()),
+                    "percent": i.progress.as_ref().and_then(|p| p.percent()),
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -296,8 +434,8 @@ fn status_json(rows: &[MigrationStatus]) -> String {
 }
 
 fn status_table(rows: &[MigrationStatus]) -> String {
-    let header = ["VERSION", "TRACK", "NAME", "STATE", "APPLIED AT"];
-    let cells: Vec<[String; 5]> = rows
+    let header = ["VERSION", "TRACK", "NAME", "STATE", "APPLIED AT", "INDEXES"];
+    let cells: Vec<[String; 6]> = rows
         .iter()
         .map(|r| {
             let mut state = r.state.as_str().to_string();
@@ -317,6 +455,14 @@ fn status_table(rows: &[MigrationStatus]) -> String {
                 },
                 state,
                 r.applied_at.clone().unwrap_or_else(|| "-".into()),
+                r.indexes
+                    .iter()
+                    .map(|i| match i.progress.as_ref().and_then(|p| p.percent()) {
+                        Some(p) => format!("{} {} {p:.0}%", i.name, i.state.as_str()),
+                        None => format!("{} {}", i.name, i.state.as_str()),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
             ]
         })
         .collect();
@@ -326,7 +472,7 @@ fn status_table(rows: &[MigrationStatus]) -> String {
             *w = (*w).max(c.chars().count());
         }
     }
-    let line = |cols: [&str; 5]| {
+    let line = |cols: [&str; 6]| {
         let mut s = String::new();
         for (i, c) in cols.iter().enumerate() {
             if i + 1 == cols.len() {
@@ -339,7 +485,9 @@ fn status_table(rows: &[MigrationStatus]) -> String {
     };
     let mut out = line(header);
     for row in &cells {
-        out.push_str(&line([&row[0], &row[1], &row[2], &row[3], &row[4]]));
+        out.push_str(&line([
+            &row[0], &row[1], &row[2], &row[3], &row[4], &row[5],
+        ]));
     }
     for r in rows.iter().filter(|r| r.error.is_some()) {
         out.push_str(&format!(

@@ -8,8 +8,9 @@ SELECT n.nspname AS schema_name,
        i.indisvalid AS valid,
        EXISTS (
            SELECT 1 FROM pg_stat_progress_create_index p
-           WHERE p.index_relid = c.oid
-              OR (p.relid = t.oid AND c.relname ~ '_cc(new|old)[0-9]*$')
+           WHERE p.datname = current_database()
+             AND (p.index_relid = c.oid
+                  OR (p.relid = t.oid AND c.relname ~ '_cc(new|old)[0-9]*$'))
        ) AS building
 FROM pg_index i
 JOIN pg_class c ON c.oid = i.indexrelid
