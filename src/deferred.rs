@@ -580,14 +580,14 @@ fn look(
             applied: std::mem::take(applied),
         });
     }
-    let required = m.analyze(&rows, Track::Required);
-    if !required.pending.is_empty() {
+    let required = m.blocking_required(&rows);
+    if !required.is_empty() {
         tracing::info!(
-            pending = required.pending.len(),
+            pending = required.len(),
             "deferred track: waiting for required migrations to be applied first"
         );
         return Look::Again(DeferredState::WaitingForRequired {
-            pending: required.pending.len(),
+            pending: required.len(),
         });
     }
     drop(rows);
@@ -730,14 +730,14 @@ fn lead(
 
     let rows = ledger::rows(conn, tables).map_err(Led::Lost)?;
     let analysis = m.analyze(&rows, Track::Deferred);
-    let required = m.analyze(&rows, Track::Required);
-    if let Some(first) = required.pending.first() {
+    let required = m.blocking_required(&rows);
+    if let Some(first) = required.first() {
         tracing::info!(
             first = first.dir_name(),
             "deferred track: required migrations pending"
         );
         return Err(Led::Gave(Box::new(DeferredState::WaitingForRequired {
-            pending: required.pending.len(),
+            pending: required.len(),
         })));
     }
     let pending: Vec<_> = analysis.pending.clone();

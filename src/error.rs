@@ -43,6 +43,9 @@ pub enum ErrorKind {
     /// Deferred migrations were asked for while required migrations known
     /// to this binary are pending.
     RequiredPending,
+    /// A required migration declares (`requires_deferred`) a deferred one
+    /// that is not applied yet.
+    DeferredDependency,
     /// The deferred track was stopped (shutdown) before it finished; the
     /// next run resumes where it stopped.
     Stopped,

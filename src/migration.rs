@@ -30,6 +30,7 @@ pub struct Migration {
     down_sql: Option<Cow<'static, str>>,
     run_in_transaction: bool,
     checksum: Cow<'static, str>,
+    requires_deferred: Cow<'static, [Cow<'static, str>]>,
 }
 
 impl Migration {
@@ -46,6 +47,7 @@ impl Migration {
         down_sql: Option<&'static str>,
         run_in_transaction: bool,
         checksum: &'static str,
+        requires_deferred: &'static [Cow<'static, str>],
     ) -> Self {
         Migration {
             version: Cow::Borrowed(version),
@@ -60,6 +62,7 @@ impl Migration {
             },
             run_in_transaction,
             checksum: Cow::Borrowed(checksum),
+            requires_deferred: Cow::Borrowed(requires_deferred),
         }
     }
 
@@ -74,6 +77,7 @@ impl Migration {
             down_sql: f.down.map(|(_, s)| s.into()),
             run_in_transaction: f.run_in_transaction,
             checksum: f.checksum.into(),
+            requires_deferred: f.requires_deferred.into_iter().map(Cow::Owned).collect(),
         }
     }
 
@@ -121,6 +125,12 @@ impl Migration {
     /// Lower-case hex SHA-256 of `up.sql`.
     pub fn checksum(&self) -> &str {
         &self.checksum
+    }
+
+    /// Deferred versions that must be applied before this required
+    /// migration runs (`requires_deferred` in its `metadata.toml`).
+    pub fn requires_deferred(&self) -> impl Iterator<Item = &str> {
+        self.requires_deferred.iter().map(|v| v.as_ref())
     }
 
     /// The statements of `up.sql`, as a no-transaction migration sends them.

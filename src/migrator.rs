@@ -303,13 +303,13 @@ impl Migrator {
         let a = self.analyze(&rows, track);
         self.check_drift(&a, report)?;
         if track == Track::Deferred {
-            let required = self.analyze(&rows, Track::Required);
-            if let Some(first) = required.pending.first() {
+            let required = self.blocking_required(&rows);
+            if let Some(first) = required.first() {
                 return Err(Error::new(
                     ErrorKind::RequiredPending,
                     format!(
                         "{} required migration(s) known to this binary are not applied yet                          (first: {}): deferred migrations never run before them. Apply the                          required track first (`rollout up`)",
-                        required.pending.len(),
+                        required.len(),
                         first.dir_name()
                     ),
                 ));
@@ -319,6 +319,34 @@ impl Migrator {
             tracing::info!(track = %track, "another process applied the pending migrations");
         }
         for m in a.pending {
+            for dep in m.requires_deferred() {
+                let applied = a.rows.get(normal(dep)).is_some_and(|r| r.applied);
+                if !applied {
+                    let dep_name = self
+                        .set
+                        .get(dep)
+                        .map_or_else(|| dep.to_string(), |d| d.dir_name().to_string());
+                    let state = match a.rows.get(normal(dep)) {
+                        Some(r) if r.failed() => "failed",
+                        Some(r) if r.outcome.as_deref() == Some("running") => "running",
+                        _ => "pending",
+                    };
+                    return Err(Error::new(
+                        ErrorKind::DeferredDependency,
+                        format!(
+                            "migration {} requires deferred migration {dep_name} \
+                             (requires_deferred in its metadata.toml), which is not applied yet \
+                             ({state}). Required migrations stop here; those before it are \
+                             applied. Let the deferred track finish (`rollout deferred --wait`, \
+                             or the replicas of the previous release) and start again; a \
+                             deferred migration a required one depends on belongs in an \
+                             earlier release",
+                            m.dir_name()
+                        ),
+                    )
+                    .at(m, None));
+                }
+            }
             let row = a.rows.get(normal(m.version())).copied();
             let applied = if m.run_in_transaction() {
                 apply_transactional(conn, tables, m)?
@@ -362,6 +390,26 @@ impl Migrator {
             unknown,
             rows: by_version,
         }
+    }
+
+    /// Required migrations pending that hold the deferred track back: all
+    /// of them, except those waiting for a pending deferred migration
+    /// (`requires_deferred`), which could otherwise never run.
+    pub(crate) fn blocking_required<'a>(&'a self, rows: &'a [LedgerRow]) -> Vec<&'a Migration> {
+        let deferred = self.analyze(rows, Track::Deferred);
+        let required = self.analyze(rows, Track::Required);
+        required
+            .pending
+            .into_iter()
+            .filter(|r| {
+                !r.requires_deferred().any(|dep| {
+                    deferred
+                        .pending
+                        .iter()
+                        .any(|d| normal(d.version()) == normal(dep))
+                })
+            })
+            .collect()
     }
 
     /// Unknown applied versions and changed `up.sql`: warnings, or errors

@@ -59,7 +59,7 @@ fn building(db: &TestDb) -> bool {
 /// Holds a write on `things` open, so a concurrent index build waits.
 fn hold_writer(db: &TestDb) -> PgConnection {
     let mut c = db.conn();
-    c.batch_execute("BEGIN; INSERT INTO things (val, grp) VALUES (-1, -1)")
+    c.batch_execute("BEGIN; INSERT INTO things (val, grp) VALUES (-1, 0)")
         .unwrap();
     c
 }
@@ -378,4 +378,77 @@ fn stopping_cancels_the_running_build_and_releases_everything() {
     let end = m.run_deferred(pool);
     assert!(matches!(end, DeferredState::Done { .. }), "{end:?}");
     assert_eq!(index_valid(&db, "things_val_idx"), Some(true));
+}
+
+#[test]
+fn a_required_migration_waits_for_the_deferred_one_it_declares() {
+    let db = TestDb::new();
+    let pool = pool(&db, 2);
+    let m = fast(migrator("requires_deferred"));
+
+    let err = m.run_required(&db.url).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeferredDependency);
+    let text = err.to_string();
+    assert!(
+        text.contains(
+            "0003_unique_val_constraint requires deferred migration 0002_index_things_val"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("rollout deferred --wait"), "{text}");
+    assert_eq!(err.report().unwrap().applied.len(), 1, "0001 stays applied");
+    assert_eq!(db.advisory_locks(), 0);
+
+    // The deferred track is not held back by the migration waiting for it.
+    let end = m.run_deferred(pool);
+    assert!(matches!(end, DeferredState::Done { .. }), "{end:?}");
+    let report = m.run_required(&db.url).unwrap();
+    assert_eq!(report.applied[0].version, "0003");
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM pg_constraint WHERE conname = 'things_val_key'"),
+        1
+    );
+}
+
+#[test]
+fn reindex_leftovers_are_cleaned_and_other_concurrent_work_runs() {
+    let db = TestDb::new();
+    let pool = pool(&db, 2);
+    let m = fast(migrator("deferred_kinds"));
+    m.run_required(&db.url).unwrap();
+
+    // A REINDEX CONCURRENTLY cancelled halfway leaves an invalid *_ccnew.
+    let writer = hold_writer(&db);
+    let url = db.url.clone();
+    let reindex = std::thread::spawn(move || {
+        let mut c = PgConnection::establish(&url).unwrap();
+        c.batch_execute("REINDEX INDEX CONCURRENTLY things_val_idx")
+    });
+    wait_until("the reindex to start", Duration::from_secs(20), || {
+        building(&db)
+    });
+    db.conn()
+        .batch_execute(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_progress_create_index \
+             WHERE datname = current_database()",
+        )
+        .unwrap();
+    assert!(reindex.join().unwrap().is_err());
+    drop(writer);
+    assert_eq!(index_valid(&db, "things_val_idx_ccnew"), Some(false));
+
+    let handle = m.start_deferred(pool);
+    let end = handle.wait(Duration::from_secs(60));
+    assert!(matches!(end, DeferredState::Done { .. }), "{end:?}");
+    assert_eq!(handle.metrics().invalid_indexes_repaired, 1);
+    assert_eq!(invalid_indexes(&db), 0);
+    assert_eq!(index_valid(&db, "things_val_idx"), Some(true));
+    assert_eq!(index_valid(&db, "things_old_idx"), None);
+    assert_eq!(
+        db.texts(
+            "SELECT convalidated::text AS t FROM pg_constraint WHERE conname = 'things_grp_fk'"
+        ),
+        ["true"]
+    );
+    assert_eq!(db.count("SELECT count(*) AS n FROM group_counts"), 100);
 }

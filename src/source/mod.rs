@@ -64,6 +64,9 @@ pub struct MigrationFiles {
     pub run_in_transaction: bool,
     /// Lower-case hex SHA-256 of `up.sql`.
     pub checksum: String,
+    /// Deferred versions (digits only) that must be applied before this
+    /// required migration runs (`requires_deferred` in `metadata.toml`).
+    pub requires_deferred: Vec<String>,
 }
 
 /// One thing wrong with a migration set.
@@ -147,6 +150,7 @@ pub fn read_pair(required: &Path, deferred: &Path) -> Result<Vec<MigrationFiles>
         });
     }
     check_duplicates(&all, &mut problems);
+    check_dependencies(&all, &mut problems);
     if problems.is_empty() {
         all.sort_by(|a, b| compare_versions(&a.version, &b.version));
         Ok(all)
@@ -281,17 +285,30 @@ fn read_migration(dir: &Path, track: Track) -> Result<MigrationFiles, Vec<Proble
     };
 
     let meta_path = dir.join("metadata.toml");
-    let run_in_transaction = match fs::read_to_string(&meta_path) {
+    let none = Metadata {
+        run_in_transaction: true,
+        requires_deferred: Vec::new(),
+    };
+    let metadata = match fs::read_to_string(&meta_path) {
         Ok(text) => parse_metadata(&text).unwrap_or_else(|(line, msg)| {
             problems.push(problem(&meta_path, line, msg));
-            true
+            none
         }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => none,
         Err(e) => {
             problems.push(problem(&meta_path, None, format!("cannot read: {e}")));
-            true
+            none
         }
     };
+    let run_in_transaction = metadata.run_in_transaction;
+    if track == Track::Deferred && !metadata.requires_deferred.is_empty() {
+        problems.push(problem(
+            &meta_path,
+            None,
+            "`requires_deferred` is for required migrations that must wait for a deferred one; \
+             within the deferred track, migrations already run in version order: remove it",
+        ));
+    }
 
     if track == Track::Deferred && run_in_transaction && problems.is_empty() {
         problems.push(problem(
@@ -332,6 +349,7 @@ fn read_migration(dir: &Path, track: Track) -> Result<MigrationFiles, Vec<Proble
         up_sql,
         down,
         run_in_transaction,
+        requires_deferred: metadata.requires_deferred,
     })
 }
 
@@ -373,12 +391,23 @@ fn check_sql(
     }
 }
 
-/// Parses `metadata.toml`. Accepts the subset of TOML diesel's metadata
-/// uses: `key = value` lines, comments and blank lines. Returns
-/// `run_in_transaction`.
-fn parse_metadata(text: &str) -> Result<bool, (Option<usize>, String)> {
+/// What `metadata.toml` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Metadata {
+    run_in_transaction: bool,
+    /// Versions (digits only) of deferred migrations that must be applied
+    /// before this required migration runs.
+    requires_deferred: Vec<String>,
+}
+
+/// Parses `metadata.toml`. Accepts the subset of TOML the keys need:
+/// `key = value` lines (an array may span lines), comments and blank
+/// lines. Keys: `run_in_transaction` (required) and `requires_deferred`.
+fn parse_metadata(text: &str) -> Result<Metadata, (Option<usize>, String)> {
     let mut run_in_transaction = None;
-    for (i, raw) in text.lines().enumerate() {
+    let mut requires_deferred = None;
+    let mut lines = text.lines().enumerate();
+    while let Some((i, raw)) = lines.next() {
         let line_no = i + 1;
         let line = strip_toml_comment(raw).trim();
         if line.is_empty() {
@@ -388,14 +417,14 @@ fn parse_metadata(text: &str) -> Result<bool, (Option<usize>, String)> {
             return Err((
                 Some(line_no),
                 format!(
-                    "cannot parse `{}`: expected `key = value` \
-                     (only `run_in_transaction = true|false` is accepted)",
+                    "cannot parse `{}`: expected `key = value` (accepted: \
+                     `run_in_transaction = true|false`, `requires_deferred = [\"VERSION\", ...]`)",
                     raw.trim()
                 ),
             ));
         };
         let key = key.trim().trim_matches('"');
-        let value = value.trim();
+        let mut value = value.trim().to_string();
         match key {
             "run_in_transaction" => {
                 if run_in_transaction.is_some() {
@@ -404,7 +433,7 @@ fn parse_metadata(text: &str) -> Result<bool, (Option<usize>, String)> {
                         "`run_in_transaction` is set twice".to_string(),
                     ));
                 }
-                run_in_transaction = Some(match value {
+                run_in_transaction = Some(match value.as_str() {
                     "true" => true,
                     "false" => false,
                     other => {
@@ -417,24 +446,74 @@ fn parse_metadata(text: &str) -> Result<bool, (Option<usize>, String)> {
                     }
                 });
             }
+            "requires_deferred" => {
+                if requires_deferred.is_some() {
+                    return Err((
+                        Some(line_no),
+                        "`requires_deferred` is set twice".to_string(),
+                    ));
+                }
+                while value.starts_with('[') && !value.contains(']') {
+                    match lines.next() {
+                        Some((_, more)) => {
+                            value.push(' ');
+                            value.push_str(strip_toml_comment(more).trim());
+                        }
+                        None => break,
+                    }
+                }
+                let bad = || {
+                    (
+                        Some(line_no),
+                        "`requires_deferred` must be an array of version strings, e.g. \
+                         `requires_deferred = [\"2024-01-31-120000\"]`"
+                            .to_string(),
+                    )
+                };
+                let inner = value
+                    .strip_prefix('[')
+                    .and_then(|v| v.strip_suffix(']'))
+                    .ok_or_else(bad)?;
+                let mut versions = Vec::new();
+                for item in inner.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let v = item
+                        .strip_prefix('"')
+                        .and_then(|v| v.strip_suffix('"'))
+                        .or_else(|| item.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                        .ok_or_else(bad)?;
+                    let digits: String = v.chars().filter(|c| *c != '-').collect();
+                    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                        return Err((
+                            Some(line_no),
+                            format!("`requires_deferred` lists `{v}`, which is not a version"),
+                        ));
+                    }
+                    versions.push(digits);
+                }
+                requires_deferred = Some(versions);
+            }
             other => {
                 return Err((
                     Some(line_no),
                     format!(
-                        "unknown key `{other}`: the only key accepted is `run_in_transaction`; \
-                         remove it or fix its spelling"
+                        "unknown key `{other}`: the keys accepted are `run_in_transaction` and \
+                         `requires_deferred`; remove it or fix its spelling"
                     ),
                 ))
             }
         }
     }
-    run_in_transaction.ok_or((
+    let run_in_transaction = run_in_transaction.ok_or((
         None,
         "metadata.toml exists but does not set `run_in_transaction`: diesel reads a missing \
          key as false and diesel-guard as true, so say which you mean, \
          `run_in_transaction = false` or `run_in_transaction = true`"
             .to_string(),
-    ))
+    ))?;
+    Ok(Metadata {
+        run_in_transaction,
+        requires_deferred: requires_deferred.unwrap_or_default(),
+    })
 }
 
 fn strip_toml_comment(line: &str) -> &str {
@@ -449,6 +528,35 @@ fn strip_toml_comment(line: &str) -> &str {
         }
     }
     line
+}
+
+fn check_dependencies(all: &[MigrationFiles], problems: &mut Vec<Problem>) {
+    for m in all {
+        for dep in &m.requires_deferred {
+            let target = all
+                .iter()
+                .find(|d| compare_versions(&d.version, dep) == std::cmp::Ordering::Equal);
+            match target {
+                Some(d) if d.track == Track::Deferred => {}
+                Some(d) => problems.push(Problem {
+                    paths: vec![m.dir.join("metadata.toml"), d.dir.clone()],
+                    line: None,
+                    message: format!(
+                        "`requires_deferred` names {dep}, which is a required migration: list \
+                         only deferred ones (required migrations already run in version order)"
+                    ),
+                }),
+                None => problems.push(Problem {
+                    paths: vec![m.dir.join("metadata.toml")],
+                    line: None,
+                    message: format!(
+                        "`requires_deferred` names {dep}, which is not a deferred migration of \
+                         this set: fix the version (see `rollout status`)"
+                    ),
+                }),
+            }
+        }
+    }
 }
 
 fn check_duplicates(all: &[MigrationFiles], problems: &mut Vec<Problem>) {
@@ -500,9 +608,15 @@ pub fn generate(migrations: &[MigrationFiles], krate: &str) -> String {
             ),
             None => "::core::option::Option::None".to_string(),
         };
+        let requires = m
+            .requires_deferred
+            .iter()
+            .map(|v| format!("::std::borrow::Cow::Borrowed({v:?})"))
+            .collect::<Vec<_>>()
+            .join(", ");
         out.push_str(&format!(
             "        {krate}::Migration::__embedded({:?}, {:?}, {:?}, {krate}::Track::{track}, \
-             include_str!({up_path:?}), {up_path:?}, {down}, {}, {:?}),\n",
+             include_str!({up_path:?}), {up_path:?}, {down}, {}, {:?}, &[{requires}]),\n",
             m.version, m.dir_name, m.name, m.run_in_transaction, m.checksum,
         ));
     }
@@ -776,5 +890,79 @@ mod tests {
         let lines = rerun_if_changed(&t.req(), &t.def());
         assert!(lines.iter().any(|l| l.ends_with("/migrations_deferred")));
         assert!(lines.iter().any(|l| l.ends_with("2_b/metadata.toml")));
+    }
+
+    #[test]
+    fn requires_deferred_is_parsed_and_checked() {
+        let t = Tree::new();
+        t.add(
+            Track::Deferred,
+            "2024-01-02-000000_idx",
+            &[("up.sql", "analyze;"), NO_TX],
+        );
+        t.add(
+            Track::Required,
+            "3_uses_idx",
+            &[
+                ("up.sql", "select 1;"),
+                (
+                    "metadata.toml",
+                    "run_in_transaction = true\nrequires_deferred = [\n  \"2024-01-02-000000\", # the index\n]\n",
+                ),
+            ],
+        );
+        let set = t.read().unwrap();
+        let m = set.iter().find(|m| m.version == "3").unwrap();
+        assert_eq!(m.requires_deferred, ["20240102000000"]);
+        assert!(generate(&set, "crate").contains("Cow::Borrowed(\"20240102000000\")"));
+
+        let bad = Tree::new();
+        bad.add(Track::Required, "1_a", &[("up.sql", "select 1;")]);
+        bad.add(
+            Track::Required,
+            "2_b",
+            &[
+                ("up.sql", "select 1;"),
+                (
+                    "metadata.toml",
+                    "run_in_transaction = true\nrequires_deferred = [\"1\", \"9\"]\n",
+                ),
+            ],
+        );
+        bad.add(
+            Track::Deferred,
+            "3_c",
+            &[
+                ("up.sql", "analyze;"),
+                (
+                    "metadata.toml",
+                    "run_in_transaction = false\nrequires_deferred = []\n",
+                ),
+            ],
+        );
+        bad.add(
+            Track::Required,
+            "4_d",
+            &[
+                ("up.sql", "select 1;"),
+                (
+                    "metadata.toml",
+                    "run_in_transaction = true\nrequires_deferred = \"1\"\n",
+                ),
+            ],
+        );
+        let text = bad.read().unwrap_err().to_string();
+        assert!(
+            text.contains("names 1, which is a required migration"),
+            "{text}"
+        );
+        assert!(
+            text.contains("names 9, which is not a deferred migration"),
+            "{text}"
+        );
+        assert!(
+            text.contains("4_d/metadata.toml:2: `requires_deferred` must be an array"),
+            "{text}"
+        );
     }
 }
