@@ -55,6 +55,8 @@ mod deferred;
 mod error;
 #[cfg(feature = "runtime")]
 mod ledger;
+#[cfg(feature = "lint")]
+mod lint;
 #[cfg(feature = "runtime")]
 mod lock;
 #[cfg(feature = "runtime")]
@@ -75,6 +77,8 @@ pub use crate::catalog::{IndexBuildProgress, IndexState, IndexStatus};
 pub use crate::deferred::{DeferredHandle, DeferredMetrics, DeferredState, PgPool, StopMode};
 #[cfg(feature = "runtime")]
 pub use crate::error::{Error, ErrorKind, MigrationRef};
+#[cfg(feature = "lint")]
+pub use crate::lint::{lint_dirs, Finding, LintError, LintOptions, Severity, TRACK_RULES};
 #[cfg(feature = "runtime")]
 pub use crate::lock::{lock_key, LockHolder};
 #[cfg(feature = "runtime")]
@@ -95,6 +99,10 @@ pub const EMBED_FILE: &str = "diesel_rollout_migrations.rs";
 
 /// Embeds a service's two migration directories; call it from the
 /// service's `build.rs`. Relative paths are taken from the package's root.
+///
+/// With the `lint` feature, it also lints both directories (diesel-guard
+/// and the track rules, see [`lint_dirs`]) and fails the build on any
+/// error-level finding, printing warnings as cargo warnings.
 ///
 /// It validates both directories with the same rules as the runtime, prints
 /// `cargo:rerun-if-changed` for both folders and every file in them (so a
@@ -136,14 +144,53 @@ pub fn try_embed(
                     .into(),
             }],
         })?;
+    let (required, deferred) = (root.join(required), root.join(deferred));
     let lines = source::embed_to(
-        &root.join(required),
-        &root.join(deferred),
+        &required,
+        &deferred,
         &out_dir.join(EMBED_FILE),
         "::diesel_rollout",
     )?;
     for line in lines {
         println!("{line}");
+    }
+    #[cfg(feature = "lint")]
+    {
+        println!(
+            "cargo:rerun-if-changed={}",
+            root.join("diesel-guard.toml").display()
+        );
+        let findings =
+            lint::lint_dirs(&required, &deferred, &LintOptions::default()).map_err(|e| {
+                SourceError {
+                    problems: vec![Problem {
+                        paths: vec![required.clone()],
+                        line: None,
+                        message: format!("the migration lint could not run: {e}"),
+                    }],
+                }
+            })?;
+        let mut problems = Vec::new();
+        for f in findings {
+            match f.severity {
+                Severity::Warning => {
+                    println!("cargo:warning={}", f.to_string().replace('\n', " "));
+                }
+                Severity::Error => problems.push(Problem {
+                    paths: vec![f.path.clone()],
+                    line: Some(f.line),
+                    message: format!(
+                        "{}: {} (safe alternative: {})",
+                        f.rule,
+                        f.problem,
+                        f.safe_alternative.trim().replace('\n', " ")
+                    ),
+                }),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(SourceError { problems });
+        }
     }
     Ok(())
 }

@@ -90,6 +90,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Lint both tracks: diesel-guard's checks plus the track rules. Exits 1
+    /// when any finding is an error.
+    Lint {
+        /// Print the findings as a JSON array.
+        #[arg(long)]
+        json: bool,
+        /// diesel-guard.toml to use (default: beside the migrations directory, else ./diesel-guard.toml).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Report this rule or check as a warning, not an error (repeatable).
+        #[arg(long, value_name = "RULE")]
+        warn: Vec<String>,
+        /// Treat warnings as errors.
+        #[arg(long)]
+        deny_warnings: bool,
+    },
     /// Create a migration directory with the next version.
     New {
         /// The migration's name (letters, digits and `_`).
@@ -261,6 +277,12 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             Ok(if v.is_complete() { 0 } else { 1 })
         }
         Command::New { name, deferred } => new_migration(cli, name, *deferred),
+        Command::Lint {
+            json,
+            config,
+            warn,
+            deny_warnings,
+        } => lint(cli, *json, config.clone(), warn.clone(), *deny_warnings),
         Command::Check => check(cli),
     }
 }
@@ -623,7 +645,128 @@ impl Drop for ScratchDb {
     }
 }
 
+/// The directories to lint: the ones given, else `./migrations` when it
+/// exists, else the directories the embedded example set was built from.
+#[cfg(feature = "lint")]
+fn lint_dirs(cli: &Cli) -> (PathBuf, PathBuf) {
+    let required = cli.migrations_dir.clone().unwrap_or_else(|| {
+        let here = PathBuf::from("migrations");
+        if here.is_dir() {
+            here
+        } else {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("migrations")
+        }
+    });
+    let deferred = cli
+        .deferred_dir
+        .clone()
+        .unwrap_or_else(|| sibling_deferred(&required));
+    (required, deferred)
+}
+
+#[cfg(feature = "lint")]
+fn lint(
+    cli: &Cli,
+    json: bool,
+    config: Option<PathBuf>,
+    warn: Vec<String>,
+    deny_warnings: bool,
+) -> Result<u8, Failure> {
+    let (required, deferred) = lint_dirs(cli);
+    if !required.is_dir() {
+        return Err(usage(format!(
+            "{} is not a directory: pass --migrations-dir DIR",
+            required.display()
+        )));
+    }
+    let options = diesel_rollout::LintOptions {
+        config,
+        warn,
+        deny_warnings,
+    };
+    let findings = diesel_rollout::lint_dirs(&required, &deferred, &options)
+        .map_err(|e| failure(e.to_string()))?;
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == diesel_rollout::Severity::Error)
+        .count();
+    if json {
+        let items: Vec<_> = findings
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "path": f.path.display().to_string(),
+                    "line": f.line,
+                    "rule": f.rule,
+                    "severity": f.severity.as_str(),
+                    "problem": f.problem,
+                    "safe_alternative": f.safe_alternative,
+                })
+            })
+            .collect();
+        print_out(&format!("{:#}\n", serde_json::Value::Array(items)));
+    } else {
+        let mut out = String::new();
+        for f in &findings {
+            out.push_str(&format!("{f}\n\n"));
+        }
+        out.push_str(&format!(
+            "{} finding(s), {errors} error(s) in {} and {}\n",
+            findings.len(),
+            required.display(),
+            deferred.display()
+        ));
+        print_out(&out);
+    }
+    Ok(if errors > 0 { 1 } else { 0 })
+}
+
+#[cfg(not(feature = "lint"))]
+fn lint(_: &Cli, _: bool, _: Option<PathBuf>, _: Vec<String>, _: bool) -> Result<u8, Failure> {
+    Err(failure(
+        "this rollout was built without the `lint` feature (it needs libclang to build): \
+         rebuild with default features",
+    ))
+}
+
+/// `rollout check` lints first, when the set's directories are on disk.
+fn lint_before_check(cli: &Cli) -> Result<(), Failure> {
+    #[cfg(feature = "lint")]
+    {
+        let (required, deferred) = lint_dirs(cli);
+        if !required.is_dir() {
+            tracing::warn!(dir = %required.display(), "lint skipped: the migrations directory is not on this machine");
+            return Ok(());
+        }
+        let findings = diesel_rollout::lint_dirs(
+            &required,
+            &deferred,
+            &diesel_rollout::LintOptions::default(),
+        )
+        .map_err(|e| failure(e.to_string()))?;
+        let errors: Vec<_> = findings
+            .iter()
+            .filter(|f| f.severity == diesel_rollout::Severity::Error)
+            .collect();
+        for f in &findings {
+            tracing::warn!("{f}");
+        }
+        if !errors.is_empty() {
+            return Err(failure(format!(
+                "the lint found {} error(s) (shown above; `rollout lint` lists them): fix them \
+                 before applying",
+                errors.len()
+            )));
+        }
+        tracing::info!(findings = findings.len(), "lint passed");
+    }
+    #[cfg(not(feature = "lint"))]
+    let _ = cli;
+    Ok(())
+}
+
 fn check(cli: &Cli) -> Result<u8, Failure> {
+    lint_before_check(cli)?;
     let migrator = migrator(cli)?;
     let started = Instant::now();
     let cluster;

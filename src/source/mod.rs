@@ -285,10 +285,7 @@ fn read_migration(dir: &Path, track: Track) -> Result<MigrationFiles, Vec<Proble
     };
 
     let meta_path = dir.join("metadata.toml");
-    let none = Metadata {
-        run_in_transaction: true,
-        requires_deferred: Vec::new(),
-    };
+    let none = Metadata::default();
     let metadata = match fs::read_to_string(&meta_path) {
         Ok(text) => parse_metadata(&text).unwrap_or_else(|(line, msg)| {
             problems.push(problem(&meta_path, line, msg));
@@ -391,21 +388,66 @@ fn check_sql(
     }
 }
 
-/// What `metadata.toml` says.
+/// What a migration's `metadata.toml` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Metadata {
-    run_in_transaction: bool,
+pub struct Metadata {
+    /// Whether the migration runs in a transaction.
+    pub run_in_transaction: bool,
     /// Versions (digits only) of deferred migrations that must be applied
     /// before this required migration runs.
-    requires_deferred: Vec<String>,
+    pub requires_deferred: Vec<String>,
+    /// diesel-guard checks disabled for this migration (diesel-guard's own
+    /// per-migration key).
+    pub disable_checks: Vec<String>,
+}
+
+impl Default for Metadata {
+    /// What no `metadata.toml` means: a transactional migration.
+    fn default() -> Self {
+        Metadata {
+            run_in_transaction: true,
+            requires_deferred: Vec::new(),
+            disable_checks: Vec::new(),
+        }
+    }
+}
+
+/// Parses an array of strings (`["a", 'b']`) spanning one or more lines.
+fn parse_string_array<'a>(
+    first: &str,
+    lines: &mut impl Iterator<Item = (usize, &'a str)>,
+) -> Option<Vec<String>> {
+    let mut value = first.to_string();
+    while value.starts_with('[') && !value.contains(']') {
+        let (_, more) = lines.next()?;
+        value.push(' ');
+        value.push_str(strip_toml_comment(more).trim());
+    }
+    let inner = value.strip_prefix('[')?.strip_suffix(']')?;
+    inner
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|item| {
+            item.strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| item.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .map(str::to_string)
+        })
+        .collect()
 }
 
 /// Parses `metadata.toml`. Accepts the subset of TOML the keys need:
 /// `key = value` lines (an array may span lines), comments and blank
-/// lines. Keys: `run_in_transaction` (required) and `requires_deferred`.
-fn parse_metadata(text: &str) -> Result<Metadata, (Option<usize>, String)> {
+/// lines. Keys: `run_in_transaction` (required), `requires_deferred` and
+/// diesel-guard's `disable_checks`.
+///
+/// # Errors
+/// `(line, message)` for the first problem.
+pub fn parse_metadata(text: &str) -> Result<Metadata, (Option<usize>, String)> {
     let mut run_in_transaction = None;
     let mut requires_deferred = None;
+    let mut disable_checks = None;
     let mut lines = text.lines().enumerate();
     while let Some((i, raw)) = lines.next() {
         let line_no = i + 1;
@@ -424,7 +466,7 @@ fn parse_metadata(text: &str) -> Result<Metadata, (Option<usize>, String)> {
             ));
         };
         let key = key.trim().trim_matches('"');
-        let mut value = value.trim().to_string();
+        let value = value.trim().to_string();
         match key {
             "run_in_transaction" => {
                 if run_in_transaction.is_some() {
@@ -453,15 +495,6 @@ fn parse_metadata(text: &str) -> Result<Metadata, (Option<usize>, String)> {
                         "`requires_deferred` is set twice".to_string(),
                     ));
                 }
-                while value.starts_with('[') && !value.contains(']') {
-                    match lines.next() {
-                        Some((_, more)) => {
-                            value.push(' ');
-                            value.push_str(strip_toml_comment(more).trim());
-                        }
-                        None => break,
-                    }
-                }
                 let bad = || {
                     (
                         Some(line_no),
@@ -470,17 +503,9 @@ fn parse_metadata(text: &str) -> Result<Metadata, (Option<usize>, String)> {
                             .to_string(),
                     )
                 };
-                let inner = value
-                    .strip_prefix('[')
-                    .and_then(|v| v.strip_suffix(']'))
-                    .ok_or_else(bad)?;
+                let items = parse_string_array(&value, &mut lines).ok_or_else(bad)?;
                 let mut versions = Vec::new();
-                for item in inner.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    let v = item
-                        .strip_prefix('"')
-                        .and_then(|v| v.strip_suffix('"'))
-                        .or_else(|| item.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
-                        .ok_or_else(bad)?;
+                for v in items {
                     let digits: String = v.chars().filter(|c| *c != '-').collect();
                     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
                         return Err((
@@ -492,12 +517,25 @@ fn parse_metadata(text: &str) -> Result<Metadata, (Option<usize>, String)> {
                 }
                 requires_deferred = Some(versions);
             }
+            "disable_checks" => {
+                if disable_checks.is_some() {
+                    return Err((Some(line_no), "`disable_checks` is set twice".to_string()));
+                }
+                disable_checks = Some(
+                    parse_string_array(&value, &mut lines).ok_or((
+                        Some(line_no),
+                        "`disable_checks` must be an array of check names, e.g. \
+                     `disable_checks = [\"AddColumnCheck\"]`"
+                            .to_string(),
+                    ))?,
+                );
+            }
             other => {
                 return Err((
                     Some(line_no),
                     format!(
-                        "unknown key `{other}`: the keys accepted are `run_in_transaction` and \
-                         `requires_deferred`; remove it or fix its spelling"
+                        "unknown key `{other}`: the keys accepted are `run_in_transaction`, \
+                         `requires_deferred` and `disable_checks`; remove it or fix its spelling"
                     ),
                 ))
             }
@@ -513,6 +551,7 @@ fn parse_metadata(text: &str) -> Result<Metadata, (Option<usize>, String)> {
     Ok(Metadata {
         run_in_transaction,
         requires_deferred: requires_deferred.unwrap_or_default(),
+        disable_checks: disable_checks.unwrap_or_default(),
     })
 }
 
