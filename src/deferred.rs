@@ -38,7 +38,7 @@ pub enum StopMode {
 /// setters.
 #[derive(Debug, Clone)]
 pub(crate) struct DeferredOptions {
-    retry_non_leader: bool,
+    retry: bool,
     retry_interval: Duration,
     retry_max_interval: Duration,
     failure_retries: u32,
@@ -50,7 +50,7 @@ pub(crate) struct DeferredOptions {
 impl Default for DeferredOptions {
     fn default() -> Self {
         DeferredOptions {
-            retry_non_leader: true,
+            retry: true,
             retry_interval: Duration::from_secs(30),
             retry_max_interval: Duration::from_secs(600),
             failure_retries: 3,
@@ -62,12 +62,12 @@ impl Default for DeferredOptions {
 }
 
 impl Migrator {
-    /// Whether a replica that does not win the deferred lock looks again
-    /// later (`true`), or gives up at once, leaving the state
-    /// [`DeferredState::NotLeader`] (`false`, what `rollout deferred` does
-    /// without `--wait`). Default `true`.
-    pub fn deferred_retry_non_leader(mut self, retry: bool) -> Self {
-        self.deferred.retry_non_leader = retry;
+    /// Whether a replica that cannot go on now (another session leads,
+    /// required migrations are pending, no connection) looks again later
+    /// (`true`), or stops at once in that state (`false`, what `rollout
+    /// deferred` does without `--wait`). Default `true`.
+    pub fn deferred_retry(mut self, retry: bool) -> Self {
+        self.deferred.retry = retry;
         self
     }
 
@@ -177,12 +177,20 @@ impl Migrator {
         let mut conn = pool.get().map_err(|e| {
             Error::new(
                 ErrorKind::Connection,
-                format!("cannot check a connection out of the pool: {e}"),
+                format!(
+                    "cannot check a connection out of the pool: {}",
+                    crate::url::scrub_libpq(&e.to_string())
+                ),
             )
         })?;
         match self.run_required_on(&mut conn) {
             Ok(report) => {
-                drop(conn);
+                if report.applied.is_empty() {
+                    drop(conn);
+                } else {
+                    // The migrations may have changed session settings.
+                    discard(conn);
+                }
                 Ok((report, self.start_deferred(pool.clone())))
             }
             Err(e) => {
@@ -217,8 +225,8 @@ pub enum DeferredState {
     },
     /// Trying the deferred lock.
     WaitingForLock,
-    /// Another session leads; this replica looks again later (unless it
-    /// does not retry, in which case this is final).
+    /// Another session leads; this replica looks again later (unless
+    /// [`Migrator::deferred_retry`] is off).
     NotLeader {
         /// Who holds the lock, when known.
         holder: Option<LockHolder>,
@@ -240,6 +248,12 @@ pub enum DeferredState {
         /// Progress of the index build running, if any.
         progress: Option<IndexBuildProgress>,
     },
+    /// The connection or a query of the harness failed; this replica looks
+    /// again later.
+    Reconnecting {
+        /// What failed.
+        error: String,
+    },
     /// A migration failed; the leader tries it again after a pause.
     Retrying {
         /// The version that failed.
@@ -256,7 +270,9 @@ pub enum DeferredState {
         /// Versions this replica applied.
         applied: Vec<String>,
     },
-    /// Gave up.
+    /// Gave up: this replica, or another one since this one started,
+    /// exhausted its retries. The next start (a restart, the next deploy,
+    /// `rollout deferred`) tries again.
     Failed {
         /// The migration that failed, when one did.
         version: Option<String>,
@@ -265,19 +281,6 @@ pub enum DeferredState {
     },
     /// Stopped by [`DeferredHandle::stop`] before finishing.
     Stopped,
-}
-
-impl DeferredState {
-    /// `true` when the track will do nothing more.
-    pub fn is_final(&self) -> bool {
-        matches!(
-            self,
-            DeferredState::Done { .. }
-                | DeferredState::Failed { .. }
-                | DeferredState::Stopped
-                | DeferredState::NotLeader { retry_in: None, .. }
-        )
-    }
 }
 
 /// Counters and timings of the deferred track, for the service to expose.
@@ -497,9 +500,12 @@ fn discard(mut conn: PgPooled) {
 }
 
 fn run_background(m: &Migrator, pool: &PgPool, shared: &Shared) -> DeferredState {
-    let started = Instant::now();
     let opts = &m.deferred;
     let mut delay = opts.retry_interval;
+    let mut since = Since {
+        started: Instant::now(),
+        server_epoch: None,
+    };
     let mut applied = Vec::new();
     let tables = match m.tables() {
         Ok(t) => t,
@@ -514,14 +520,11 @@ fn run_background(m: &Migrator, pool: &PgPool, shared: &Shared) -> DeferredState
         if shared.stopping() {
             return DeferredState::Stopped;
         }
-        let next = match look(m, pool, shared, &tables, started, &mut applied) {
+        let next = match look(m, pool, shared, &tables, &mut since, &mut applied) {
             Look::Finished(state) => return state,
             Look::Again(state) => state,
         };
-        let retry_in = match &next {
-            DeferredState::NotLeader { .. } if !opts.retry_non_leader => None,
-            _ => Some(delay),
-        };
+        let retry_in = opts.retry.then_some(delay);
         let next = match next {
             DeferredState::NotLeader { holder, .. } => {
                 DeferredState::NotLeader { holder, retry_in }
@@ -548,6 +551,19 @@ enum Look {
     Again(DeferredState),
 }
 
+/// When this track started: locally, and on the server's clock (read at
+/// the first look), to tell failures recorded since from older ones.
+struct Since {
+    started: Instant,
+    server_epoch: Option<f64>,
+}
+
+fn reconnecting(e: impl std::fmt::Display) -> DeferredState {
+    DeferredState::Reconnecting {
+        error: crate::url::scrub_libpq(&e.to_string()),
+    }
+}
+
 /// One look: check out a connection, see what is pending, try the lock,
 /// and lead if it is won.
 fn look(
@@ -555,21 +571,29 @@ fn look(
     pool: &PgPool,
     shared: &Shared,
     tables: &Tables,
-    started: Instant,
+    since: &mut Since,
     applied: &mut Vec<String>,
 ) -> Look {
     let mut conn = match pool.get() {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(error = %e, "deferred track: no connection from the pool");
-            return Look::Again(DeferredState::WaitingForLock);
+            let state = reconnecting(format!("no connection from the pool: {e}"));
+            tracing::warn!(?state, "deferred track: no connection from the pool");
+            return Look::Again(state);
         }
     };
+    if since.server_epoch.is_none() {
+        match ledger::server_epoch(&mut conn) {
+            // The server's clock when this track started.
+            Ok(now) => since.server_epoch = Some(now - since.started.elapsed().as_secs_f64()),
+            Err(e) => return Look::Again(reconnecting(e)),
+        }
+    }
     let rows = match ledger::rows(&mut conn, tables) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "deferred track: cannot read the ledger");
-            return Look::Again(DeferredState::WaitingForLock);
+            return Look::Again(reconnecting(e));
         }
     };
     let deferred = m.analyze(&rows, Track::Deferred);
@@ -579,6 +603,30 @@ fn look(
         return Look::Finished(DeferredState::Done {
             applied: std::mem::take(applied),
         });
+    }
+    // A leader (this replica or another) gave up on the next migration since
+    // this track started: do not run the same failing build again on every
+    // replica. The next start tries again.
+    let first = deferred.pending[0];
+    if let Some(r) = deferred.rows.get(normal(first.version())) {
+        let gave_up_since = r.outcome.as_deref() == Some("failed")
+            && r.attempt_checksum.as_deref() == Some(first.checksum())
+            && r.finished_epoch
+                .zip(since.server_epoch)
+                .is_some_and(|(f, s)| f >= s);
+        if gave_up_since {
+            let error = format!(
+                "deferred migration {} failed since this replica started, and its leader gave \
+                 up: {}. Fix the cause, then restart a replica or run `rollout deferred`",
+                first.dir_name(),
+                r.error.as_deref().unwrap_or("no error recorded")
+            );
+            tracing::warn!("{error}");
+            return Look::Finished(DeferredState::Failed {
+                version: Some(first.version().to_string()),
+                error,
+            });
+        }
     }
     let required = m.blocking_required(&rows);
     if !required.is_empty() {
@@ -610,18 +658,30 @@ fn look(
         Err(e) => {
             tracing::warn!(error = %e, "deferred track: cannot try the lock");
             discard(conn);
-            return Look::Again(DeferredState::WaitingForLock);
+            return Look::Again(reconnecting(e));
         }
     }
     match lock::held_by_me(&mut conn, key) {
         Ok(true) => {}
         Ok(false) => {
+            let holder = lock::holder(&mut conn, key).ok().flatten();
+            let _ = lock::unlock(&mut conn, key);
             discard(conn);
             let e = Error::new(
                 ErrorKind::LockNotHeld,
-                "the deferred lock was granted but pg_locks does not show it held by this \
-                 session's backend: a pooler in transaction mode sits in the way; give the \
-                 migrator a pool of direct connections",
+                format!(
+                    "the deferred lock was granted but pg_locks does not show it held by this \
+                     session's backend: a pooler in transaction mode sits in the way; give the \
+                     migrator a pool of direct connections.{}",
+                    match holder {
+                        Some(h) => format!(
+                            " The lock may now be held by the pooler's server connection, {h}, \
+                             until the pooler closes it: end it with pg_terminate_backend({})",
+                            h.pid
+                        ),
+                        None => String::new(),
+                    }
+                ),
             );
             return Look::Finished(DeferredState::Failed {
                 version: None,
@@ -630,28 +690,22 @@ fn look(
         }
         Err(e) => {
             discard(conn);
-            return Look::Again(DeferredState::Failed {
-                version: None,
-                error: e.to_string(),
-            });
+            return Look::Again(reconnecting(e));
         }
     }
-    shared.metrics(|x| x.lock_wait = started.elapsed());
+    shared.metrics(|x| x.lock_wait = since.started.elapsed());
     tracing::info!(key, "deferred track: this replica leads");
 
     let result = lead(m, &mut conn, pool, shared, tables, applied);
     shared.leader_pid.store(0, Ordering::SeqCst);
     let _ = conn.batch_execute("RESET lock_timeout; RESET statement_timeout");
-    let unlocked = match lock::unlock(&mut conn, key) {
-        Ok(true) => true,
-        Ok(false) | Err(_) => false,
-    };
-    if unlocked {
-        drop(conn);
-    } else {
+    if !matches!(lock::unlock(&mut conn, key), Ok(true)) {
         tracing::warn!("deferred track: the lock's state is unknown; discarding the connection");
-        discard(conn);
     }
+    // Migrations may have changed session settings (SET ROLE, search_path,
+    // session_replication_role...): never hand this connection to the
+    // service. Closing it also releases the lock whatever happened.
+    discard(conn);
     match result {
         Ok(()) => {
             shared.metrics(|x| {
@@ -670,10 +724,7 @@ fn look(
         }
         Err(Led::Lost(e)) => {
             tracing::warn!(error = %e, "deferred track: lost the connection while leading; looking again later");
-            Look::Again(DeferredState::Failed {
-                version: e.migration().map(|r| r.version.clone()),
-                error: e.to_string(),
-            })
+            Look::Again(reconnecting(e))
         }
     }
 }

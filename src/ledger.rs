@@ -120,6 +120,9 @@ pub(crate) struct LedgerRow {
     pub attempt_checksum: Option<String>,
     #[diesel(sql_type = Nullable<Text>)]
     pub applied_checksum: Option<String>,
+    /// When the latest attempt finished (server clock, Unix seconds).
+    #[diesel(sql_type = Nullable<Double>)]
+    pub finished_epoch: Option<f64>,
 }
 
 impl LedgerRow {
@@ -155,6 +158,18 @@ static HOST: Lazy<String> = Lazy::new(|| {
 
 fn client_pid() -> i32 {
     i32::try_from(std::process::id()).unwrap_or(-1)
+}
+
+/// The server's clock, Unix seconds.
+pub(crate) fn server_epoch(conn: &mut PgConnection) -> QueryResult<f64> {
+    #[derive(QueryableByName)]
+    struct Now {
+        #[diesel(sql_type = Double)]
+        now: f64,
+    }
+    sql_query("SELECT extract(epoch FROM now())::float8 AS now")
+        .get_result::<Now>(conn)
+        .map(|n| n.now)
 }
 
 /// Which ledger tables exist.

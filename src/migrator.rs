@@ -35,7 +35,7 @@ use crate::url::redact_url;
 pub struct Migrator {
     set: MigrationSet,
     migrations_table: String,
-    attempts_table: String,
+    attempts_table: Option<String>,
     lock_deadline: Duration,
     lock_poll: Duration,
     lock_report_every: Duration,
@@ -54,7 +54,7 @@ impl Migrator {
         Migrator {
             set,
             migrations_table: "__diesel_schema_migrations".into(),
-            attempts_table: "__diesel_rollout_attempts".into(),
+            attempts_table: None,
             lock_deadline: Duration::from_secs(600),
             lock_poll: Duration::from_millis(500),
             lock_report_every: Duration::from_secs(10),
@@ -77,9 +77,12 @@ impl Migrator {
         self
     }
 
-    /// The table recording every attempt. Default `__diesel_rollout_attempts`.
+    /// The table recording every attempt. Default
+    /// `__diesel_rollout_attempts` with the default migrations table, and
+    /// `<migrations table>_attempts` with another one, so migration sets
+    /// sharing a database keep separate records.
     pub fn attempts_table(mut self, name: impl Into<String>) -> Self {
-        self.attempts_table = name.into();
+        self.attempts_table = Some(name.into());
         self
     }
 
@@ -167,8 +170,14 @@ impl Migrator {
     }
 
     pub(crate) fn tables(&self) -> Result<Tables, Error> {
-        Tables::new(&self.migrations_table, &self.attempts_table)
-            .map_err(|m| Error::new(ErrorKind::Config, m))
+        let attempts = match &self.attempts_table {
+            Some(t) => t.clone(),
+            None if self.migrations_table == "__diesel_schema_migrations" => {
+                "__diesel_rollout_attempts".to_string()
+            }
+            None => format!("{}_attempts", self.migrations_table),
+        };
+        Tables::new(&self.migrations_table, &attempts).map_err(|m| Error::new(ErrorKind::Config, m))
     }
 
     /// Opens a dedicated connection, applies the pending required
@@ -308,7 +317,9 @@ impl Migrator {
                 return Err(Error::new(
                     ErrorKind::RequiredPending,
                     format!(
-                        "{} required migration(s) known to this binary are not applied yet                          (first: {}): deferred migrations never run before them. Apply the                          required track first (`rollout up`)",
+                        "{} required migration(s) known to this binary are not applied yet \
+                         (first: {}): deferred migrations never run before them. Apply the \
+                         required track first (`rollout up --required-only`)",
                         required.len(),
                         first.dir_name()
                     ),
@@ -622,6 +633,7 @@ fn apply_transactional(
     tracing::info!(statements = total, "applying {}", m.dir_name());
     let start = Instant::now();
     let mut failed_at = None;
+    let mut recorded = false;
     let result = conn.transaction::<(), DieselError, _>(|c| {
         for s in &statements {
             if let Err(e) = c.batch_execute(&s.sql) {
@@ -630,7 +642,9 @@ fn apply_transactional(
             }
         }
         ledger::insert_version(c, tables, m.version())?;
-        ledger::record_success(c, tables, m, total)
+        ledger::record_success(c, tables, m, total)?;
+        recorded = true;
+        Ok(())
     });
     let elapsed = start.elapsed();
     match result {
@@ -649,9 +663,11 @@ fn apply_transactional(
             })
         }
         Err(e) => {
-            let (line, what) = match failed_at {
-                Some(s) => (Some(error_line(m.up_sql(), s, &e)), "its SQL"),
-                None => (None, "recording it in the ledger"),
+            let (line, what) = match (failed_at, recorded) {
+                (Some(s), _) => (Some(error_line(m.up_sql(), s, &e)), "its SQL"),
+                // Deferred constraints are checked at COMMIT.
+                (None, true) => (None, "COMMIT"),
+                (None, false) => (None, "recording it in the ledger"),
             };
             let mut pg = describe_db_error(&e);
             if !is_connection_error(&e) {
@@ -669,18 +685,24 @@ fn apply_transactional(
                 None => m.up_path().to_string(),
             };
             tracing::error!(error = %pg, line, "migration {} failed", m.dir_name());
-            let kind = if is_connection_error(&e) {
-                ErrorKind::Connection
+            let (kind, outcome) = if is_connection_error(&e) {
+                (
+                    ErrorKind::Connection,
+                    "The connection broke, so whether its transaction committed is unknown: \
+                     `rollout status` tells",
+                )
             } else {
-                ErrorKind::MigrationFailed
+                (
+                    ErrorKind::MigrationFailed,
+                    "It ran in a transaction that was rolled back, so none of it is applied",
+                )
             };
             Err(Error::new(
                 kind,
                 format!(
-                    "migration {} (track {}) failed in {what} at {at}: {pg}. It ran in a \
-                     transaction that was rolled back, so none of it is applied; migrations \
-                     before it stay applied. Fix it and deploy again; `rollout status` shows \
-                     where the database stands",
+                    "migration {} (track {}) failed in {what} at {at}: {pg}. {outcome}; \
+                     migrations before it stay applied. Fix it and deploy again; \
+                     `rollout status` shows where the database stands",
                     m.dir_name(),
                     m.track()
                 ),
@@ -937,7 +959,7 @@ pub fn connect(database_url: &str) -> Result<PgConnection, Error> {
     PgConnection::establish(database_url).map_err(|e| {
         let cause = e.to_string();
         // libpq can echo parts of the connection string; scrub the password.
-        let cause = crate::url::scrub(&cause, database_url);
+        let cause = crate::url::scrub_libpq(&crate::url::scrub(&cause, database_url));
         Error::new(
             ErrorKind::Connection,
             format!(

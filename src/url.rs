@@ -344,6 +344,30 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `text` with what libpq quotes from a malformed connection string
+/// (`invalid percent-encoded token: "..."`, which can be a password)
+/// replaced by `***`. For errors whose connection string is not at hand
+/// (a pool's).
+pub fn scrub_libpq(text: &str) -> String {
+    const MARKERS: [&str; 2] = [
+        "invalid percent-encoded token: \"",
+        "invalid URI query parameter: \"",
+    ];
+    let mut out = text.to_string();
+    for marker in MARKERS {
+        let mut from = 0;
+        while let Some(pos) = out[from..].find(marker) {
+            let start = from + pos + marker.len();
+            let Some(len) = out[start..].find('"') else {
+                break;
+            };
+            out.replace_range(start..start + len, "***");
+            from = start + 3;
+        }
+    }
+    out
+}
+
 /// `text` with every password of `url` replaced by `***`.
 pub fn scrub(text: &str, url: &str) -> String {
     let mut s = text.to_string();
@@ -578,5 +602,14 @@ mod tests {
         assert_eq!(with_database("postgres://u:p@w@host/old", "new"), None);
         assert_eq!(with_database("postgres://host/o ld", "new"), None);
         assert_eq!(with_database("", "new"), None);
+    }
+
+    #[test]
+    fn libpq_quotes_are_scrubbed_without_the_url() {
+        assert_eq!(
+            scrub_libpq("invalid percent-encoded token: \"Zx%9kq\" and more"),
+            "invalid percent-encoded token: \"***\" and more"
+        );
+        assert_eq!(scrub_libpq("nothing here"), "nothing here");
     }
 }

@@ -218,6 +218,23 @@ fn a_password_never_appears_in_errors() {
 }
 
 #[test]
+fn deferred_without_wait_does_not_hang_on_pending_required_migrations() {
+    let db = TestDb::new();
+    let out = db
+        .rollout()
+        .args(["-q", "deferred", "--migrations-dir"])
+        .arg(fixture("counted").join("migrations"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).1.contains("rollout up --required-only"),
+        "{}",
+        text(&out).1
+    );
+}
+
+#[test]
 fn missing_database_url_is_a_usage_error() {
     let out = rollout().arg("up").output().unwrap();
     assert_eq!(out.status.code(), Some(2));

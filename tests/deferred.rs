@@ -340,7 +340,7 @@ fn a_required_migration_blocked_by_a_deferred_build_fails_fast_naming_both() {
 fn deferred_migrations_wait_for_required_ones() {
     let db = TestDb::new();
     let pool = pool(&db, 2);
-    let m = fast(migrator("deferred_build")).deferred_retry_non_leader(false);
+    let m = fast(migrator("deferred_build")).deferred_retry(true);
     let handle = m.start_deferred(pool.clone());
     wait_until(
         "the deferred track to look",
@@ -451,4 +451,43 @@ fn reindex_leftovers_are_cleaned_and_other_concurrent_work_runs() {
         ["true"]
     );
     assert_eq!(db.count("SELECT count(*) AS n FROM group_counts"), 100);
+}
+
+#[test]
+fn replicas_do_not_rerun_a_build_another_leader_gave_up_on() {
+    let db = TestDb::new();
+    let pool = pool(&db, 4);
+    let m = fast(migrator("deferred_unique")).deferred_failure_retries(0);
+    m.run_required(&db.url).unwrap();
+    // Two replicas start while a third session holds the deferred lock.
+    let key = m.lock_key(diesel_rollout::Track::Deferred);
+    let mut holder = db.conn();
+    holder
+        .batch_execute(&format!("SELECT pg_advisory_lock({key})"))
+        .unwrap();
+    let a = m.start_deferred(pool.clone());
+    let b = m.start_deferred(pool.clone());
+    wait_until(
+        "both replicas to find another leader",
+        Duration::from_secs(10),
+        || {
+            matches!(a.state(), DeferredState::NotLeader { .. })
+                && matches!(b.state(), DeferredState::NotLeader { .. })
+        },
+    );
+    holder
+        .batch_execute(&format!("SELECT pg_advisory_unlock({key})"))
+        .unwrap();
+    for h in [&a, &b] {
+        let end = h.wait(Duration::from_secs(60));
+        assert!(matches!(end, DeferredState::Failed { .. }), "{end:?}");
+    }
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM __diesel_rollout_attempts \
+             WHERE version = '0002' AND outcome = 'failed'"
+        ),
+        1,
+        "one leader ran the failing build; the other replica did not run it again"
+    );
 }

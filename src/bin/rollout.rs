@@ -298,7 +298,7 @@ fn deferred(m: &Migrator, url: &str, wait: bool, quiet: bool) -> Result<u8, Fail
         .map_err(|e| failure(format!("cannot create a connection pool: {e}")))?;
     let handle = m
         .clone()
-        .deferred_retry_non_leader(wait)
+        .deferred_retry(wait)
         .deferred_retry_interval(Duration::from_secs(1))
         .deferred_retry_max_interval(Duration::from_secs(5))
         .deferred_failure_retries(0)
@@ -342,6 +342,11 @@ fn deferred(m: &Migrator, url: &str, wait: bool, quiet: bool) -> Result<u8, Fail
             Ok(3)
         }
         DeferredState::Failed { error, .. } => Err(failure(error)),
+        DeferredState::WaitingForRequired { pending } => Err(failure(format!(
+            "{pending} required migration(s) are not applied yet, and deferred migrations never \
+             run before them: run `rollout up --required-only` first"
+        ))),
+        DeferredState::Reconnecting { error } => Err(failure(error)),
         DeferredState::Stopped => Err(failure("the deferred track stopped before finishing")),
         other => Err(failure(format!("the deferred track ended as {other:?}"))),
     }
@@ -378,6 +383,7 @@ fn describe(state: &DeferredState) -> String {
             }
             s
         }
+        DeferredState::Reconnecting { error } => format!("looking again later: {error}"),
         DeferredState::Retrying {
             version,
             error,

@@ -7,5 +7,6 @@ SELECT version,
        NULL::text AS error,
        NULL::integer AS statements_completed,
        NULL::text AS attempt_checksum,
-       NULL::text AS applied_checksum
+       NULL::text AS applied_checksum,
+       NULL::float8 AS finished_epoch
 FROM {migrations}

@@ -1,7 +1,8 @@
 -- Per version: applied or not, when, the latest attempt, and the checksum of
 -- the latest successful attempt. One query: this is the whole fast path.
 WITH latest AS (
-    SELECT DISTINCT ON (version) version, outcome, error, statements_completed, checksum
+    SELECT DISTINCT ON (version) version, outcome, error, statements_completed, checksum,
+           finished_at
     FROM {attempts}
     ORDER BY version, id DESC
 ), succeeded AS (
@@ -17,7 +18,8 @@ SELECT coalesce(m.version, l.version) AS version,
        l.error,
        l.statements_completed,
        l.checksum AS attempt_checksum,
-       s.checksum AS applied_checksum
+       s.checksum AS applied_checksum,
+       extract(epoch FROM l.finished_at)::float8 AS finished_epoch
 FROM {migrations} m
 FULL JOIN latest l ON l.version = m.version
 LEFT JOIN succeeded s ON s.version = coalesce(m.version, l.version)

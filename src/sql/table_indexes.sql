@@ -10,7 +10,10 @@ SELECT n.nspname AS schema_name,
            SELECT 1 FROM pg_stat_progress_create_index p
            WHERE p.datname = current_database()
              AND (p.index_relid = c.oid
-                  OR (p.relid = t.oid AND c.relname ~ '_cc(new|old)[0-9]*$'))
+                  OR (p.relid = t.oid AND c.relname ~ '_cc(new|old)[0-9]*$')
+                  -- Another role's build we may not see: assume it could be
+                  -- this one, and wait rather than drop it.
+                  OR p.relid IS NULL)
        ) AS building
 FROM pg_index i
 JOIN pg_class c ON c.oid = i.indexrelid
