@@ -117,6 +117,66 @@ fn a_service_embeds_its_directories_in_one_build_script_call() {
     );
 }
 
+#[test]
+fn with_the_lint_feature_an_unsafe_required_migration_fails_the_build() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let svc = tmp.path().join("svc_lint");
+    let dep = format!(
+        "{{ path = {:?}, default-features = false",
+        root.to_string_lossy()
+    );
+    write(
+        &svc.join("Cargo.toml"),
+        &format!(
+            "[package]\nname = \"svc_lint\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+             [build-dependencies]\ndiesel-rollout = {dep}, features = [\"lint\"] }}\n"
+        ),
+    );
+    std::fs::copy(root.join("Cargo.lock"), svc.join("Cargo.lock")).unwrap();
+    write(
+        &svc.join("build.rs"),
+        "fn main() {\n    diesel_rollout::embed(\"migrations\", \"migrations_deferred\");\n}\n",
+    );
+    write(&svc.join("src/main.rs"), "fn main() {}\n");
+    write(
+        &svc.join("migrations/2024-01-01-000000_create_orders/up.sql"),
+        "CREATE TABLE orders (id BIGINT PRIMARY KEY, total BIGINT);\n",
+    );
+    let out = cargo(&svc, &["build"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A type change rewrites the table under an exclusive lock.
+    write(
+        &svc.join("migrations/2024-01-02-000000_widen_total/up.sql"),
+        "-- widen\nALTER TABLE orders ALTER COLUMN total TYPE NUMERIC;\n",
+    );
+    let out = cargo(&svc, &["build"]);
+    assert!(!out.status.success(), "the unsafe migration must not build");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("2024-01-02-000000_widen_total/up.sql:2: AlterColumnTypeCheck"),
+        "{stderr}"
+    );
+
+    // Marked safe by a person, it builds.
+    write(
+        &svc.join("migrations/2024-01-02-000000_widen_total/up.sql"),
+        "-- safety-assured:start\nALTER TABLE orders ALTER COLUMN total TYPE NUMERIC;\n\
+         -- safety-assured:end\n",
+    );
+    let out = cargo(&svc, &["build"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn diesel_rollout_checksum(body: &str) -> String {
     // The checksum is SHA-256 of up.sql; check it against sha256sum when
     // the tool is there, otherwise against the library's own function.
