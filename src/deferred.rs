@@ -183,7 +183,12 @@ impl Migrator {
                 ),
             )
         })?;
-        match self.run_required_on(&mut conn) {
+        let mut probe = || {
+            pool.get_timeout(Duration::from_secs(2))
+                .ok()
+                .and_then(|mut c| lock::backend_pid(&mut c).ok())
+        };
+        match self.run_required_probed(&mut conn, &mut probe) {
             Ok(report) => {
                 if report.applied.is_empty() {
                     drop(conn);
@@ -661,7 +666,16 @@ fn look(
             return Look::Again(reconnecting(e));
         }
     }
-    match lock::held_by_me(&mut conn, key) {
+    // Through a pooler in transaction mode, the lock's backend is handed to
+    // the next client: a second pooled connection landing on it gives the
+    // pooler away.
+    let held = lock::held_by_me(&mut conn, key).map(|mine| {
+        mine && match (lock::backend_pid(&mut conn), pool.try_get()) {
+            (Ok(me), Some(mut other)) => lock::backend_pid(&mut other).ok() != Some(me),
+            _ => true,
+        }
+    });
+    match held {
         Ok(true) => {}
         Ok(false) => {
             let holder = lock::holder(&mut conn, key).ok().flatten();
@@ -755,6 +769,9 @@ fn lead(
         // PostgreSQL 14+: notice a dead client during a long build, so the
         // lock is released and another replica can take over.
         let _ = conn.batch_execute("SET client_connection_check_interval = '5s'");
+        // Shown to replicas that find the lock taken; the connection is
+        // discarded after leading, so the service never sees the change.
+        crate::migrator::set_application_name(conn, &format!("{} (deferred)", m.app_name()))?;
         #[derive(QueryableByName)]
         struct Pid {
             #[diesel(sql_type = Integer)]

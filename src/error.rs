@@ -85,6 +85,7 @@ struct Inner {
     source: Option<Box<dyn StdError + Send + Sync + 'static>>,
     report: Option<Box<Report>>,
     unusable: bool,
+    lock_timeout: bool,
 }
 
 impl Error {
@@ -97,8 +98,22 @@ impl Error {
                 source: None,
                 report: None,
                 unusable: false,
+                lock_timeout: false,
             }),
         }
+    }
+
+    /// Marks the error as PostgreSQL's `lock_timeout` cancelling a statement.
+    pub(crate) fn lock_timeout(mut self, yes: bool) -> Self {
+        self.inner.lock_timeout = yes;
+        self
+    }
+
+    /// `true` when a migration failed because it could not take a lock
+    /// within `lock_timeout` (the table was busy); running it again later
+    /// may succeed.
+    pub fn is_lock_timeout(&self) -> bool {
+        self.inner.lock_timeout
     }
 
     /// Marks the connection as one to drop (the lock may still be held).

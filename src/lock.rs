@@ -97,6 +97,18 @@ pub(crate) fn held_by_me(conn: &mut PgConnection, key: i64) -> Result<bool, Erro
         .map_err(|e| Error::db("checking that this session holds the advisory lock", e))
 }
 
+/// This session's backend pid.
+pub(crate) fn backend_pid(conn: &mut PgConnection) -> QueryResult<i32> {
+    #[derive(QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = Integer)]
+        pid: i32,
+    }
+    sql_query("SELECT pg_backend_pid() AS pid")
+        .get_result::<Pid>(conn)
+        .map(|p| p.pid)
+}
+
 pub(crate) fn unlock(conn: &mut PgConnection, key: i64) -> Result<bool, Error> {
     sql_query("SELECT pg_advisory_unlock($1) AS flag")
         .bind::<BigInt, _>(key)
@@ -146,6 +158,7 @@ impl<'c> LockGuard<'c> {
         key: i64,
         track: Track,
         wait: Wait,
+        probe: &mut dyn FnMut() -> Option<i32>,
     ) -> Result<(Self, Duration), Error> {
         let start = Instant::now();
         let mut last_report = None::<Instant>;
@@ -157,7 +170,7 @@ impl<'c> LockGuard<'c> {
                     key,
                     held: true,
                 };
-                return guard.confirm().map(|g| (g, start.elapsed()));
+                return guard.confirm(probe).map(|g| (g, start.elapsed()));
             }
             let waited = start.elapsed();
             if last_report.is_none_or(|t: Instant| t.elapsed() >= wait.report_every) {
@@ -199,26 +212,53 @@ impl<'c> LockGuard<'c> {
         }
     }
 
-    /// Checks the lock is held by this backend. On failure releases what it
-    /// can and explains the pooler problem.
-    fn confirm(mut self) -> Result<Self, Error> {
-        if held_by_me(self.conn, self.key)? {
+    /// Checks the lock is held by this backend, and, when `probe` opens a
+    /// second connection, that the second one gets a different backend: a
+    /// pooler in transaction mode hands the backend that took the lock to
+    /// other clients, and usually to the very next one. On failure releases
+    /// what it can and explains the pooler problem.
+    fn confirm(mut self, probe: &mut dyn FnMut() -> Option<i32>) -> Result<Self, Error> {
+        let mine = held_by_me(self.conn, self.key)?;
+        let shared = mine
+            && match (backend_pid(self.conn), probe()) {
+                (Ok(me), Some(other)) => me == other,
+                _ => false,
+            };
+        if mine && !shared {
             return Ok(self);
         }
         // The unlock may land on another server connection too; try anyway.
-        let _ = unlock(self.conn, self.key);
+        let unlocked = matches!(unlock(self.conn, self.key), Ok(true));
         self.held = false;
+        let left = if unlocked {
+            String::new()
+        } else {
+            match holder(self.conn, self.key).ok().flatten() {
+                Some(h) => format!(
+                    " The lock may still be held by the pooler's server connection, {h}, until \
+                     the pooler closes it; end it with SELECT pg_terminate_backend({}).",
+                    h.pid
+                ),
+                None => String::new(),
+            }
+        };
         Err(Error::new(
             ErrorKind::LockNotHeld,
             format!(
-                "the advisory lock {} was granted, but pg_locks does not show it held by this \
-                 session's backend: a connection pooler in transaction mode (PgBouncer, \
-                 Supavisor, RDS Proxy...) sits between this process and PostgreSQL, and \
-                 session locks do not work through it. Migrate over a direct connection \
-                 to the server (or a pooler in session mode)",
-                self.key
+                "the advisory lock {} does not belong to this session alone: {}. A connection \
+                 pooler in transaction mode (PgBouncer, Supavisor, RDS Proxy...) sits between \
+                 this process and PostgreSQL, and session locks do not work through it. \
+                 Migrate over a direct connection to the server (or a pooler in session \
+                 mode).{left}",
+                self.key,
+                if mine {
+                    "a second connection was handed the same backend"
+                } else {
+                    "pg_locks does not show it held by this session's backend"
+                }
             ),
-        ))
+        )
+        .unusable())
     }
 
     /// Releases the lock.

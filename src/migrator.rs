@@ -41,6 +41,7 @@ pub struct Migrator {
     lock_report_every: Duration,
     lock_timeout: Duration,
     statement_timeout: Duration,
+    lock_retry_deadline: Duration,
     deferred_lock_timeout: Duration,
     deferred_statement_timeout: Duration,
     pub(crate) deferred: crate::deferred::DeferredOptions,
@@ -60,6 +61,7 @@ impl Migrator {
             lock_report_every: Duration::from_secs(10),
             lock_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(300),
+            lock_retry_deadline: Duration::from_secs(60),
             deferred_lock_timeout: Duration::ZERO,
             deferred_statement_timeout: Duration::ZERO,
             deferred: crate::deferred::DeferredOptions::default(),
@@ -114,6 +116,14 @@ impl Migrator {
         self
     }
 
+    /// How long a required migration that fails on `lock_timeout` is
+    /// retried (with backoff from 0.5 s to 10 s, each retry logged) before
+    /// the failure is returned. Zero: no retry. Default 60 s.
+    pub fn lock_timeout_retry_deadline(mut self, deadline: Duration) -> Self {
+        self.lock_retry_deadline = deadline;
+        self
+    }
+
     /// `statement_timeout` for required migrations. Zero turns it off.
     /// Default 5 minutes: a required migration must be cheap; move long
     /// work to the deferred track.
@@ -165,6 +175,10 @@ impl Migrator {
         lock::lock_key(&self.migrations_table, track)
     }
 
+    pub(crate) fn app_name(&self) -> &str {
+        &self.application_name
+    }
+
     pub(crate) fn deferred_timeouts(&self) -> (Duration, Duration) {
         (self.deferred_lock_timeout, self.deferred_statement_timeout)
     }
@@ -190,7 +204,14 @@ impl Migrator {
     pub fn run_required(&self, database_url: &str) -> Result<Report, Error> {
         let mut conn = crate::connect(database_url)?;
         set_application_name(&mut conn, &self.application_name)?;
-        self.run_required_on(&mut conn)
+        // A second connection, opened only once the lock is taken, tells a
+        // pooler in transaction mode apart from a direct connection.
+        let mut probe = || {
+            crate::connect(database_url)
+                .ok()
+                .and_then(|mut c| lock::backend_pid(&mut c).ok())
+        };
+        self.run_track(&mut conn, Track::Required, &mut probe)
     }
 
     /// Applies the pending required migrations on `conn`, which should be
@@ -214,7 +235,18 @@ impl Migrator {
     /// [`report`](Error::report) tells what was applied before it. When
     /// [`Error::connection_unusable`] is true, drop `conn`.
     pub fn run_required_on(&self, conn: &mut PgConnection) -> Result<Report, Error> {
-        self.run_track(conn, Track::Required)
+        self.run_track(conn, Track::Required, &mut || None)
+    }
+
+    /// As [`Migrator::run_required_on`], with a way to open a second
+    /// connection the same way `conn` was opened (returning its backend
+    /// pid), which the pooler check uses.
+    pub(crate) fn run_required_probed(
+        &self,
+        conn: &mut PgConnection,
+        probe: &mut dyn FnMut() -> Option<i32>,
+    ) -> Result<Report, Error> {
+        self.run_track(conn, Track::Required, probe)
     }
 
     /// Applies the pending deferred migrations on `conn`, in the
@@ -226,10 +258,15 @@ impl Migrator {
     /// As [`Migrator::run_required_on`]; also [`ErrorKind::RequiredPending`] when
     /// required migrations known to this binary are not applied yet.
     pub fn run_deferred_on(&self, conn: &mut PgConnection) -> Result<Report, Error> {
-        self.run_track(conn, Track::Deferred)
+        self.run_track(conn, Track::Deferred, &mut || None)
     }
 
-    fn run_track(&self, conn: &mut PgConnection, track: Track) -> Result<Report, Error> {
+    fn run_track(
+        &self,
+        conn: &mut PgConnection,
+        track: Track,
+        probe: &mut dyn FnMut() -> Option<i32>,
+    ) -> Result<Report, Error> {
         let tables = self.tables()?;
         let mut report = Report::default();
 
@@ -255,7 +292,7 @@ impl Migrator {
             report_every: self.lock_report_every,
             deadline: self.lock_deadline,
         };
-        let (mut guard, waited) = LockGuard::acquire(conn, key, track, wait)?;
+        let (mut guard, waited) = LockGuard::acquire(conn, key, track, wait, probe)?;
         report.took_lock = true;
         report.lock_wait = waited;
         tracing::debug!(
@@ -358,15 +395,55 @@ impl Migrator {
                     .at(m, None));
                 }
             }
-            let row = a.rows.get(normal(m.version())).copied();
-            let applied = if m.run_in_transaction() {
-                apply_transactional(conn, tables, m)?
-            } else {
-                apply_statements(conn, tables, m, row, &Hooks::none())?
-            };
+            let applied = self.apply_retrying_lock_timeouts(conn, tables, m, track)?;
             report.applied.push(applied);
         }
         Ok(())
+    }
+
+    /// Applies one migration; a failure on `lock_timeout` (nothing of the
+    /// failed statement applied, the table's lock queue left at once) is
+    /// retried with backoff until the lock-timeout retry deadline, each
+    /// retry logged with who was in the way.
+    fn apply_retrying_lock_timeouts(
+        &self,
+        conn: &mut PgConnection,
+        tables: &Tables,
+        m: &Migration,
+        track: Track,
+    ) -> Result<Applied, Error> {
+        let deadline = Instant::now() + self.lock_retry_deadline;
+        let mut backoff = Duration::from_millis(500);
+        let mut attempt = 1u32;
+        loop {
+            let result = if m.run_in_transaction() {
+                apply_transactional(conn, tables, m)
+            } else {
+                // Re-read the ledger: it says where a retry resumes.
+                let rows = ledger::rows(conn, tables)?;
+                let row = rows
+                    .iter()
+                    .find(|r| normal(&r.version) == normal(m.version()));
+                apply_statements(conn, tables, m, row, &Hooks::none())
+            };
+            match result {
+                Err(e) if e.is_lock_timeout() && Instant::now() + backoff < deadline => {
+                    tracing::warn!(
+                        track = %track,
+                        version = m.version(),
+                        attempt,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        error = %e,
+                        "migration {} could not take its lock in time; retrying",
+                        m.dir_name()
+                    );
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     pub(crate) fn analyze<'a>(&'a self, rows: &'a [LedgerRow], track: Track) -> Analysis<'a> {
@@ -670,6 +747,7 @@ fn apply_transactional(
                 (None, false) => (None, "recording it in the ledger"),
             };
             let mut pg = describe_db_error(&e);
+            let lock_timeout = is_lock_timeout(&e);
             if !is_connection_error(&e) {
                 if let Some(s) = failed_at {
                     pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
@@ -707,7 +785,8 @@ fn apply_transactional(
                     m.track()
                 ),
             )
-            .at(m, line))
+            .at(m, line)
+            .lock_timeout(lock_timeout))
         }
     }
 }
@@ -735,14 +814,15 @@ impl Hooks<'static> {
     }
 }
 
+/// Whether PostgreSQL cancelled the statement on `lock_timeout`.
+fn is_lock_timeout(e: &DieselError) -> bool {
+    matches!(e, DieselError::DatabaseError(_, info) if info.message().contains("lock timeout"))
+}
+
 /// When a statement failed on `lock_timeout`, says who is in the way: the
 /// table it alters, and any index build running now.
 fn explain_lock_timeout(conn: &mut PgConnection, statement: &str, e: &DieselError) -> String {
-    let message = match e {
-        DieselError::DatabaseError(_, info) => info.message(),
-        _ => return String::new(),
-    };
-    if !message.contains("lock timeout") {
+    if !is_lock_timeout(e) {
         return String::new();
     }
     let mut out = String::new();
@@ -889,6 +969,7 @@ pub(crate) fn apply_statements(
         }
         if let Err(e) = conn.batch_execute(&s.sql) {
             let mut pg = describe_db_error(&e);
+            let lock_timeout = is_lock_timeout(&e);
             let line = error_line(m.up_sql(), s, &e);
             if !is_connection_error(&e) {
                 pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
@@ -916,7 +997,8 @@ pub(crate) fn apply_statements(
                     i + 1
                 ),
             )
-            .at(m, Some(line)));
+            .at(m, Some(line))
+            .lock_timeout(lock_timeout));
         }
         if let Some(op) = &op {
             if let Err(e) = catalog::confirm(conn, op, m, s.line) {

@@ -319,7 +319,9 @@ fn a_required_migration_blocked_by_a_deferred_build_fails_fast_naming_both() {
         building(&db)
     });
     // The build now waits for the open write, holding its lock on things.
-    let v2 = migrator("deferred_build_v2").required_lock_timeout(Duration::from_millis(300));
+    let v2 = migrator("deferred_build_v2")
+        .required_lock_timeout(Duration::from_millis(300))
+        .lock_timeout_retry_deadline(Duration::ZERO);
     let started = Instant::now();
     let err = v2.run_required(&db.url).unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(10));

@@ -49,6 +49,18 @@ struct Cli {
     #[arg(long, global = true)]
     strict: bool,
 
+    /// lock_timeout for required migrations (e.g. 500ms, 5s; 0 turns it off) [default: 5s].
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    lock_timeout: Option<Duration>,
+
+    /// How long a required migration failing on lock_timeout is retried [default: 60s].
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    lock_retry_deadline: Option<Duration>,
+
+    /// How long to wait for another process's migration lock [default: 10min].
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    lock_wait: Option<Duration>,
+
     /// Less logging (warnings and errors only).
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
@@ -212,9 +224,43 @@ fn database_url(cli: &Cli) -> Result<&str, Failure> {
 }
 
 fn migrator(cli: &Cli) -> Result<Migrator, Failure> {
-    Ok(Migrator::new(migration_set(cli)?)
+    let mut m = Migrator::new(migration_set(cli)?)
         .strict(cli.strict)
-        .application_name("rollout"))
+        .application_name("rollout");
+    if let Some(d) = cli.lock_timeout {
+        m = m.required_lock_timeout(d);
+    }
+    if let Some(d) = cli.lock_retry_deadline {
+        m = m.lock_timeout_retry_deadline(d);
+    }
+    if let Some(d) = cli.lock_wait {
+        m = m.lock_wait_deadline(d);
+    }
+    Ok(m)
+}
+
+/// `250ms`, `5s`, `2min`, `1h`, or a bare number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (e.g. 500ms, 5s, 2min)"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{text}`: use ms, s, min or h"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{text}`: {e}"))
 }
 
 fn run(cli: &Cli) -> Result<u8, Failure> {
@@ -850,6 +896,16 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(19_753), (2024, 1, 31));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("soon").is_err());
     }
 
     #[test]
