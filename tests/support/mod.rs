@@ -53,7 +53,12 @@ pub struct TestDb {
 
 impl TestDb {
     pub fn new() -> Self {
-        let admin_url = server().admin_url();
+        Self::on(&server().admin_url())
+    }
+
+    /// A fresh database on the server at `admin_url`.
+    pub fn on(admin_url: &str) -> Self {
+        let admin_url = admin_url.to_string();
         let name = format!(
             "rollout_test_{}_{}",
             std::process::id(),
