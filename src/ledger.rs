@@ -27,6 +27,7 @@ struct Sql {
     create_migrations: String,
     create_attempts: String,
     ledger_rows: String,
+    applied_fast: String,
     applied_only: String,
     mark_interrupted: String,
     start_attempt: String,
@@ -86,6 +87,7 @@ impl Tables {
                 create_migrations: r(include_str!("sql/create_migrations_table.sql")),
                 create_attempts: r(include_str!("sql/create_attempts_table.sql")),
                 ledger_rows: r(include_str!("sql/ledger_rows.sql")),
+                applied_fast: r(include_str!("sql/applied_fast.sql")),
                 applied_only: r(include_str!("sql/applied_only.sql")),
                 mark_interrupted: r(include_str!("sql/mark_interrupted.sql")),
                 start_attempt: r(include_str!("sql/start_attempt.sql")),
@@ -182,9 +184,31 @@ pub(crate) fn tables_exist(conn: &mut PgConnection, t: &Tables) -> Result<(bool,
     Ok((e.migrations, e.attempts))
 }
 
-/// The fast path's single query. Fails when a ledger table is missing.
+/// The fast path's single query: applied versions and their checksums
+/// only. Fails when a ledger table is missing.
 pub(crate) fn rows_fast(conn: &mut PgConnection, t: &Tables) -> QueryResult<Vec<LedgerRow>> {
-    sql_query(&t.sql.ledger_rows).load(conn)
+    #[derive(QueryableByName)]
+    struct Fast {
+        #[diesel(sql_type = Text)]
+        version: String,
+        #[diesel(sql_type = Nullable<Text>)]
+        applied_checksum: Option<String>,
+    }
+    let rows: Vec<Fast> = sql_query(&t.sql.applied_fast).load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|f| LedgerRow {
+            version: f.version,
+            applied: true,
+            applied_at: None,
+            outcome: None,
+            error: None,
+            statements_completed: None,
+            attempt_checksum: None,
+            applied_checksum: f.applied_checksum,
+            finished_epoch: None,
+        })
+        .collect())
 }
 
 /// The ledger rows, working whichever ledger tables exist (and on a
@@ -288,7 +312,8 @@ pub(crate) fn insert_version(
         .map(drop)
 }
 
-/// Records a successful transactional attempt, inside its transaction.
+/// Records a transactional migration as applied (its version row and a
+/// successful attempt, in one statement), inside its transaction.
 pub(crate) fn record_success(
     conn: &mut PgConnection,
     t: &Tables,

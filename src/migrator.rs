@@ -202,8 +202,11 @@ impl Migrator {
     /// As [`Migrator::run_required_on`], plus [`ErrorKind::Connection`] when the
     /// database cannot be reached (the URL in the message has no password).
     pub fn run_required(&self, database_url: &str) -> Result<Report, Error> {
-        let mut conn = crate::connect(database_url)?;
-        set_application_name(&mut conn, &self.application_name)?;
+        let named = crate::url::with_application_name(database_url, &self.application_name);
+        let mut conn = crate::connect(named.as_deref().unwrap_or(database_url))?;
+        if named.is_none() {
+            set_application_name(&mut conn, &self.application_name)?;
+        }
         // A second connection, opened only once the lock is taken, tells a
         // pooler in transaction mode apart from a direct connection.
         let mut probe = || {
@@ -718,7 +721,6 @@ fn apply_transactional(
                 return Err(e);
             }
         }
-        ledger::insert_version(c, tables, m.version())?;
         ledger::record_success(c, tables, m, total)?;
         recorded = true;
         Ok(())

@@ -344,6 +344,30 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `url` with `application_name` set, unless it sets one already: sent in
+/// the startup packet, it costs no round trip. `None` when the URL is not
+/// one this can extend safely.
+pub fn with_application_name(url: &str, name: &str) -> Option<String> {
+    let trimmed = url.trim();
+    if trimmed.contains("application_name") {
+        return Some(trimmed.to_string());
+    }
+    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
+        if trimmed.contains('#') {
+            return None;
+        }
+        let mut encoded = String::new();
+        percent_encode_into(name, &mut encoded);
+        let sep = if trimmed.contains('?') { '&' } else { '?' };
+        Some(format!("{trimmed}{sep}application_name={encoded}"))
+    } else if trimmed.contains('=') {
+        let quoted = name.replace('\\', "\\\\").replace('\'', "\\'");
+        Some(format!("{trimmed} application_name='{quoted}'"))
+    } else {
+        None
+    }
+}
+
 /// `text` with what libpq quotes from a malformed connection string
 /// (`invalid percent-encoded token: "..."`, which can be a password)
 /// replaced by `***`. For errors whose connection string is not at hand
@@ -611,5 +635,25 @@ mod tests {
             "invalid percent-encoded token: \"***\" and more"
         );
         assert_eq!(scrub_libpq("nothing here"), "nothing here");
+    }
+
+    #[test]
+    fn application_name_goes_in_the_url() {
+        assert_eq!(
+            with_application_name("postgres://u@h/db", "diesel rollout").as_deref(),
+            Some("postgres://u@h/db?application_name=diesel%20rollout")
+        );
+        assert_eq!(
+            with_application_name("postgres://u@h/db?sslmode=require", "x").as_deref(),
+            Some("postgres://u@h/db?sslmode=require&application_name=x")
+        );
+        assert_eq!(
+            with_application_name("postgres://u@h/db?application_name=mine", "x").as_deref(),
+            Some("postgres://u@h/db?application_name=mine")
+        );
+        assert_eq!(
+            with_application_name("host=h dbname=d", "it's").as_deref(),
+            Some("host=h dbname=d application_name='it\\'s'")
+        );
     }
 }

@@ -362,6 +362,17 @@ fn deferred(m: &Migrator, url: &str, wait: bool, quiet: bool) -> Result<u8, Fail
         if handle.is_finished() {
             break;
         }
+        if let DeferredState::WaitingForRequired { pending } = state {
+            // Required migrations this binary knows are missing although the
+            // required track was just applied, or was never applied: waiting
+            // would not fix either.
+            handle.stop();
+            return Err(failure(format!(
+                "{pending} required migration(s) are not applied, and deferred migrations never \
+                 run before them: run `rollout up --required-only` first (if it just succeeded, \
+                 the server lost those commits: check `rollout status`)"
+            )));
+        }
     }
     match handle.state() {
         DeferredState::Done { applied } => {

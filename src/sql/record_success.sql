@@ -1,4 +1,8 @@
--- Inside the migration's own transaction: now() is when it started.
+-- Inside the migration's own transaction, in one statement: the version row
+-- diesel reads, and the attempt (now() is when the transaction started).
+WITH applied AS (
+    INSERT INTO {migrations} (version) VALUES ($1)
+)
 INSERT INTO {attempts}
     (version, name, track, checksum, outcome, started_at, finished_at,
      statements_completed, statements_total, host, client_pid)

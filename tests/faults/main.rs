@@ -25,6 +25,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use diesel::connection::SimpleConnection;
 use diesel_rollout::cluster::ThrowawayCluster;
 use support::{fixture, TestDb};
 
@@ -258,6 +259,13 @@ fn server_restarted_during_a_run() {
     let mut rng = Rng::new("restart");
     let cluster = ThrowawayCluster::start().expect("a throwaway cluster of its own");
     let admin = cluster.admin_url();
+    // The throwaway cluster trades durability for speed; a crash test needs
+    // commits that survive the crash, as on a real server.
+    let mut c = diesel_rollout::connect(&admin).unwrap();
+    c.batch_execute("ALTER SYSTEM SET synchronous_commit = on")
+        .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    drop(c);
     let started = Instant::now();
     let mut failed_runs = 0;
     for _ in 0..rounds() {

@@ -38,6 +38,11 @@ struct Bouncer {
 
 impl Drop for Bouncer {
     fn drop(&mut self) {
+        // Through runuser, killing the child would leave pgbouncer running:
+        // stop the daemon by its pid file.
+        if let Ok(pid) = std::fs::read_to_string(self._dir.path().join("pgbouncer.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
