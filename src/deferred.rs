@@ -603,6 +603,7 @@ fn look(
     };
     let deferred = m.analyze(&rows, Track::Deferred);
     shared.metrics(|x| x.pending = deferred.pending.len());
+    crate::metrics::deferred_pending(deferred.pending.len());
     if deferred.pending.is_empty() {
         tracing::debug!("deferred track: nothing pending");
         return Look::Finished(DeferredState::Done {
@@ -651,6 +652,7 @@ fn look(
         Ok(false) => {
             let holder = lock::holder(&mut conn, key).ok().flatten();
             shared.metrics(|x| x.runs_not_leader += 1);
+            crate::metrics::run(Track::Deferred, "not_leader");
             match &holder {
                 Some(h) => tracing::info!(holder = %h, "deferred track: another session leads"),
                 None => tracing::info!("deferred track: another session leads"),
@@ -708,6 +710,7 @@ fn look(
         }
     }
     shared.metrics(|x| x.lock_wait = since.started.elapsed());
+    crate::metrics::lock_wait(Track::Deferred, since.started.elapsed());
     tracing::info!(key, "deferred track: this replica leads");
 
     let result = lead(m, &mut conn, pool, shared, tables, applied);
@@ -726,6 +729,8 @@ fn look(
                 x.runs_success += 1;
                 x.pending = 0;
             });
+            crate::metrics::run(Track::Deferred, "success");
+            crate::metrics::deferred_pending(0);
             Look::Finished(DeferredState::Done {
                 applied: std::mem::take(applied),
             })
@@ -734,6 +739,7 @@ fn look(
         Err(Led::Gave(state)) => {
             let state = *state;
             shared.metrics(|x| x.runs_failure += 1);
+            crate::metrics::run(Track::Deferred, "failure");
             Look::Finished(state)
         }
         Err(Led::Lost(e)) => {
@@ -861,7 +867,13 @@ fn lead(
                                 x.migration_durations
                                     .push((migration.version().to_string(), started.elapsed()));
                                 x.pending = x.pending.saturating_sub(1);
+                                crate::metrics::deferred_pending(x.pending);
                             });
+                            crate::metrics::migration_duration(
+                                Track::Deferred,
+                                migration.version(),
+                                started.elapsed(),
+                            );
                             applied.push(migration.version().to_string());
                             break;
                         }

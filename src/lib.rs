@@ -60,16 +60,23 @@ mod lint;
 #[cfg(feature = "runtime")]
 mod lock;
 #[cfg(feature = "runtime")]
+pub mod metrics;
+#[cfg(feature = "runtime")]
 mod migration;
 #[cfg(feature = "runtime")]
 mod migrator;
 #[cfg(feature = "runtime")]
 mod report;
+// Without the runtime, only the embed uses these; the rest is unused.
+#[cfg_attr(not(feature = "runtime"), allow(dead_code))]
 mod source;
+#[cfg_attr(not(feature = "runtime"), allow(dead_code))]
 mod url;
 
-#[cfg(feature = "cli")]
+#[cfg(any(feature = "cli", feature = "testing"))]
 pub mod cluster;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 #[cfg(feature = "runtime")]
 pub use crate::catalog::{IndexBuildProgress, IndexState, IndexStatus};

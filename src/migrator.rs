@@ -281,6 +281,7 @@ impl Migrator {
                 if a.pending.is_empty() {
                     self.check_drift(&a, &mut report)?;
                     tracing::debug!(track = %track, "nothing pending");
+                    crate::metrics::run(track, "nothing_pending");
                     return Ok(report);
                 }
             }
@@ -306,9 +307,18 @@ impl Migrator {
             "took the {track} lock"
         );
 
+        crate::metrics::lock_wait(track, waited);
         let result = self.apply_locked(&mut guard, &tables, track, &mut report);
         let reset = guard.batch_execute("RESET lock_timeout; RESET statement_timeout");
         let released = guard.release();
+        crate::metrics::run(
+            track,
+            if result.is_ok() && released.is_ok() {
+                "success"
+            } else {
+                "failure"
+            },
+        );
         match (result, released) {
             (Ok(()), Ok(())) => {
                 if let Err(e) = reset {
@@ -401,6 +411,7 @@ impl Migrator {
                 }
             }
             let applied = self.apply_retrying_lock_timeouts(conn, tables, m, track)?;
+            crate::metrics::migration_duration(track, m.version(), applied.duration);
             report.applied.push(applied);
         }
         Ok(())
@@ -931,9 +942,15 @@ pub(crate) fn apply_statements(
     let start = Instant::now();
     let id = ledger::start_attempt(conn, tables, m, resume as i32, total)
         .map_err(|e| Error::db("recording the attempt", e))?;
+    let dropped = std::cell::Cell::new(0u32);
+    let on_dropped = |name: &str| {
+        dropped.set(dropped.get() + 1);
+        crate::metrics::invalid_index("found");
+        (hooks.on_index_repaired)(name);
+    };
     let checks = catalog::Checks {
         should_stop: hooks.should_stop,
-        on_repaired: hooks.on_index_repaired,
+        on_repaired: &on_dropped,
         poll: hooks.poll,
     };
     for (i, s) in statements.iter().enumerate().skip(resume) {
@@ -1005,7 +1022,13 @@ pub(crate) fn apply_statements(
             .lock_timeout(lock_timeout));
         }
         if let Some(op) = &op {
-            if let Err(e) = catalog::confirm(conn, op, m, s.line) {
+            let confirmed = catalog::confirm(conn, op, m, s.line);
+            if confirmed.is_ok() {
+                for _ in 0..dropped.replace(0) {
+                    crate::metrics::invalid_index("repaired");
+                }
+            }
+            if let Err(e) = confirmed {
                 if let Err(le) =
                     ledger::finish_attempt(conn, tables, id, "failed", Some(&e.to_string()))
                 {

@@ -61,7 +61,11 @@ struct Cli {
     #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
     lock_wait: Option<Duration>,
 
-    /// Less logging (warnings and errors only).
+    /// Print the result as JSON on stdout (every command that reports).
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Less logging (warnings and errors only), and no progress display.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
 
@@ -76,11 +80,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Show every migration known to this binary or recorded in the database.
-    Status {
-        /// Print a JSON array instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Status,
     /// Apply the pending required migrations, then the deferred ones in the
     /// foreground, showing the progress of index builds. If another session
     /// is applying the deferred track, wait for it.
@@ -97,17 +97,10 @@ enum Command {
         wait: bool,
     },
     /// Exit 0 when every required migration is applied and none failed, 1 otherwise.
-    Verify {
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Verify,
     /// Lint both tracks: diesel-guard's checks plus the track rules. Exits 1
     /// when any finding is an error.
     Lint {
-        /// Print the findings as a JSON array.
-        #[arg(long)]
-        json: bool,
         /// diesel-guard.toml to use (default: beside the migrations directory, else ./diesel-guard.toml).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -265,14 +258,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn run(cli: &Cli) -> Result<u8, Failure> {
     match &cli.command {
-        Command::Status { json } => {
+        Command::Status => {
             let m = migrator(cli)?;
             let mut conn = connect(database_url(cli)?)?;
             let rows = m.status(&mut conn)?;
-            if *json {
+            if cli.json {
                 print_out(&status_json(&rows));
             } else {
-                print_out(&status_table(&rows));
+                print_out(&status_table(&rows, Colors::for_stdout()));
             }
             Ok(0)
         }
@@ -280,43 +273,56 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             let m = migrator(cli)?;
             let url = database_url(cli)?;
             let report = m.run_required(url)?;
-            if report.applied.is_empty() {
-                print_out("required: nothing to apply\n");
-            } else {
-                let mut s = String::new();
-                for a in &report.applied {
-                    s.push_str(&format!(
-                        "applied {} ({} ms)\n",
-                        a.dir_name,
-                        a.duration.as_millis()
-                    ));
+            let required = report_json(&report);
+            if !cli.json {
+                if report.applied.is_empty() {
+                    print_out("required: nothing to apply\n");
+                } else {
+                    let mut s = String::new();
+                    for a in &report.applied {
+                        s.push_str(&format!(
+                            "applied {} ({} ms)\n",
+                            a.dir_name,
+                            a.duration.as_millis()
+                        ));
+                    }
+                    print_out(&s);
                 }
-                print_out(&s);
             }
             if *required_only {
+                if cli.json {
+                    print_json(&serde_json::json!({ "required": required }));
+                }
                 return Ok(0);
             }
-            deferred(&m, url, true, cli.quiet)
+            let (code, deferred) = deferred(&m, url, true, cli)?;
+            if cli.json {
+                print_json(&serde_json::json!({ "required": required, "deferred": deferred }));
+            }
+            Ok(code)
         }
         Command::Deferred { wait } => {
             let m = migrator(cli)?;
             let url = database_url(cli)?;
             // A clear error for an unreachable database before the pool.
             drop(connect(url)?);
-            deferred(&m, url, *wait, cli.quiet)
+            let (code, value) = deferred(&m, url, *wait, cli)?;
+            if cli.json {
+                print_json(&value);
+            }
+            Ok(code)
         }
-        Command::Verify { json } => {
+        Command::Verify => {
             let m = migrator(cli)?;
             let mut conn = connect(database_url(cli)?)?;
             let v = m.verify(&mut conn)?;
-            if *json {
-                let value = serde_json::json!({
+            if cli.json {
+                print_json(&serde_json::json!({
                     "complete": v.is_complete(),
                     "missing": v.missing.iter().map(|(version, gap)| serde_json::json!({"version": version, "gap": gap})).collect::<Vec<_>>(),
                     "failed": v.failed.iter().map(|(version, error)| serde_json::json!({"version": version, "error": error})).collect::<Vec<_>>(),
                     "unknown": v.unknown,
-                });
-                print_out(&format!("{value:#}\n"));
+                }));
             } else {
                 print_out(&verify_text(&m, &v));
             }
@@ -324,18 +330,68 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
         }
         Command::New { name, deferred } => new_migration(cli, name, *deferred),
         Command::Lint {
-            json,
             config,
             warn,
             deny_warnings,
-        } => lint(cli, *json, config.clone(), warn.clone(), *deny_warnings),
+        } => lint(cli, cli.json, config.clone(), warn.clone(), *deny_warnings),
         Command::Check => check(cli),
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    print_out(&format!("{value:#}\n"));
+}
+
+fn report_json(report: &diesel_rollout::Report) -> serde_json::Value {
+    serde_json::json!({
+        "applied": report.applied.iter().map(|a| serde_json::json!({
+            "version": a.version,
+            "name": a.dir_name,
+            "track": a.track.as_str(),
+            "duration_ms": a.duration.as_millis() as u64,
+            "statements": a.statements,
+        })).collect::<Vec<_>>(),
+        "unknown": report.unknown,
+        "changed": report.changed,
+        "took_lock": report.took_lock,
+        "lock_wait_ms": report.lock_wait.as_millis() as u64,
+    })
+}
+
+/// ANSI colours for a stream, or none: only on a terminal, and never with
+/// NO_COLOR set.
+#[derive(Clone, Copy)]
+struct Colors(bool);
+
+impl Colors {
+    fn for_stdout() -> Self {
+        Colors(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+    }
+
+    fn state(self, state: &str, text: &str) -> String {
+        if !self.0 {
+            return text.to_string();
+        }
+        let code = match state {
+            "applied" => "32",
+            "pending" => "33",
+            "failed" => "31;1",
+            "unknown" => "35",
+            _ => return text.to_string(),
+        };
+        format!("\x1b[{code}m{text}\x1b[0m")
     }
 }
 
 /// Runs the deferred track in the foreground on a pool of two connections
 /// (one leads, one reads build progress), showing what it does.
-fn deferred(m: &Migrator, url: &str, wait: bool, quiet: bool) -> Result<u8, Failure> {
+fn deferred(
+    m: &Migrator,
+    url: &str,
+    wait: bool,
+    cli: &Cli,
+) -> Result<(u8, serde_json::Value), Failure> {
+    let quiet = cli.quiet || cli.json;
     let pool = Pool::builder()
         .max_size(2)
         .min_idle(Some(0))
@@ -350,15 +406,10 @@ fn deferred(m: &Migrator, url: &str, wait: bool, quiet: bool) -> Result<u8, Fail
         .deferred_failure_retries(0)
         .deferred_progress_interval(Duration::from_secs(1))
         .start_deferred(pool);
-    let mut last = String::new();
+    let mut progress = Progress::new(quiet);
     loop {
         let state = handle.wait_for_change(Duration::from_secs(1));
-        let line = describe(&state);
-        if !quiet && !line.is_empty() && line != last {
-            let mut err = std::io::stderr().lock();
-            let _ = writeln!(err, "deferred: {line}");
-            last = line;
-        }
+        progress.show(&state);
         if handle.is_finished() {
             break;
         }
@@ -367,6 +418,7 @@ fn deferred(m: &Migrator, url: &str, wait: bool, quiet: bool) -> Result<u8, Fail
             // required track was just applied, or was never applied: waiting
             // would not fix either.
             handle.stop();
+            progress.finish();
             return Err(failure(format!(
                 "{pending} required migration(s) are not applied, and deferred migrations never \
                  run before them: run `rollout up --required-only` first (if it just succeeded, \
@@ -374,29 +426,43 @@ fn deferred(m: &Migrator, url: &str, wait: bool, quiet: bool) -> Result<u8, Fail
             )));
         }
     }
+    progress.finish();
+    let text = !cli.json;
     match handle.state() {
         DeferredState::Done { applied } => {
-            if applied.is_empty() {
+            let names: Vec<_> = applied
+                .iter()
+                .map(|v| m.migrations().get(v).map_or(v.as_str(), |x| x.dir_name()))
+                .collect();
+            if text && names.is_empty() {
                 print_out("deferred: nothing to apply\n");
-            } else {
-                print_out(&format!(
-                    "deferred: applied {}\n",
-                    applied
-                        .iter()
-                        .map(|v| m.migrations().get(v).map_or(v.as_str(), |x| x.dir_name()))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
+            } else if text {
+                print_out(&format!("deferred: applied {}\n", names.join(", ")));
             }
-            Ok(0)
+            Ok((0, serde_json::json!({ "state": "done", "applied": names })))
         }
         DeferredState::NotLeader { holder, .. } => {
-            let who = holder.map_or_else(|| "another session".to_string(), |h| h.to_string());
-            print_out(&format!(
-                "deferred: the deferred lock is held by {who}, which is applying the deferred \
-                 track; run with --wait to wait for it\n"
-            ));
-            Ok(3)
+            let who = holder
+                .as_ref()
+                .map_or_else(|| "another session".to_string(), |h| h.to_string());
+            if text {
+                print_out(&format!(
+                    "deferred: the deferred lock is held by {who}, which is applying the deferred \
+                     track; run with --wait to wait for it\n"
+                ));
+            }
+            Ok((
+                3,
+                serde_json::json!({
+                    "state": "not_leader",
+                    "holder": holder.map(|h| serde_json::json!({
+                        "pid": h.pid,
+                        "application_name": h.application_name,
+                        "since": h.since,
+                        "client": h.client,
+                    })),
+                }),
+            ))
         }
         DeferredState::Failed { error, .. } => Err(failure(error)),
         DeferredState::WaitingForRequired { pending } => Err(failure(format!(
@@ -406,6 +472,70 @@ fn deferred(m: &Migrator, url: &str, wait: bool, quiet: bool) -> Result<u8, Fail
         DeferredState::Reconnecting { error } => Err(failure(error)),
         DeferredState::Stopped => Err(failure("the deferred track stopped before finishing")),
         other => Err(failure(format!("the deferred track ended as {other:?}"))),
+    }
+}
+
+/// What the foreground deferred track shows on stderr: a progress bar for
+/// index builds on a terminal, a line per change otherwise.
+struct Progress {
+    quiet: bool,
+    bar: Option<indicatif::ProgressBar>,
+    last: String,
+}
+
+impl Progress {
+    fn new(quiet: bool) -> Self {
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(100);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {msg}\n  [{bar:40}] {pos:>3}% ({elapsed})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Progress {
+            quiet,
+            bar,
+            last: String::new(),
+        }
+    }
+
+    fn show(&mut self, state: &DeferredState) {
+        if self.quiet {
+            return;
+        }
+        let line = describe(state);
+        if let Some(bar) = &self.bar {
+            if !line.is_empty() {
+                bar.set_message(line);
+            }
+            let percent = match state {
+                DeferredState::Running {
+                    progress: Some(p), ..
+                } => p.percent().unwrap_or(0.0),
+                DeferredState::Running {
+                    statement,
+                    statements,
+                    ..
+                } if *statements > 0 => 100.0 * (*statement as f64 - 1.0) / *statements as f64,
+                _ => 0.0,
+            };
+            bar.set_position(percent.clamp(0.0, 100.0) as u64);
+        } else if !line.is_empty() && line != self.last {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "deferred: {line}");
+            self.last = line;
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
     }
 }
 
@@ -518,7 +648,7 @@ fn status_json(rows: &[MigrationStatus]) -> String {
     format!("{:#}\n", serde_json::Value::Array(items))
 }
 
-fn status_table(rows: &[MigrationStatus]) -> String {
+fn status_table(rows: &[MigrationStatus], colors: Colors) -> String {
     let header = ["VERSION", "TRACK", "NAME", "STATE", "APPLIED AT", "INDEXES"];
     let cells: Vec<[String; 6]> = rows
         .iter()
@@ -557,22 +687,28 @@ fn status_table(rows: &[MigrationStatus]) -> String {
             *w = (*w).max(c.chars().count());
         }
     }
-    let line = |cols: [&str; 6]| {
+    // Pad first, colour after, so escape codes never break the alignment.
+    let line = |cols: [&str; 6], state: Option<&str>| {
         let mut s = String::new();
         for (i, c) in cols.iter().enumerate() {
-            if i + 1 == cols.len() {
-                s.push_str(c);
+            let cell = if i + 1 == cols.len() {
+                c.to_string()
             } else {
-                s.push_str(&format!("{c:<w$}  ", w = width[i]));
+                format!("{c:<w$}  ", w = width[i])
+            };
+            match state {
+                Some(st) if i == 3 => s.push_str(&colors.state(st, &cell)),
+                _ => s.push_str(&cell),
             }
         }
         s.trim_end().to_string() + "\n"
     };
-    let mut out = line(header);
-    for row in &cells {
-        out.push_str(&line([
-            &row[0], &row[1], &row[2], &row[3], &row[4], &row[5],
-        ]));
+    let mut out = line(header, None);
+    for (row, r) in cells.iter().zip(rows) {
+        out.push_str(&line(
+            [&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]],
+            Some(r.state.as_str()),
+        ));
     }
     for r in rows.iter().filter(|r| r.error.is_some()) {
         out.push_str(&format!(
@@ -873,7 +1009,7 @@ fn check(cli: &Cli) -> Result<u8, Failure> {
     let deferred = migrator.run_deferred_on(&mut conn)?;
     let verification = migrator.verify(&mut conn)?;
     let rows = migrator.status(&mut conn)?;
-    let mut out = status_table(&rows);
+    let mut out = status_table(&rows, Colors::for_stdout());
     let pending_deferred = rows
         .iter()
         .filter(|r| r.track == Some(Track::Deferred) && r.state.as_str() != "applied")

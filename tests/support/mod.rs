@@ -137,6 +137,19 @@ impl Drop for TestDb {
     }
 }
 
+/// A scalar bigint query on a connection.
+pub fn count_on(conn: &mut PgConnection, sql: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    diesel::sql_query(sql)
+        .get_result::<N>(conn)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .n
+}
+
 /// The `rollout` binary, without DATABASE_URL from the environment.
 pub fn rollout() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rollout"));
