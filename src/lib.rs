@@ -4,25 +4,27 @@
 //! Migrations use diesel's layout (`VERSION_name/up.sql`, `down.sql`,
 //! `metadata.toml`) in two directories:
 //!
-//! - `migrations/`, the **required** track, applied at start-up by
-//!   [`Migrator::run_required`] under a session advisory lock: one replica applies,
-//!   the others wait and then find nothing to do. Each migration runs on
+//! - `migrations/`, the **required** track, applied at start-up under a
+//!   session advisory lock: one replica applies, the others wait (without
+//!   holding a snapshot) and then find nothing to do. Each migration runs on
 //!   its own, in its own transaction unless its `metadata.toml` says
 //!   `run_in_transaction = false`, in which case its statements are sent one
 //!   at a time and a retry resumes after the last completed one.
 //! - `migrations_deferred/`, the **deferred** track (`CREATE INDEX
-//!   CONCURRENTLY` and friends), applied after start-up, in the background.
+//!   CONCURRENTLY` and friends), applied after start-up, in the background,
+//!   by whichever replica wins `pg_try_advisory_lock`; readiness never waits
+//!   for it.
 //!
-//! # Embedding a service's migrations
+//! # A tour
 //!
-//! In the service's `Cargo.toml`:
+//! **Embed** the service's migrations at build time. In its `Cargo.toml`:
 //!
 //! ```toml
 //! [dependencies]
 //! diesel-rollout = "0.1"
 //!
 //! [build-dependencies]
-//! diesel-rollout = { version = "0.1", default-features = false }
+//! diesel-rollout = { version = "0.1", default-features = false }  # add features = ["lint"] to lint at build time
 //! ```
 //!
 //! In its `build.rs`, one call validates both directories (failing the
@@ -33,19 +35,72 @@
 //! diesel_rollout::embed("migrations", "migrations_deferred");
 //! ```
 //!
-//! At start-up, before reporting ready:
+//! and the code includes the table it wrote:
+//! `static MIGRATIONS: MigrationSet = diesel_rollout::include_migrations!();`
+//! (the examples below use [`MigrationSet::example`], the set this crate
+//! ships, instead).
 //!
-//! ```ignore
-//! static MIGRATIONS: diesel_rollout::MigrationSet = diesel_rollout::include_migrations!();
+//! **Start up**: [`Migrator::run`] applies the required track on a
+//! connection from the service's pool, blocking, then starts the deferred
+//! track in the background and returns; report ready then.
 //!
-//! let report = diesel_rollout::Migrator::new(MIGRATIONS.clone()).run_required(&database_url)?;
+//! ```no_run
+//! use diesel::r2d2::{ConnectionManager, Pool};
+//! use diesel::PgConnection;
+//! use diesel_rollout::{MigrationSet, Migrator};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = Pool::builder()
+//!     .max_size(10)
+//!     .build(ConnectionManager::<PgConnection>::new(std::env::var("DATABASE_URL")?))?;
+//! let migrator = Migrator::new(MigrationSet::example());
+//! let (report, deferred) = migrator.run(&pool)?;
+//! tracing::info!(applied = report.applied.len(), "ready");
+//! // ... serve; `deferred.state()` and `deferred.metrics()` can back an endpoint.
+//! // At shutdown: cancel a running build and release the lock.
+//! deferred.stop();
+//! # Ok(())
+//! # }
 //! ```
 //!
-//! # Logging
+//! **Inspect**: [`Migrator::status`] gives a row per migration (with the
+//! state of each index a deferred migration builds), [`Migrator::verify`]
+//! tells whether every required migration is applied; both are read-only and
+//! work on a hot standby.
 //!
-//! The library never prints. It logs with `tracing`: a span per migration
-//! (version, name, track) and events for the lock wait (naming who holds
-//! the lock), each migration applied, and each failure.
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let migrator = diesel_rollout::Migrator::new(diesel_rollout::MigrationSet::example());
+//! let mut conn = diesel_rollout::connect(&std::env::var("DATABASE_URL")?)?;
+//! for row in migrator.status(&mut conn)? {
+//!     println!("{} {} {}", row.version, row.name, row.state.as_str());
+//! }
+//! if !migrator.verify(&mut conn)?.is_complete() {
+//!     std::process::exit(1);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! **Errors** ([`Error`]) name the migration, file and line, PostgreSQL's
+//! message and the next step, never a password, and carry the partial
+//! [`Report`]. **Metrics** go through the `metrics` facade ([`metrics`]);
+//! **logs** through `tracing`: a span per migration (version, name, track)
+//! and events for the lock wait (naming who holds the lock), each migration
+//! applied, each failure and the progress of index builds. The library never
+//! prints.
+//!
+//! # Features
+//!
+//! - `runtime` (default): the runner. Without it only [`embed`] is left,
+//!   for build scripts.
+//! - `cli` (default): the `rollout` binary and [`cluster`], a throwaway
+//!   PostgreSQL server.
+//! - `lint` (default): the lint gate ([`lint_dirs`], `rollout lint`, and the
+//!   build-time lint in [`embed`]); needs libclang to build.
+//! - `testing` (default): [`testing::TestDatabase`], a migrated database per
+//!   test, cloned from a template.
+//! - `static`: libpq and OpenSSL built from source, for a static `rollout`.
 
 #[cfg(feature = "runtime")]
 mod catalog;
