@@ -158,7 +158,6 @@ impl<'c> LockGuard<'c> {
         key: i64,
         track: Track,
         wait: Wait,
-        probe: &mut dyn FnMut() -> Option<i32>,
     ) -> Result<(Self, Duration), Error> {
         let start = Instant::now();
         let mut last_report = None::<Instant>;
@@ -170,7 +169,7 @@ impl<'c> LockGuard<'c> {
                     key,
                     held: true,
                 };
-                return guard.confirm(probe).map(|g| (g, start.elapsed()));
+                return guard.confirm().map(|g| (g, start.elapsed()));
             }
             let waited = start.elapsed();
             if last_report.is_none_or(|t: Instant| t.elapsed() >= wait.report_every) {
@@ -212,21 +211,36 @@ impl<'c> LockGuard<'c> {
         }
     }
 
-    /// Checks the lock is held by this backend, and, when `probe` opens a
-    /// second connection, that the second one gets a different backend: a
-    /// pooler in transaction mode hands the backend that took the lock to
-    /// other clients, and usually to the very next one. On failure releases
-    /// what it can and explains the pooler problem.
-    fn confirm(mut self, probe: &mut dyn FnMut() -> Option<i32>) -> Result<Self, Error> {
-        let mine = held_by_me(self.conn, self.key)?;
-        let shared = mine
-            && match (backend_pid(self.conn), probe()) {
-                (Ok(me), Some(other)) => me == other,
-                _ => false,
-            };
-        if mine && !shared {
+    /// Checks `pg_locks` shows the lock held by this backend; through a
+    /// pooler in transaction mode it may not.
+    fn confirm(mut self) -> Result<Self, Error> {
+        if held_by_me(self.conn, self.key)? {
             return Ok(self);
         }
+        Err(self.pooler_error(false))
+    }
+
+    /// Checks that a second connection, opened by `probe` the way this one
+    /// was, gets a different backend: a pooler in transaction mode hands the
+    /// backend that took the lock to other clients, and usually to the very
+    /// next one. Called before applying anything (not when there is nothing
+    /// to do, so waiters leave the lock quickly).
+    pub(crate) fn check_not_pooled(
+        &mut self,
+        probe: &mut dyn FnMut() -> Option<i32>,
+    ) -> Result<(), Error> {
+        let shared = match (backend_pid(self.conn), probe()) {
+            (Ok(me), Some(other)) => me == other,
+            _ => false,
+        };
+        if shared {
+            return Err(self.pooler_error(true));
+        }
+        Ok(())
+    }
+
+    /// Releases what it can and explains the pooler problem.
+    fn pooler_error(&mut self, shared_backend: bool) -> Error {
         // The unlock may land on another server connection too; try anyway.
         let unlocked = matches!(unlock(self.conn, self.key), Ok(true));
         self.held = false;
@@ -242,7 +256,7 @@ impl<'c> LockGuard<'c> {
                 None => String::new(),
             }
         };
-        Err(Error::new(
+        Error::new(
             ErrorKind::LockNotHeld,
             format!(
                 "the advisory lock {} does not belong to this session alone: {}. A connection \
@@ -251,14 +265,14 @@ impl<'c> LockGuard<'c> {
                  Migrate over a direct connection to the server (or a pooler in session \
                  mode).{left}",
                 self.key,
-                if mine {
+                if shared_backend {
                     "a second connection was handed the same backend"
                 } else {
                     "pg_locks does not show it held by this session's backend"
                 }
             ),
         )
-        .unusable())
+        .unusable()
     }
 
     /// Releases the lock.

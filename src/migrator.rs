@@ -298,7 +298,7 @@ impl Migrator {
             report_every: self.lock_report_every,
             deadline: self.lock_deadline,
         };
-        let (mut guard, waited) = LockGuard::acquire(conn, key, track, wait, probe)?;
+        let (mut guard, waited) = LockGuard::acquire(conn, key, track, wait)?;
         report.took_lock = true;
         report.lock_wait = waited;
         tracing::debug!(
@@ -308,7 +308,7 @@ impl Migrator {
         );
 
         crate::metrics::lock_wait(track, waited);
-        let result = self.apply_locked(&mut guard, &tables, track, &mut report);
+        let result = self.apply_locked(&mut guard, &tables, track, &mut report, probe);
         let reset = guard.batch_execute("RESET lock_timeout; RESET statement_timeout");
         let released = guard.release();
         crate::metrics::run(
@@ -337,11 +337,13 @@ impl Migrator {
 
     fn apply_locked(
         &self,
-        conn: &mut PgConnection,
+        guard: &mut LockGuard<'_>,
         tables: &Tables,
         track: Track,
         report: &mut Report,
+        probe: &mut dyn FnMut() -> Option<i32>,
     ) -> Result<(), Error> {
+        let conn: &mut PgConnection = guard;
         ledger::ensure_tables(conn, tables)?;
         let (lock_timeout, statement_timeout) = match track {
             Track::Required => (self.lock_timeout, self.statement_timeout),
@@ -380,7 +382,11 @@ impl Migrator {
         }
         if a.pending.is_empty() {
             tracing::info!(track = %track, "another process applied the pending migrations");
+            return Ok(());
         }
+        // About to change the schema: make sure the lock is really ours.
+        guard.check_not_pooled(probe)?;
+        let conn: &mut PgConnection = guard;
         for m in a.pending {
             for dep in m.requires_deferred() {
                 let applied = a.rows.get(normal(dep)).is_some_and(|r| r.applied);

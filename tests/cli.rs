@@ -271,3 +271,51 @@ fn check_without_a_database_starts_its_own_server() {
         "{stderr}"
     );
 }
+
+#[test]
+fn every_reporting_command_speaks_json() {
+    let db = TestDb::new();
+    let dir = fixture("counted").join("migrations");
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = db
+            .rollout()
+            .args(["--json", "--migrations-dir"])
+            .arg(&dir)
+            .args(args)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    };
+    let up = json(&["up"]);
+    assert_eq!(
+        up["required"]["applied"].as_array().unwrap().len(),
+        4,
+        "{up}"
+    );
+    assert_eq!(up["deferred"]["state"], "done");
+    assert_eq!(up["deferred"]["applied"][0], "0011_index_item_note");
+    let again = json(&["deferred"]);
+    assert_eq!(again["state"], "done");
+    assert_eq!(again["applied"].as_array().unwrap().len(), 0);
+    assert_eq!(json(&["verify"])["complete"], true);
+    assert_eq!(json(&["status"]).as_array().unwrap().len(), 5);
+    // `check` on the embedded example set (the counted fixture does not
+    // pass the lint `check` runs first).
+    let out = db.rollout().args(["--json", "check"]).output().unwrap();
+    let check: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(check["complete"], true, "{check}");
+    assert_eq!(check["status"].as_array().unwrap().len(), 9);
+    assert_eq!(check["required"]["applied"].as_array().unwrap().len(), 6);
+
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("migrations")).unwrap();
+    let out = rollout()
+        .args(["--json", "new", "add_x", "--migrations-dir"])
+        .arg(tmp.path().join("migrations"))
+        .output()
+        .unwrap();
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(created["track"], "required");
+    assert!(created["created"].as_str().unwrap().ends_with("_add_x"));
+}

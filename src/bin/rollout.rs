@@ -808,7 +808,14 @@ fn new_migration(cli: &Cli, name: &str, deferred: bool) -> Result<u8, Failure> {
         )?;
         write("down.sql", "")?;
     }
-    print_out(&format!("created {}\n", dir.display()));
+    if cli.json {
+        print_json(&serde_json::json!({
+            "created": dir.display().to_string(),
+            "track": if deferred { "deferred" } else { "required" },
+        }));
+    } else {
+        print_out(&format!("created {}\n", dir.display()));
+    }
     Ok(0)
 }
 
@@ -1009,24 +1016,33 @@ fn check(cli: &Cli) -> Result<u8, Failure> {
     let deferred = migrator.run_deferred_on(&mut conn)?;
     let verification = migrator.verify(&mut conn)?;
     let rows = migrator.status(&mut conn)?;
-    let mut out = status_table(&rows, Colors::for_stdout());
     let pending_deferred = rows
         .iter()
         .filter(|r| r.track == Some(Track::Deferred) && r.state.as_str() != "applied")
         .count();
+    let complete = verification.is_complete() && pending_deferred == 0;
+    if cli.json {
+        let mut status: serde_json::Value =
+            serde_json::from_str(&status_json(&rows)).unwrap_or_default();
+        print_json(&serde_json::json!({
+            "complete": complete,
+            "required": report_json(&required),
+            "deferred": report_json(&deferred),
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+            "status": status.take(),
+        }));
+        return Ok(if complete { 0 } else { 1 });
+    }
+    let mut out = status_table(&rows, Colors::for_stdout());
     out.push_str(&format!(
         "\napplied {} required and {} deferred migrations in {} ms; verify: {}\n",
         required.applied.len(),
         deferred.applied.len(),
         started.elapsed().as_millis(),
-        if verification.is_complete() && pending_deferred == 0 {
-            "complete"
-        } else {
-            "INCOMPLETE"
-        }
+        if complete { "complete" } else { "INCOMPLETE" }
     ));
     print_out(&out);
-    if verification.is_complete() && pending_deferred == 0 {
+    if complete {
         Ok(0)
     } else {
         print_out(&verify_text(&migrator, &verification));
