@@ -152,13 +152,18 @@ impl<'c> LockGuard<'c> {
     /// Waits for the lock by polling `pg_try_advisory_lock`, so no statement
     /// (and no snapshot) stays open while waiting: a blocked
     /// `pg_advisory_lock` would stall `CREATE INDEX CONCURRENTLY` elsewhere.
-    /// Returns the guard and how long it waited.
+    /// Between tries it asks `still_needed` (one cheap read): when another
+    /// process has done the work meanwhile, it stops waiting and returns
+    /// `None`, so a stampede of replicas does not file through the lock one
+    /// by one to find nothing to do. Returns the guard (or `None`) and how
+    /// long it waited.
     pub(crate) fn acquire(
         conn: &'c mut PgConnection,
         key: i64,
         track: Track,
         wait: Wait,
-    ) -> Result<(Self, Duration), Error> {
+        still_needed: &mut dyn FnMut(&mut PgConnection) -> bool,
+    ) -> Result<(Option<Self>, Duration), Error> {
         let start = Instant::now();
         let mut last_report = None::<Instant>;
         let mut attempt = 0u32;
@@ -169,7 +174,10 @@ impl<'c> LockGuard<'c> {
                     key,
                     held: true,
                 };
-                return guard.confirm().map(|g| (g, start.elapsed()));
+                return guard.confirm().map(|g| (Some(g), start.elapsed()));
+            }
+            if attempt > 0 && !still_needed(conn) {
+                return Ok((None, start.elapsed()));
             }
             let waited = start.elapsed();
             if last_report.is_none_or(|t: Instant| t.elapsed() >= wait.report_every) {

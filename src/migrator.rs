@@ -298,7 +298,27 @@ impl Migrator {
             report_every: self.lock_report_every,
             deadline: self.lock_deadline,
         };
-        let (mut guard, waited) = LockGuard::acquire(conn, key, track, wait)?;
+        // Strict mode checks drift under the lock, so it always takes it.
+        let mut still_needed = |c: &mut PgConnection| {
+            self.strict
+                || match ledger::rows_fast(c, &tables) {
+                    Ok(rows) => !self.analyze(&rows, track).pending.is_empty(),
+                    Err(_) => true,
+                }
+        };
+        let (guard, waited) = LockGuard::acquire(conn, key, track, wait, &mut still_needed)?;
+        let Some(mut guard) = guard else {
+            // Another process applied everything while this one waited.
+            tracing::info!(
+                track = %track,
+                waited_ms = waited.as_millis() as u64,
+                "another process applied the pending migrations"
+            );
+            report.lock_wait = waited;
+            crate::metrics::lock_wait(track, waited);
+            crate::metrics::run(track, "nothing_pending");
+            return Ok(report);
+        };
         report.took_lock = true;
         report.lock_wait = waited;
         tracing::debug!(
