@@ -279,17 +279,6 @@ impl std::fmt::Display for IndexBuildProgress {
     }
 }
 
-/// The build a backend is running, if any.
-pub(crate) fn build_progress(
-    conn: &mut PgConnection,
-    pid: i32,
-) -> QueryResult<Option<IndexBuildProgress>> {
-    sql_query(include_str!("sql/build_progress.sql"))
-        .bind::<Integer, _>(pid)
-        .get_result(conn)
-        .optional()
-}
-
 /// An index build running now in this database.
 #[derive(Debug, Clone, QueryableByName)]
 pub(crate) struct RunningBuild {
@@ -316,7 +305,7 @@ pub(crate) struct RunningBuild {
 }
 
 impl RunningBuild {
-    fn progress(&self) -> IndexBuildProgress {
+    pub(crate) fn progress(&self) -> IndexBuildProgress {
         IndexBuildProgress {
             phase: self.phase.clone(),
             index_name: self.index_name.clone(),

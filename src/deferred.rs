@@ -126,7 +126,7 @@ impl Migrator {
     /// the connection and looks again later, with backoff, until nothing is
     /// pending. A deferred migration never starts while required migrations
     /// known to this binary are pending. Progress of index builds is read
-    /// on a second, short checkout when the pool has one free.
+    /// on a second, short checkout, skipped when the service uses them all.
     pub fn start_deferred(&self, pool: PgPool) -> DeferredHandle {
         let shared = Arc::new(Shared::default());
         let migrator = self.clone();
@@ -672,7 +672,10 @@ fn look(
     // the next client: a second pooled connection landing on it gives the
     // pooler away.
     let held = lock::held_by_me(&mut conn, key).map(|mine| {
-        mine && match (lock::backend_pid(&mut conn), pool.try_get()) {
+        mine && match (
+            lock::backend_pid(&mut conn),
+            pool.get_timeout(Duration::from_millis(50)).ok(),
+        ) {
             (Ok(me), Some(mut other)) => lock::backend_pid(&mut other).ok() != Some(me),
             _ => true,
         }
@@ -926,7 +929,7 @@ fn is_lost(conn: &mut PgConnection) -> bool {
 }
 
 /// Reads the leader's build progress at intervals on a short checkout,
-/// when the pool has a connection free, and logs it.
+/// when the pool has a connection to spare, and logs it.
 fn monitor(m: &Migrator, pool: &PgPool, shared: &Shared, pid: i32, done: &AtomicBool) {
     let every = m.deferred.progress_interval;
     loop {
@@ -945,11 +948,16 @@ fn monitor(m: &Migrator, pool: &PgPool, shared: &Shared, pid: i32, done: &Atomic
         if done.load(Ordering::SeqCst) {
             return;
         }
-        let Some(mut conn) = pool.try_get() else {
+        // A short checkout: it may open a connection while the pool is
+        // under its size, and gives up at once when the service uses them all.
+        let Ok(mut conn) = pool.get_timeout(Duration::from_millis(50)) else {
             continue;
         };
-        let progress = match catalog::build_progress(&mut conn, pid) {
-            Ok(p) => p,
+        let progress = match catalog::builds_in_progress(&mut conn) {
+            Ok(builds) => builds
+                .into_iter()
+                .find(|b| b.pid == pid)
+                .map(|b| b.progress()),
             Err(e) => {
                 if is_connection_error(&e) {
                     discard(conn);

@@ -370,6 +370,16 @@ fn stopping_cancels_the_running_build_and_releases_everything() {
     wait_until("the build to start", Duration::from_secs(20), || {
         building(&db)
     });
+    // The build's progress shows in the handle's state.
+    wait_until("progress in the state", Duration::from_secs(10), || {
+        matches!(
+            handle.state(),
+            DeferredState::Running { progress: Some(ref p), .. }
+                if p.table_name == "things"
+                    && p.index_name == "things_val_idx"
+                    && p.phase.starts_with("waiting for")
+        )
+    });
     let started = Instant::now();
     assert_eq!(handle.stop(), DeferredState::Stopped);
     assert!(started.elapsed() < Duration::from_secs(10));

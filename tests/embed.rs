@@ -24,28 +24,39 @@ fn cargo(service: &Path, args: &[&str]) -> Output {
         .expect("run cargo")
 }
 
-#[test]
-fn a_service_embeds_its_directories_in_one_build_script_call() {
+/// A service crate in `dir`, depending on this crate: `runtime` features
+/// for its code (`None`: no runtime dependency), `build` features for its
+/// build script, which embeds `migrations` and `migrations_deferred`.
+fn service_crate(dir: &Path, runtime: Option<&str>, build: &str) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let tmp = tempfile::tempdir().unwrap();
-    let svc = tmp.path().join("svc");
+    let name = dir.file_name().unwrap().to_string_lossy();
     let dep = format!(
         "{{ path = {:?}, default-features = false",
         root.to_string_lossy()
     );
+    let runtime = runtime
+        .map(|f| format!("[dependencies]\ndiesel-rollout = {dep}, features = [{f}] }}\n\n"))
+        .unwrap_or_default();
     write(
-        &svc.join("Cargo.toml"),
+        &dir.join("Cargo.toml"),
         &format!(
-            "[package]\nname = \"svc\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
-             [dependencies]\ndiesel-rollout = {dep}, features = [\"runtime\"] }}\n\n\
-             [build-dependencies]\ndiesel-rollout = {dep} }}\n"
+            "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+             {runtime}[build-dependencies]\ndiesel-rollout = {dep}, features = [{build}] }}\n"
         ),
     );
-    std::fs::copy(root.join("Cargo.lock"), svc.join("Cargo.lock")).unwrap();
+    // The same versions as this crate, so cargo needs no network.
+    std::fs::copy(root.join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
     write(
-        &svc.join("build.rs"),
+        &dir.join("build.rs"),
         "fn main() {\n    diesel_rollout::embed(\"migrations\", \"migrations_deferred\");\n}\n",
     );
+}
+
+#[test]
+fn a_service_embeds_its_directories_in_one_build_script_call() {
+    let tmp = tempfile::tempdir().unwrap();
+    let svc = tmp.path().join("svc");
+    service_crate(&svc, Some("\"runtime\""), "");
     write(
         &svc.join("src/main.rs"),
         "use std::io::Write;\n\
@@ -119,25 +130,9 @@ fn a_service_embeds_its_directories_in_one_build_script_call() {
 
 #[test]
 fn with_the_lint_feature_an_unsafe_required_migration_fails_the_build() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
     let svc = tmp.path().join("svc_lint");
-    let dep = format!(
-        "{{ path = {:?}, default-features = false",
-        root.to_string_lossy()
-    );
-    write(
-        &svc.join("Cargo.toml"),
-        &format!(
-            "[package]\nname = \"svc_lint\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
-             [build-dependencies]\ndiesel-rollout = {dep}, features = [\"lint\"] }}\n"
-        ),
-    );
-    std::fs::copy(root.join("Cargo.lock"), svc.join("Cargo.lock")).unwrap();
-    write(
-        &svc.join("build.rs"),
-        "fn main() {\n    diesel_rollout::embed(\"migrations\", \"migrations_deferred\");\n}\n",
-    );
+    service_crate(&svc, None, "\"lint\"");
     write(&svc.join("src/main.rs"), "fn main() {}\n");
     write(
         &svc.join("migrations/2024-01-01-000000_create_orders/up.sql"),
