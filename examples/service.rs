@@ -70,9 +70,12 @@ fn main() {
         None => MigrationSet::example(),
     };
     let migrator = Migrator::new(set).application_name("example-service");
+    // r2d2 logs connection errors, which can echo parts of the URL: log
+    // them without the password instead.
     let pool: PgPool = Pool::builder()
         .max_size(4)
         .min_idle(Some(0))
+        .error_handler(Box::new(RedactingHandler(url.clone())))
         .build(ConnectionManager::<PgConnection>::new(&url))
         .expect("a connection pool");
 
@@ -108,7 +111,7 @@ fn main() {
                 Phase::Migrating => (503, "applying required migrations\n".into(), false),
                 Phase::Failed(e) => (503, format!("required migrations failed: {e}\n"), false),
             },
-            "/migrations" => (200, migrations_json(&migrator, &pool, &phase), true),
+            "/migrations" => (200, migrations_json(&migrator, &pool, &phase, &url), true),
             _ => (404, "not found\n".into(), false),
         };
         let mut response = Response::from_string(body).with_status_code(code);
@@ -121,10 +124,23 @@ fn main() {
     }
 }
 
-fn migrations_json(migrator: &Migrator, pool: &PgPool, phase: &Mutex<Phase>) -> String {
+/// Logs the pool's connection errors without the password.
+#[derive(Debug)]
+struct RedactingHandler(String);
+
+impl diesel::r2d2::HandleError<diesel::r2d2::Error> for RedactingHandler {
+    fn handle_error(&self, error: diesel::r2d2::Error) {
+        tracing::warn!(
+            "{}",
+            diesel_rollout::redact_error(&error.to_string(), &self.0)
+        );
+    }
+}
+
+fn migrations_json(migrator: &Migrator, pool: &PgPool, phase: &Mutex<Phase>, url: &str) -> String {
     let rows = pool
         .get_timeout(Duration::from_secs(2))
-        .map_err(|e| e.to_string())
+        .map_err(|e| diesel_rollout::redact_error(&e.to_string(), url))
         .and_then(|mut c| migrator.status(&mut c).map_err(|e| e.to_string()));
     let migrations = match rows {
         Ok(rows) => serde_json::Value::Array(

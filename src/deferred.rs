@@ -456,35 +456,38 @@ impl DeferredHandle {
     }
 
     fn stop_now(&mut self) {
-        if self.shared.stop.swap(true, Ordering::SeqCst) {
-            // Already stopping.
-        }
+        self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.changed.notify_all();
-        if self.stop_mode == StopMode::Cancel {
-            let pid = self.shared.leader_pid.load(Ordering::SeqCst);
-            if pid != 0 {
-                match self.pool.get_timeout(Duration::from_secs(5)) {
-                    Ok(mut conn) => {
-                        let r = diesel::sql_query("SELECT pg_cancel_backend($1)")
-                            .bind::<Integer, _>(pid)
-                            .execute(&mut conn);
-                        tracing::info!(
-                            pid,
-                            ok = r.is_ok(),
-                            "cancelled the running deferred statement"
-                        );
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // A cancel can arrive between two statements and miss the next
+        // one: send it again until the thread is gone.
+        while !thread.is_finished() {
+            if self.stop_mode == StopMode::Cancel {
+                let pid = self.shared.leader_pid.load(Ordering::SeqCst);
+                if pid != 0 {
+                    match self.pool.get_timeout(Duration::from_secs(2)) {
+                        Ok(mut conn) => {
+                            let r = diesel::sql_query("SELECT pg_cancel_backend($1)")
+                                .bind::<Integer, _>(pid)
+                                .execute(&mut conn);
+                            tracing::info!(
+                                pid,
+                                ok = r.is_ok(),
+                                "cancelling the running deferred statement"
+                            );
+                        }
+                        Err(e) => tracing::warn!(
+                            error = %crate::url::scrub_libpq(&e.to_string()),
+                            "no pooled connection to cancel the deferred statement with; trying again"
+                        ),
                     }
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        "no pooled connection to cancel the deferred statement with; \
-                         waiting for it to finish"
-                    ),
                 }
             }
+            std::thread::sleep(Duration::from_millis(500));
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = thread.join();
     }
 }
 
@@ -606,6 +609,9 @@ fn look(
     crate::metrics::deferred_pending(deferred.pending.len());
     if deferred.pending.is_empty() {
         tracing::debug!("deferred track: nothing pending");
+        if applied.is_empty() {
+            crate::metrics::run(Track::Deferred, "nothing_pending");
+        }
         return Look::Finished(DeferredState::Done {
             applied: std::mem::take(applied),
         });
@@ -819,8 +825,18 @@ fn lead(
     }
     let pending: Vec<_> = analysis.pending.clone();
     let progress_done = AtomicBool::new(false);
+    /// Ends the progress monitor however leading ends, panics included
+    /// (else the scope would wait for it for ever).
+    struct Done<'a>(&'a AtomicBool, &'a Shared);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+            self.1.changed.notify_all();
+        }
+    }
     std::thread::scope(|scope| {
         scope.spawn(|| monitor(m, pool, shared, pid, &progress_done));
+        let _done = Done(&progress_done, shared);
         let result = (|| {
             for migration in pending {
                 let mut attempt = 1u32;
@@ -855,6 +871,11 @@ fn lead(
                         on_statement: &on_statement,
                         should_stop: &should_stop,
                         on_index_repaired: &on_index_repaired,
+                        failure_outcome: if attempt > m.deferred.failure_retries {
+                            "failed"
+                        } else {
+                            "retrying"
+                        },
                         poll: Duration::from_secs(2),
                     };
                     // Re-read the row: it tells where a retry resumes.
@@ -918,8 +939,6 @@ fn lead(
             }
             Ok(())
         })();
-        progress_done.store(true, Ordering::SeqCst);
-        shared.changed.notify_all();
         result
     })
 }

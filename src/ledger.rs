@@ -130,7 +130,11 @@ pub(crate) struct LedgerRow {
 impl LedgerRow {
     /// Not applied, and the latest attempt did not succeed.
     pub(crate) fn failed(&self) -> bool {
-        !self.applied && matches!(self.outcome.as_deref(), Some("failed" | "interrupted"))
+        !self.applied
+            && matches!(
+                self.outcome.as_deref(),
+                Some("failed" | "retrying" | "interrupted")
+            )
     }
 }
 

@@ -151,7 +151,7 @@ pub use crate::migrator::{connect, Migrator};
 pub use crate::report::{Applied, MigrationStatus, Report, State, Verification};
 pub use crate::source::sql::{split_statements, LexError, Statement};
 pub use crate::source::{compare_versions, parse_dir_name, Problem, SourceError, Track};
-pub use crate::url::{redact_url, with_database};
+pub use crate::url::{redact_error, redact_url, with_database};
 
 use std::path::{Path, PathBuf};
 

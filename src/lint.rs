@@ -443,10 +443,18 @@ fn load_config(required: &Path, options: &LintOptions) -> Result<(Config, OwnCon
     let warn = ours(&mut config.warn_checks);
     let had_enabled = !config.enable_checks.is_empty();
     let enabled = ours(&mut config.enable_checks);
-    if !config.enable_checks.is_empty() {
+    if had_enabled {
         config
             .enable_checks
             .retain(|c| c.as_str() != REPLACED_GUARD_CHECK);
+        if config.enable_checks.is_empty() {
+            // Only track rules were enabled: to diesel-guard an empty list
+            // means every check, so disable them all instead.
+            config.disable_checks = diesel_guard::checks::Registry::builtin_check_names()
+                .iter()
+                .map(|c| c.to_string())
+                .collect();
+        }
     } else if !config
         .disable_checks
         .iter()

@@ -838,8 +838,13 @@ pub(crate) struct Hooks<'a> {
     pub on_statement: &'a dyn Fn(&Migration, usize, usize),
     /// Polled between statements and while waiting for another build.
     pub should_stop: &'a dyn Fn() -> bool,
-    /// Called with the name of each invalid index dropped to be rebuilt.
+    /// Called with the name of each invalid index dropped and rebuilt
+    /// valid.
     pub on_index_repaired: &'a dyn Fn(&str),
+    /// The outcome a failed attempt is recorded with: `failed`, or
+    /// `retrying` when the leader will try again (so other replicas do not
+    /// take it for a give-up).
+    pub failure_outcome: &'static str,
     /// How often to look again at a build another session is running.
     pub poll: Duration,
 }
@@ -850,6 +855,7 @@ impl Hooks<'static> {
             on_statement: &|_, _, _| {},
             should_stop: &|| false,
             on_index_repaired: &|_| {},
+            failure_outcome: "failed",
             poll: Duration::from_secs(2),
         }
     }
@@ -968,11 +974,10 @@ pub(crate) fn apply_statements(
     let start = Instant::now();
     let id = ledger::start_attempt(conn, tables, m, resume as i32, total)
         .map_err(|e| Error::db("recording the attempt", e))?;
-    let dropped = std::cell::Cell::new(0u32);
+    let dropped = std::cell::RefCell::new(Vec::<String>::new());
     let on_dropped = |name: &str| {
-        dropped.set(dropped.get() + 1);
+        dropped.borrow_mut().push(name.to_string());
         crate::metrics::invalid_index("found");
-        (hooks.on_index_repaired)(name);
     };
     let checks = catalog::Checks {
         should_stop: hooks.should_stop,
@@ -1006,7 +1011,7 @@ pub(crate) fn apply_statements(
             let outcome = if e.kind() == ErrorKind::Stopped {
                 "interrupted"
             } else {
-                "failed"
+                hooks.failure_outcome
             };
             if let Err(le) = ledger::finish_attempt(conn, tables, id, outcome, Some(&e.to_string()))
             {
@@ -1020,7 +1025,9 @@ pub(crate) fn apply_statements(
             let line = error_line(m.up_sql(), s, &e);
             if !is_connection_error(&e) {
                 pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
-                if let Err(le) = ledger::finish_attempt(conn, tables, id, "failed", Some(&pg)) {
+                if let Err(le) =
+                    ledger::finish_attempt(conn, tables, id, hooks.failure_outcome, Some(&pg))
+                {
                     tracing::warn!(error = %le, "could not record the failed attempt");
                 }
             }
@@ -1050,14 +1057,19 @@ pub(crate) fn apply_statements(
         if let Some(op) = &op {
             let confirmed = catalog::confirm(conn, op, m, s.line);
             if confirmed.is_ok() {
-                for _ in 0..dropped.replace(0) {
+                for name in dropped.take() {
                     crate::metrics::invalid_index("repaired");
+                    (hooks.on_index_repaired)(&name);
                 }
             }
             if let Err(e) = confirmed {
-                if let Err(le) =
-                    ledger::finish_attempt(conn, tables, id, "failed", Some(&e.to_string()))
-                {
+                if let Err(le) = ledger::finish_attempt(
+                    conn,
+                    tables,
+                    id,
+                    hooks.failure_outcome,
+                    Some(&e.to_string()),
+                ) {
                     tracing::warn!(error = %le, "could not record the failed attempt");
                 }
                 return Err(e);

@@ -173,8 +173,13 @@ impl TestDatabase {
     pub fn try_new(migrations: &MigrationSet) -> Result<Self, Error> {
         let admin = admin_url()?;
         let template = template(&admin, migrations)?;
+        // The clock too: a database left by a killed run on a long-lived
+        // server must not collide with a new one that got the same pid.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() % 1_000_000_000_000);
         let name = format!(
-            "diesel_rollout_test_{}_{}",
+            "diesel_rollout_test_{}_{nanos}_{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );

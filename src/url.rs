@@ -392,6 +392,14 @@ pub fn scrub_libpq(text: &str) -> String {
     out
 }
 
+/// `text` (an error message, a log line) with every password of `url`
+/// replaced by `***`, and with what libpq quotes from a malformed connection
+/// string removed. For messages that may echo a connection string, such as
+/// an r2d2 pool's errors.
+pub fn redact_error(text: &str, url: &str) -> String {
+    scrub_libpq(&scrub(text, url))
+}
+
 /// `text` with every password of `url` replaced by `***`.
 pub fn scrub(text: &str, url: &str) -> String {
     let mut s = text.to_string();

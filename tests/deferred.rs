@@ -503,3 +503,48 @@ fn replicas_do_not_rerun_a_build_another_leader_gave_up_on() {
         "one leader ran the failing build; the other replica did not run it again"
     );
 }
+
+#[test]
+fn a_leader_pausing_between_retries_is_not_taken_for_one_that_gave_up() {
+    let db = TestDb::new();
+    let pool = pool(&db, 4);
+    let m = fast(migrator("deferred_unique"))
+        .deferred_failure_retries(1)
+        .deferred_failure_backoff(Duration::from_secs(2));
+    m.run_required(&db.url).unwrap();
+    let leader = m.start_deferred(pool.clone());
+    wait_until(
+        "the leader's first failure",
+        Duration::from_secs(20),
+        || matches!(leader.state(), DeferredState::Retrying { .. }),
+    );
+    // Another replica starts during the leader's pause: it must keep
+    // waiting, not conclude the leader gave up.
+    let other = m.start_deferred(pool.clone());
+    wait_until(
+        "the other replica to find the leader",
+        Duration::from_secs(10),
+        || matches!(other.state(), DeferredState::NotLeader { .. }),
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM __diesel_rollout_attempts \
+             WHERE version = '0002' AND outcome = 'retrying'"
+        ),
+        1
+    );
+    // The leader's last try fails for good; the other replica then sees a
+    // leader that gave up and does not run the build again.
+    for h in [&leader, &other] {
+        let end = h.wait(Duration::from_secs(60));
+        assert!(matches!(end, DeferredState::Failed { .. }), "{end:?}");
+    }
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM __diesel_rollout_attempts \
+             WHERE version = '0002' AND outcome IN ('failed', 'retrying')"
+        ),
+        2,
+        "the leader's two tries, and nothing from the other replica"
+    );
+}

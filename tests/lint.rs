@@ -270,3 +270,28 @@ fn the_cli_prints_path_line_rule_and_json() {
         .unwrap();
     assert_eq!(ok.status.code(), Some(0));
 }
+
+#[test]
+fn enabling_only_track_rules_turns_diesel_guard_off() {
+    let dir = fixture("lint_rewrites");
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("diesel-guard.toml");
+    std::fs::write(
+        &config,
+        "framework = \"diesel\"\nenable_checks = [\"RetryUnsafeStatement\"]\n",
+    )
+    .unwrap();
+    let findings = lint_dirs(
+        &dir.join("migrations"),
+        &dir.join("migrations_deferred"),
+        &LintOptions {
+            config: Some(config),
+            ..LintOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        findings.is_empty(),
+        "only the enabled rule runs: {findings:#?}"
+    );
+}

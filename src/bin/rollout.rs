@@ -13,8 +13,8 @@ use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel_rollout::cluster::ThrowawayCluster;
 use diesel_rollout::{
-    compare_versions, connect, parse_dir_name, redact_url, with_database, DeferredState,
-    MigrationSet, MigrationStatus, Migrator, Track,
+    compare_versions, connect, parse_dir_name, redact_error, redact_url, with_database,
+    DeferredState, MigrationSet, MigrationStatus, Migrator, Track,
 };
 
 const EXAMPLES: &str = "\
@@ -396,8 +396,14 @@ fn deferred(
         .max_size(2)
         .min_idle(Some(0))
         .connection_timeout(Duration::from_secs(10))
+        .error_handler(Box::new(RedactingHandler(url.to_string())))
         .build(ConnectionManager::<PgConnection>::new(url))
-        .map_err(|e| failure(format!("cannot create a connection pool: {e}")))?;
+        .map_err(|e| {
+            failure(format!(
+                "cannot create a connection pool: {}",
+                redact_error(&e.to_string(), url)
+            ))
+        })?;
     let handle = m
         .clone()
         .deferred_retry(wait)
@@ -407,11 +413,36 @@ fn deferred(
         .deferred_progress_interval(Duration::from_secs(1))
         .start_deferred(pool);
     let mut progress = Progress::new(quiet);
+    // Waiting for another leader is bounded by --lock-wait, and a database
+    // that stays unreachable by a minute.
+    let deadline = Instant::now() + cli.lock_wait.unwrap_or(Duration::from_secs(600));
+    let mut unreachable_since = None::<Instant>;
     loop {
         let state = handle.wait_for_change(Duration::from_secs(1));
         progress.show(&state);
         if handle.is_finished() {
             break;
+        }
+        let give_up = match &state {
+            DeferredState::NotLeader { holder, .. } if Instant::now() >= deadline => Some(format!(
+                "gave up waiting for {} to finish the deferred track (--lock-wait)",
+                holder
+                    .as_ref()
+                    .map_or_else(|| "another session".to_string(), |h| h.to_string())
+            )),
+            DeferredState::Reconnecting { error } => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                (since.elapsed() >= Duration::from_secs(60)).then(|| error.clone())
+            }
+            _ => {
+                unreachable_since = None;
+                None
+            }
+        };
+        if let Some(message) = give_up {
+            handle.stop();
+            progress.finish();
+            return Err(failure(message));
         }
         if let DeferredState::WaitingForRequired { pending } = state {
             // Required migrations this binary knows are missing although the
@@ -472,6 +503,17 @@ fn deferred(
         DeferredState::Reconnecting { error } => Err(failure(error)),
         DeferredState::Stopped => Err(failure("the deferred track stopped before finishing")),
         other => Err(failure(format!("the deferred track ended as {other:?}"))),
+    }
+}
+
+/// Logs the pool's connection errors without the password (r2d2's own
+/// handler would log libpq's text, which can quote the URL).
+#[derive(Debug)]
+struct RedactingHandler(String);
+
+impl diesel::r2d2::HandleError<diesel::r2d2::Error> for RedactingHandler {
+    fn handle_error(&self, error: diesel::r2d2::Error) {
+        tracing::warn!("{}", redact_error(&error.to_string(), &self.0));
     }
 }
 
@@ -935,11 +977,19 @@ fn lint(_: &Cli, _: bool, _: Option<PathBuf>, _: Vec<String>, _: bool) -> Result
     ))
 }
 
-/// `rollout check` lints first, when the set's directories are on disk.
+/// `rollout check` lints first the set it applies: the directories given,
+/// or those the embedded set was built from, when they are on disk.
 fn lint_before_check(cli: &Cli) -> Result<(), Failure> {
     #[cfg(feature = "lint")]
     {
-        let (required, deferred) = lint_dirs(cli);
+        let required = cli
+            .migrations_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("migrations"));
+        let deferred = cli
+            .deferred_dir
+            .clone()
+            .unwrap_or_else(|| sibling_deferred(&required));
         if !required.is_dir() {
             tracing::warn!(dir = %required.display(), "lint skipped: the migrations directory is not on this machine");
             return Ok(());

@@ -1,4 +1,5 @@
 -- diesel-rollout's own record: one row per attempt to apply a migration.
+-- outcome: 'failed' is final; 'retrying' failed and the leader will try again.
 CREATE TABLE {attempts} (
     id                   BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     version              VARCHAR(50) NOT NULL,
@@ -8,7 +9,7 @@ CREATE TABLE {attempts} (
     started_at           TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
     finished_at          TIMESTAMPTZ,
     outcome              TEXT NOT NULL
-                         CHECK (outcome IN ('running', 'success', 'failed', 'interrupted')),
+                         CHECK (outcome IN ('running', 'success', 'failed', 'retrying', 'interrupted')),
     error                TEXT,
     statements_completed INTEGER NOT NULL DEFAULT 0,
     statements_total     INTEGER NOT NULL,
