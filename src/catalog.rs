@@ -279,7 +279,8 @@ impl std::fmt::Display for IndexBuildProgress {
     }
 }
 
-/// An index build running now in this database.
+/// An index build running now in this database: who runs it, and its
+/// progress.
 #[derive(Debug, Clone, QueryableByName)]
 pub(crate) struct RunningBuild {
     #[diesel(sql_type = Integer)]
@@ -288,34 +289,8 @@ pub(crate) struct RunningBuild {
     pub application_name: String,
     #[diesel(sql_type = Text)]
     pub command: String,
-    #[diesel(sql_type = Text)]
-    pub phase: String,
-    #[diesel(sql_type = Text)]
-    pub index_name: String,
-    #[diesel(sql_type = Text)]
-    pub table_name: String,
-    #[diesel(sql_type = BigInt)]
-    pub blocks_done: i64,
-    #[diesel(sql_type = BigInt)]
-    pub blocks_total: i64,
-    #[diesel(sql_type = BigInt)]
-    pub tuples_done: i64,
-    #[diesel(sql_type = BigInt)]
-    pub tuples_total: i64,
-}
-
-impl RunningBuild {
-    pub(crate) fn progress(&self) -> IndexBuildProgress {
-        IndexBuildProgress {
-            phase: self.phase.clone(),
-            index_name: self.index_name.clone(),
-            table_name: self.table_name.clone(),
-            blocks_done: self.blocks_done,
-            blocks_total: self.blocks_total,
-            tuples_done: self.tuples_done,
-            tuples_total: self.tuples_total,
-        }
-    }
+    #[diesel(embed)]
+    pub progress: IndexBuildProgress,
 }
 
 /// What the catalog says of an index a migration creates.
@@ -381,7 +356,8 @@ pub(crate) fn migration_indexes(
         let rows = table_indexes(conn, &table)?;
         let row = rows.iter().find(|r| r.index_name == index.folded);
         let build = builds.iter().find(|b| {
-            b.index_name == index.folded || b.index_name.ends_with(&format!(".{}", index.folded))
+            let name = &b.progress.index_name;
+            *name == index.folded || name.ends_with(&format!(".{}", index.folded))
         });
         let state = match row {
             Some(r) if r.valid => IndexState::Valid,
@@ -395,7 +371,7 @@ pub(crate) fn migration_indexes(
             state,
             progress: build
                 .filter(|_| state == IndexState::Building)
-                .map(RunningBuild::progress),
+                .map(|b| b.progress.clone()),
         });
     }
     Ok(out)

@@ -976,7 +976,7 @@ fn monitor(m: &Migrator, pool: &PgPool, shared: &Shared, pid: i32, done: &Atomic
             Ok(builds) => builds
                 .into_iter()
                 .find(|b| b.pid == pid)
-                .map(|b| b.progress()),
+                .map(|b| b.progress),
             Err(e) => {
                 if is_connection_error(&e) {
                     discard(conn);

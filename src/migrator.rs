@@ -897,13 +897,13 @@ fn explain_lock_timeout(conn: &mut PgConnection, statement: &str, e: &DieselErro
                         &b.application_name
                     },
                     b.command,
-                    if b.index_name.is_empty() {
+                    if b.progress.index_name.is_empty() {
                         "?"
                     } else {
-                        &b.index_name
+                        &b.progress.index_name
                     },
-                    b.table_name,
-                    b.phase
+                    b.progress.table_name,
+                    b.progress.phase
                 )
             })
             .collect::<Vec<_>>()
