@@ -171,8 +171,8 @@ impl Migrator {
     ///
     /// # Errors
     /// As [`Migrator::run_required_on`]; the deferred track is not started.
-    /// A connection whose state is unknown is discarded, not returned to the
-    /// pool.
+    /// The connection used is discarded, not returned to the pool: its state
+    /// is unknown, or a failed migration may have changed its settings.
     pub fn run(&self, pool: &PgPool) -> Result<(crate::Report, DeferredHandle), Error> {
         let mut conn = pool.get().map_err(|e| {
             Error::new(
@@ -199,9 +199,9 @@ impl Migrator {
                 Ok((report, self.start_deferred(pool.clone())))
             }
             Err(e) => {
-                if e.connection_unusable() {
-                    discard(conn);
-                }
+                // Its state is unknown, or a failed migration may have
+                // changed session settings: never hand it to the service.
+                discard(conn);
                 Err(e)
             }
         }
@@ -773,6 +773,7 @@ fn lead(
     applied: &mut Vec<String>,
 ) -> Result<(), Led> {
     let (lock_timeout, statement_timeout) = m.deferred_timeouts();
+    let tables = &tables.pinned(conn).map_err(Led::Lost)?;
     let mut setup = || -> Result<i32, Error> {
         ledger::ensure_tables(conn, tables)?;
         conn.batch_execute(&format!(

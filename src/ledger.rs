@@ -17,6 +17,7 @@ use crate::source::Track;
 pub(crate) struct Tables {
     /// As given (`__diesel_schema_migrations`), for lock keys and messages.
     pub migrations_name: String,
+    attempts_name: String,
     sql: Sql,
     migrations_regclass: String,
     attempts_regclass: String,
@@ -81,6 +82,7 @@ impl Tables {
         let r = |t: &str| t.replace("{migrations}", &m).replace("{attempts}", &a);
         Ok(Tables {
             migrations_name: migrations.to_string(),
+            attempts_name: attempts.to_string(),
             migrations_regclass: m.clone(),
             attempts_regclass: a.clone(),
             sql: Sql {
@@ -97,6 +99,46 @@ impl Tables {
                 finish_attempt: r(include_str!("sql/finish_attempt.sql")),
                 insert_version: r(include_str!("sql/insert_version.sql")),
             },
+        })
+    }
+}
+
+impl Tables {
+    /// The same tables, qualified with the schema they resolve to now.
+    /// Called before any migration runs: a migration that changes
+    /// `search_path` must not send the harness's own ledger writes elsewhere.
+    pub(crate) fn pinned(&self, conn: &mut PgConnection) -> Result<Tables, Error> {
+        #[derive(QueryableByName)]
+        struct Schema {
+            #[diesel(sql_type = Nullable<Text>)]
+            schema: Option<String>,
+        }
+        let schema = sql_query("SELECT current_schema() AS schema")
+            .get_result::<Schema>(conn)
+            .map_err(|e| Error::db("reading the current schema", e))?
+            .schema;
+        let qualify = |name: &str, schema: &str| {
+            if name.contains('.') {
+                name.to_string()
+            } else {
+                format!("{schema}.{name}")
+            }
+        };
+        let pinned = schema.and_then(|s| {
+            Tables::new(
+                &qualify(&self.migrations_name, &s),
+                &qualify(&self.attempts_name, &s),
+            )
+            .ok()
+        });
+        Ok(match pinned {
+            Some(mut t) => {
+                // Lock keys and messages keep the name as configured.
+                t.migrations_name = self.migrations_name.clone();
+                t
+            }
+            // No schema on the search path, or one that needs quoting: as is.
+            None => self.clone(),
         })
     }
 }

@@ -328,7 +328,9 @@ impl Migrator {
         );
 
         crate::metrics::lock_wait(track, waited);
-        let result = self.apply_locked(&mut guard, &tables, track, &mut report, probe);
+        let result = tables
+            .pinned(&mut guard)
+            .and_then(|tables| self.apply_locked(&mut guard, &tables, track, &mut report, probe));
         let reset = guard.batch_execute("RESET lock_timeout; RESET statement_timeout");
         let released = guard.release();
         crate::metrics::run(

@@ -548,3 +548,38 @@ fn a_leader_pausing_between_retries_is_not_taken_for_one_that_gave_up() {
         "the leader's two tries, and nothing from the other replica"
     );
 }
+
+#[test]
+fn a_failed_start_up_never_hands_its_connection_to_the_service() {
+    let db = TestDb::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("migrations/0001_sets_then_fails");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("up.sql"),
+        "SET search_path TO nowhere;\nSELECT no_such_function();\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("metadata.toml"), "run_in_transaction = false\n").unwrap();
+    let set = diesel_rollout::MigrationSet::from_dirs(
+        &tmp.path().join("migrations"),
+        &tmp.path().join("migrations_deferred"),
+    )
+    .unwrap();
+    // A pool of one: the service gets whatever connection start-up used.
+    let pool = pool(&db, 1);
+    let err = Migrator::new(set).run(&pool).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::MigrationFailed);
+    let mut conn = pool.get().unwrap();
+    #[derive(QueryableByName)]
+    struct Path {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        search_path: String,
+    }
+    let path = diesel::sql_query("SHOW search_path")
+        .get_result::<Path>(&mut conn)
+        .unwrap()
+        .search_path;
+    assert_ne!(path, "nowhere", "the migration's SET leaked into the pool");
+    assert_eq!(db.advisory_locks(), 0);
+}
