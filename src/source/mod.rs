@@ -366,6 +366,16 @@ fn check_sql(
             return;
         }
     };
+    for s in statements.iter().filter(|s| sql::is_client_copy(&s.sql)) {
+        problems.push(problem(
+            path,
+            Some(s.line),
+            "`COPY ... FROM STDIN` / `TO STDOUT` exchanges data with the client (psql sends \
+             the lines after the statement), and a migration runner sends SQL only, so it \
+             would load nothing: write the rows as `INSERT ... VALUES`, or `COPY ... FROM` a \
+             file on the database server",
+        ));
+    }
     if is_up && statements.is_empty() {
         problems.push(problem(
             path,

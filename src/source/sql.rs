@@ -5,7 +5,10 @@
 //! quoted identifiers and comments. The scanner follows PostgreSQL's lexical
 //! rules with `standard_conforming_strings = on`:
 //!
-//! * `-- …` line comments and nesting `/* … /* … */ … */` block comments;
+//! * `-- …` line comments (ended by `\n` or `\r`) and nesting
+//!   `/* … /* … */ … */` block comments;
+//! * string continuation: `'a'` and `'b'` separated by whitespace holding a
+//!   newline are one literal, in the first part's mode;
 //! * `'…'` strings (`''` escapes a quote, backslash is literal), including the
 //!   `U&'…'`, `B'…'`, `X'…'` and `N'…'` forms;
 //! * `E'…'` escape strings, where `\` also escapes the next character;
@@ -67,8 +70,8 @@ impl fmt::Display for LexError {
 impl std::error::Error for LexError {}
 
 /// Splits a script into statements on `;`, ignoring semicolons inside
-/// strings, quoted identifiers, comments, dollar quotes and `BEGIN ATOMIC`
-/// routine bodies. Empty statements are skipped; the last statement may lack
+/// strings, quoted identifiers, comments, dollar quotes, parentheses and
+/// `BEGIN ATOMIC` routine bodies, as psql does. Empty statements are skipped; the last statement may lack
 /// its `;`.
 ///
 /// # Errors
@@ -81,6 +84,9 @@ pub fn split_statements(script: &str) -> Result<Vec<Statement>, LexError> {
     // Byte span (first token start, last token end) of the current statement.
     let mut current: Option<(usize, usize)> = None;
     let mut body = BodyTracker::default();
+    // As psql: a `;` inside parentheses (a multi-action `CREATE RULE ... DO
+    // ALSO (...; ...)`) does not end the statement.
+    let mut parens = 0usize;
     let mut finish = |span: Option<(usize, usize)>, lines: &mut LineCounter<'_>| {
         if let Some((start, end)) = span {
             out.push(Statement {
@@ -92,10 +98,15 @@ pub fn split_statements(script: &str) -> Result<Vec<Statement>, LexError> {
     };
     for token in Lexer::new(script) {
         let token = token?;
-        if token.kind == Kind::Semicolon && !body.inside_block() {
+        if token.kind == Kind::Semicolon && !body.inside_block() && parens == 0 {
             finish(current.take(), &mut lines);
             body = BodyTracker::default();
             continue;
+        }
+        match token.kind {
+            Kind::Punct(b'(') => parens += 1,
+            Kind::Punct(b')') => parens = parens.saturating_sub(1),
+            _ => {}
         }
         current.get_or_insert((token.start, token.end)).1 = token.end;
         body.feed(token.kind, &script[token.start..token.end]);
@@ -203,6 +214,25 @@ pub fn find_keyword(script: &str, keyword: &str) -> Result<Option<Word>, LexErro
         .find(|w| w.text.eq_ignore_ascii_case(keyword)))
 }
 
+/// Whether a statement is a `COPY` that exchanges data with the client
+/// (`COPY ... FROM STDIN`, `COPY ... TO STDOUT`): the data of `FROM STDIN`
+/// follows the statement in psql's input, which a migration runner does not
+/// send, so the copy would load nothing.
+#[must_use]
+pub fn is_client_copy(statement: &str) -> bool {
+    let Ok(t) = tokens(statement) else {
+        return false;
+    };
+    let word = |i: usize, w: &str| {
+        t.get(i)
+            .is_some_and(|t| t.kind == TokenKind::Word && t.text.eq_ignore_ascii_case(w))
+    };
+    word(0, "copy")
+        && (0..t.len()).any(|i| {
+            (word(i, "from") && word(i + 1, "stdin")) || (word(i, "to") && word(i + 1, "stdout"))
+        })
+}
+
 /// 1-based line number of a byte offset (helper, used to map a server error
 /// position to a line). Offsets past the end count as the end of the script;
 /// `\r\n` is one line break.
@@ -280,14 +310,54 @@ impl<'a> Lexer<'a> {
         loop {
             match (self.peek(0), self.peek(1)) {
                 (Some(b), _) if is_space(b) => self.pos += 1,
-                (Some(b'-'), Some(b'-')) => {
-                    self.pos = match self.src[self.pos..].find('\n') {
-                        Some(i) => self.pos + i + 1,
-                        None => self.src.len(),
-                    };
-                }
+                (Some(b'-'), Some(b'-')) => self.pos = self.comment_end(self.pos),
                 (Some(b'/'), Some(b'*')) => self.skip_block_comment()?,
                 _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Where a `--` comment starting at `at` ends: at the first `\n` or
+    /// `\r` (PostgreSQL ends it at either), which is not part of it.
+    fn comment_end(&self, at: usize) -> usize {
+        match self.src.as_bytes()[at..]
+            .iter()
+            .position(|&b| b == b'\n' || b == b'\r')
+        {
+            Some(i) => at + i,
+            None => self.src.len(),
+        }
+    }
+
+    /// Where a string literal continues after its closing quote, if it
+    /// does: PostgreSQL joins `'a'` and `'b'` separated by whitespace that
+    /// holds at least one newline (and maybe `--` comments) into one literal,
+    /// in the first part's mode (`E'a' \n '\''` is one escape string). Returns
+    /// the offset of the continuing quote.
+    fn continuation(&self, from: usize) -> Option<usize> {
+        let b = self.src.as_bytes();
+        let mut i = from;
+        // Horizontal whitespace and comments, then a newline.
+        loop {
+            match b.get(i) {
+                Some(b' ' | b'\t' | b'\x0C') => i += 1,
+                Some(b'-') if b.get(i + 1) == Some(&b'-') => i = self.comment_end(i),
+                Some(b'\n' | b'\r') => break,
+                _ => return None,
+            }
+        }
+        // Any whitespace, and comments each ended by a newline.
+        loop {
+            match b.get(i) {
+                Some(&c) if is_space(c) => i += 1,
+                Some(b'-') if b.get(i + 1) == Some(&b'-') => {
+                    i = self.comment_end(i);
+                    if !matches!(b.get(i), Some(b'\n' | b'\r')) {
+                        return None;
+                    }
+                }
+                Some(b'\'') => return Some(i),
+                _ => return None,
             }
         }
     }
@@ -333,10 +403,14 @@ impl<'a> Lexer<'a> {
                 Some(b'\\') if backslash => self.pos = (self.pos + 2).min(self.src.len()),
                 Some(b) if b == quote => {
                     self.pos += 1;
-                    if self.peek(0) != Some(quote) {
-                        return Ok(());
+                    if self.peek(0) == Some(quote) {
+                        self.pos += 1;
+                        continue;
                     }
-                    self.pos += 1;
+                    match self.continuation(self.pos).filter(|_| quote == b'\'') {
+                        Some(next) => self.pos = next + 1,
+                        None => return Ok(()),
+                    }
                 }
                 Some(_) => self.pos += 1,
             }
@@ -819,6 +893,64 @@ mod tests {
             find_keyword(script, "select").unwrap().map(|w| w.line),
             Some(1)
         );
+    }
+
+    #[test]
+    fn a_line_comment_ends_at_a_carriage_return() {
+        // A lone `\r` ends a `--` comment in PostgreSQL: the statement after
+        // it is not part of the comment.
+        assert_eq!(
+            sqls("CREATE TABLE a (x int); -- note\rALTER TABLE a ADD y int;"),
+            vec!["CREATE TABLE a (x int)", "ALTER TABLE a ADD y int"]
+        );
+        assert_eq!(
+            sqls("SELECT 1 -- c;\r;SELECT 2"),
+            vec!["SELECT 1", "SELECT 2"]
+        );
+    }
+
+    #[test]
+    fn semicolons_inside_parentheses_do_not_split() {
+        let script = "CREATE RULE r AS ON INSERT TO t DO ALSO (\n  INSERT INTO u VALUES (1);\n  \
+                      INSERT INTO u VALUES (2)\n);\nSELECT 1;";
+        let stmts = split_statements(script).unwrap();
+        assert_eq!(stmts.len(), 2, "{stmts:?}");
+        assert!(stmts[0].sql.ends_with("INSERT INTO u VALUES (2)\n)"));
+        assert_eq!((stmts[1].sql.as_str(), stmts[1].line), ("SELECT 1", 5));
+        // An unbalanced `)` does not stop later statements from splitting.
+        assert_eq!(sqls("SELECT 1); SELECT 2"), vec!["SELECT 1)", "SELECT 2"]);
+    }
+
+    #[test]
+    fn a_continued_escape_string_stays_in_escape_mode() {
+        let script = "INSERT INTO t VALUES (E'it''s'\n  '\\'; still the string');\nSELECT 2";
+        assert_eq!(
+            sqls(script),
+            vec![
+                "INSERT INTO t VALUES (E'it''s'\n  '\\'; still the string')",
+                "SELECT 2"
+            ]
+        );
+        // With a comment between the parts, too.
+        assert_eq!(
+            sqls("SELECT E'a' -- c\n '\\';x'; SELECT 3"),
+            vec!["SELECT E'a' -- c\n '\\';x'", "SELECT 3"]
+        );
+        // Without a newline the second part is a new (plain) literal.
+        assert_eq!(
+            sqls("SELECT E'a' '\\'; SELECT 4"),
+            vec!["SELECT E'a' '\\'", "SELECT 4"]
+        );
+    }
+
+    #[test]
+    fn client_copies_are_recognised() {
+        assert!(is_client_copy("COPY t (a, b) FROM stdin"));
+        assert!(is_client_copy("copy t from STDIN with (format csv)"));
+        assert!(is_client_copy("COPY (SELECT 1) TO STDOUT"));
+        assert!(!is_client_copy("COPY t FROM '/srv/data.csv'"));
+        assert!(!is_client_copy("SELECT 'COPY t FROM stdin'"));
+        assert!(!is_client_copy("INSERT INTO stdin VALUES (1)"));
     }
 
     #[test]

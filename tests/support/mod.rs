@@ -172,3 +172,76 @@ pub fn fixture_set(name: &str) -> MigrationSet {
 pub fn migrator(name: &str) -> Migrator {
     Migrator::new(fixture_set(name))
 }
+
+/// A migration set written by the test into a temporary directory:
+/// `migrations/` and `migrations_deferred/`.
+pub struct TempSet {
+    dir: tempfile::TempDir,
+}
+
+impl TempSet {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        std::fs::create_dir(dir.path().join("migrations")).unwrap();
+        std::fs::create_dir(dir.path().join("migrations_deferred")).unwrap();
+        TempSet { dir }
+    }
+
+    pub fn required_dir(&self) -> PathBuf {
+        self.dir.path().join("migrations")
+    }
+
+    pub fn deferred_dir(&self) -> PathBuf {
+        self.dir.path().join("migrations_deferred")
+    }
+
+    fn write(&self, base: PathBuf, dir_name: &str, up: &str, metadata: Option<&str>) -> PathBuf {
+        let dir = base.join(dir_name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("up.sql"), up).unwrap();
+        if let Some(meta) = metadata {
+            std::fs::write(dir.join("metadata.toml"), meta).unwrap();
+        }
+        dir
+    }
+
+    /// A transactional required migration.
+    pub fn required(&self, dir_name: &str, up: &str) -> PathBuf {
+        self.write(self.required_dir(), dir_name, up, None)
+    }
+
+    /// A required migration with `run_in_transaction = false`.
+    pub fn required_no_tx(&self, dir_name: &str, up: &str) -> PathBuf {
+        self.write(
+            self.required_dir(),
+            dir_name,
+            up,
+            Some("run_in_transaction = false\n"),
+        )
+    }
+
+    /// A required migration with this `metadata.toml`.
+    pub fn required_with(&self, dir_name: &str, up: &str, metadata: &str) -> PathBuf {
+        self.write(self.required_dir(), dir_name, up, Some(metadata))
+    }
+
+    /// A deferred migration.
+    pub fn deferred(&self, dir_name: &str, up: &str) -> PathBuf {
+        self.write(
+            self.deferred_dir(),
+            dir_name,
+            up,
+            Some("run_in_transaction = false\n"),
+        )
+    }
+
+    /// The set as it is on disk now.
+    pub fn set(&self) -> MigrationSet {
+        MigrationSet::from_dirs(&self.required_dir(), &self.deferred_dir())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn migrator(&self) -> Migrator {
+        Migrator::new(self.set())
+    }
+}
