@@ -27,16 +27,34 @@ pub(crate) struct Ident {
 
 impl Ident {
     fn from_token(t: &SqlToken) -> Option<Self> {
-        match t.kind {
-            TokenKind::Word => Some(Ident {
-                folded: t.text.to_ascii_lowercase(),
-            }),
-            TokenKind::QuotedIdent if t.text.starts_with('"') && t.text.len() >= 2 => Some(Ident {
-                folded: t.text[1..t.text.len() - 1].replace("\"\"", "\""),
-            }),
-            _ => None,
-        }
+        let name = match t.kind {
+            TokenKind::Word => t.text.to_ascii_lowercase(),
+            TokenKind::QuotedIdent if t.text.starts_with('"') && t.text.len() >= 2 => {
+                t.text[1..t.text.len() - 1].replace("\"\"", "\"")
+            }
+            _ => return None,
+        };
+        Some(Ident {
+            folded: truncate_identifier(&name, MAX_IDENTIFIER_BYTES).to_string(),
+        })
     }
+}
+
+/// The longest name PostgreSQL stores: `NAMEDATALEN - 1` bytes.
+pub(crate) const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// `name` cut to at most `max` bytes without splitting a UTF-8 character,
+/// as PostgreSQL truncates identifiers (and the base of the names it
+/// chooses, such as `REINDEX CONCURRENTLY`'s `*_ccnew`).
+pub(crate) fn truncate_identifier(name: &str, max: usize) -> &str {
+    if name.len() <= max {
+        return name;
+    }
+    let mut end = max;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 /// An index operation the runner checks against the catalog.
@@ -50,7 +68,12 @@ pub(crate) enum IndexOp {
         if_not_exists: bool,
     },
     /// `REINDEX INDEX CONCURRENTLY name`.
-    ReindexIndex { index: String },
+    ReindexIndex {
+        /// As written, for `to_regclass`.
+        index: String,
+        /// The index's own name, as stored.
+        name: Ident,
+    },
     /// `REINDEX TABLE CONCURRENTLY name`.
     ReindexTable { table: String },
 }
@@ -134,10 +157,13 @@ pub(crate) fn classify(statement: &str) -> Option<IndexOp> {
         if !is_word(t.get(i), "concurrently") {
             return None;
         }
-        let (name, _, _) = qualified_name(&t, i + 1)?;
+        let (text, last, _) = qualified_name(&t, i + 1)?;
         return match kind.as_str() {
-            "index" => Some(IndexOp::ReindexIndex { index: name }),
-            "table" => Some(IndexOp::ReindexTable { table: name }),
+            "index" => Some(IndexOp::ReindexIndex {
+                index: text,
+                name: last,
+            }),
+            "table" => Some(IndexOp::ReindexTable { table: text }),
             _ => None,
         };
     }
@@ -184,6 +210,10 @@ impl IndexRow {
         )
     }
 
+    /// Whether this is what a failed `REINDEX CONCURRENTLY` of index `of`
+    /// (any index, with `None`) leaves: `<base>_ccnew[N]` or
+    /// `<base>_ccold[N]`, where PostgreSQL cuts the base so the whole name
+    /// fits in 63 bytes.
     fn is_reindex_leftover(&self, of: Option<&str>) -> bool {
         let Some(pos) = self
             .index_name
@@ -193,8 +223,9 @@ impl IndexRow {
             return false;
         };
         let suffix = &self.index_name[pos + 6..];
+        let room = MAX_IDENTIFIER_BYTES.saturating_sub(self.index_name.len() - pos);
         suffix.bytes().all(|b| b.is_ascii_digit())
-            && of.is_none_or(|base| &self.index_name[..pos] == base)
+            && of.is_none_or(|base| self.index_name[..pos] == *truncate_identifier(base, room))
     }
 }
 
@@ -289,6 +320,9 @@ pub(crate) struct RunningBuild {
     pub application_name: String,
     #[diesel(sql_type = Text)]
     pub command: String,
+    /// The index's own name, unquoted (empty until it exists).
+    #[diesel(sql_type = Text)]
+    pub index_relname: String,
     #[diesel(embed)]
     pub progress: IndexBuildProgress,
 }
@@ -355,10 +389,7 @@ pub(crate) fn migration_indexes(
         };
         let rows = table_indexes(conn, &table)?;
         let row = rows.iter().find(|r| r.index_name == index.folded);
-        let build = builds.iter().find(|b| {
-            let name = &b.progress.index_name;
-            *name == index.folded || name.ends_with(&format!(".{}", index.folded))
-        });
+        let build = builds.iter().find(|b| b.index_relname == index.folded);
         let state = match row {
             Some(r) if r.valid => IndexState::Valid,
             Some(r) if r.building => IndexState::Building,
@@ -410,25 +441,15 @@ pub(crate) fn prepare(
             )
         }
         IndexOp::Create { index: None, .. } => return Ok(()),
-        IndexOp::ReindexIndex { index } => {
+        IndexOp::ReindexIndex { index, name } => {
             let Some(table) = table_of_index(conn, index).map_err(|e| catalog_error(m, line, e))?
             else {
                 return Ok(());
             };
-            let base = index
-                .rsplit('.')
-                .next()
-                .unwrap_or(index)
-                .trim_matches('"')
-                .to_string();
-            let folded = if index.contains('"') {
-                base
-            } else {
-                base.to_ascii_lowercase()
-            };
+            let base = name.folded.clone();
             (
                 table,
-                Box::new(move |r: &IndexRow| r.is_reindex_leftover(Some(&folded))),
+                Box::new(move |r: &IndexRow| r.is_reindex_leftover(Some(&base))),
             )
         }
         IndexOp::ReindexTable { table } => (
@@ -533,7 +554,7 @@ pub(crate) fn confirm(
             }
         }
         IndexOp::Create { index: None, .. } => Ok(()),
-        IndexOp::ReindexIndex { index } => {
+        IndexOp::ReindexIndex { index, .. } => {
             let Some(table) = table_of_index(conn, index).map_err(|e| catalog_error(m, line, e))?
             else {
                 return Ok(());
@@ -599,9 +620,29 @@ mod tests {
         );
         assert_eq!(classify("CREATE INDEX i ON t (a)"), None);
         assert_eq!(
-            classify("REINDEX (VERBOSE) INDEX CONCURRENTLY s.i"),
+            classify("REINDEX (VERBOSE) INDEX CONCURRENTLY s.I"),
             Some(IndexOp::ReindexIndex {
-                index: "s.i".into()
+                index: "s.I".into(),
+                name: Ident { folded: "i".into() },
+            })
+        );
+        // PostgreSQL keeps 63 bytes of a name, never half a character.
+        let long = format!("things_val_{}", "x".repeat(60));
+        assert_eq!(
+            classify(&format!("CREATE INDEX CONCURRENTLY {long} ON t (a)")),
+            Some(IndexOp::Create {
+                index: ident(&long[..63]),
+                table: "t".into(),
+                if_not_exists: false
+            })
+        );
+        let accents = format!("\"things_val__{}\"", "é".repeat(26));
+        assert_eq!(
+            classify(&format!("CREATE INDEX CONCURRENTLY {accents} ON t (a)")),
+            Some(IndexOp::Create {
+                index: ident(&format!("things_val__{}", "é".repeat(25))),
+                table: "t".into(),
+                if_not_exists: false
             })
         );
         assert_eq!(
@@ -629,5 +670,10 @@ mod tests {
         assert!(!row("t_a_idx_ccnew").is_reindex_leftover(Some("other")));
         assert!(!row("t_a_idx_ccnewx").is_reindex_leftover(None));
         assert!(!row("t_a_idx").is_reindex_leftover(None));
+        // A long base is cut so that base + suffix fits in 63 bytes.
+        let base = "i".repeat(70);
+        assert!(row(&format!("{}_ccnew", &base[..57])).is_reindex_leftover(Some(&base[..63])));
+        assert!(row(&format!("{}_ccold12", &base[..55])).is_reindex_leftover(Some(&base)));
+        assert!(!row(&format!("{}_ccnew", &base[..56])).is_reindex_leftover(Some(&base)));
     }
 }

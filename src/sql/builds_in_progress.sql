@@ -5,6 +5,7 @@ SELECT p.pid,
        coalesce(p.command, '?') AS command,
        coalesce(p.phase, '?') AS phase,
        coalesce(nullif(p.index_relid, 0)::regclass::text, '') AS index_name,
+       coalesce(ic.relname::text, '') AS index_relname,
        coalesce(p.relid::regclass::text, '?') AS table_name,
        coalesce(p.blocks_done, 0) AS blocks_done,
        coalesce(p.blocks_total, 0) AS blocks_total,
@@ -12,4 +13,5 @@ SELECT p.pid,
        coalesce(p.tuples_total, 0) AS tuples_total
 FROM pg_stat_progress_create_index p
 LEFT JOIN pg_stat_activity a ON a.pid = p.pid
+LEFT JOIN pg_class ic ON ic.oid = p.index_relid
 WHERE p.datname = current_database()
