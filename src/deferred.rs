@@ -15,9 +15,10 @@ use diesel::sql_types::Integer;
 
 use crate::catalog::{self, IndexBuildProgress};
 use crate::error::{is_connection_error, Error, ErrorKind};
-use crate::ledger::{self, Tables};
+use crate::ledger::{self, Ledger, Tables};
 use crate::lock::{self, LockHolder};
 use crate::migrator::{apply_statements, normal, Hooks, Migrator};
+use crate::session;
 use crate::source::Track;
 
 /// The pool type the deferred track checks its connection out of.
@@ -515,8 +516,8 @@ fn run_background(m: &Migrator, pool: &PgPool, shared: &Shared) -> DeferredState
         server_epoch: None,
     };
     let mut applied = Vec::new();
-    let tables = match m.tables() {
-        Ok(t) => t,
+    let ledger = match m.ledger() {
+        Ok(l) => l,
         Err(e) => {
             return DeferredState::Failed {
                 version: None,
@@ -528,7 +529,7 @@ fn run_background(m: &Migrator, pool: &PgPool, shared: &Shared) -> DeferredState
         if shared.stopping() {
             return DeferredState::Stopped;
         }
-        let next = match look(m, pool, shared, &tables, &mut since, &mut applied) {
+        let next = match look(m, pool, shared, &ledger, &mut since, &mut applied) {
             Look::Finished(state) => return state,
             Look::Again(state) => state,
         };
@@ -578,7 +579,7 @@ fn look(
     m: &Migrator,
     pool: &PgPool,
     shared: &Shared,
-    tables: &Tables,
+    ledger: &Ledger,
     since: &mut Since,
     applied: &mut Vec<String>,
 ) -> Look {
@@ -597,7 +598,14 @@ fn look(
             Err(e) => return Look::Again(reconnecting(e)),
         }
     }
-    let rows = match ledger::rows(&mut conn, tables) {
+    let tables = match ledger.resolve(&mut conn) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "deferred track: cannot find the ledger");
+            return Look::Again(reconnecting(e));
+        }
+    };
+    let rows = match ledger::rows(&mut conn, &tables) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "deferred track: cannot read the ledger");
@@ -652,11 +660,12 @@ fn look(
     }
     drop(rows);
     shared.set(DeferredState::WaitingForLock);
-    let key = lock::lock_key(&tables.migrations_name, Track::Deferred);
-    match lock::try_lock(&mut conn, key) {
+    let keys = m.keys(ledger, &tables, Track::Deferred);
+    let key = keys[0];
+    match lock::try_lock_all(&mut conn, &keys) {
         Ok(true) => {}
         Ok(false) => {
-            let holder = lock::holder(&mut conn, key).ok().flatten();
+            let holder = lock::holder(&mut conn, &keys).ok().flatten();
             shared.metrics(|x| x.runs_not_leader += 1);
             crate::metrics::run(Track::Deferred, "not_leader");
             match &holder {
@@ -689,8 +698,8 @@ fn look(
     match held {
         Ok(true) => {}
         Ok(false) => {
-            let holder = lock::holder(&mut conn, key).ok().flatten();
-            let _ = lock::unlock(&mut conn, key);
+            let holder = lock::holder(&mut conn, &keys).ok().flatten();
+            let _ = lock::unlock_all(&mut conn, &keys);
             discard(conn);
             let e = Error::new(
                 ErrorKind::LockNotHeld,
@@ -722,10 +731,9 @@ fn look(
     crate::metrics::lock_wait(Track::Deferred, since.started.elapsed());
     tracing::info!(key, "deferred track: this replica leads");
 
-    let result = lead(m, &mut conn, pool, shared, tables, applied);
+    let result = lead(m, &mut conn, pool, shared, ledger, &tables, applied);
     shared.leader_pid.store(0, Ordering::SeqCst);
-    let _ = conn.batch_execute("RESET lock_timeout; RESET statement_timeout");
-    if !matches!(lock::unlock(&mut conn, key), Ok(true)) {
+    if !matches!(lock::unlock_all(&mut conn, &keys), Ok(true)) {
         tracing::warn!("deferred track: the lock's state is unknown; discarding the connection");
     }
     // Migrations may have changed session settings (SET ROLE, search_path,
@@ -769,19 +777,23 @@ fn lead(
     conn: &mut PgConnection,
     pool: &PgPool,
     shared: &Shared,
-    tables: &Tables,
+    ledger: &Ledger,
+    resolved: &Tables,
     applied: &mut Vec<String>,
 ) -> Result<(), Led> {
     let (lock_timeout, statement_timeout) = m.deferred_timeouts();
-    let tables = &tables.pinned(conn).map_err(Led::Lost)?;
+    // Resolved again under the lock: the key came from the first resolution.
+    let mut tables = ledger.resolve(conn).map_err(Led::Lost)?;
+    if tables.schema != resolved.schema {
+        return Err(Led::Lost(Error::new(
+            ErrorKind::Database,
+            "the migration ledger moved to another schema while taking the deferred lock",
+        )));
+    }
     let mut setup = || -> Result<i32, Error> {
-        ledger::ensure_tables(conn, tables)?;
-        conn.batch_execute(&format!(
-            "SET lock_timeout = {}; SET statement_timeout = {}",
-            lock_timeout.as_millis(),
-            statement_timeout.as_millis()
-        ))
-        .map_err(|e| Error::db("setting the session's timeouts", e))?;
+        ledger::ensure_tables(conn, &mut tables)?;
+        // The connection is discarded after leading: nothing to restore.
+        let _replaced = session::Timeouts::set(conn, lock_timeout, statement_timeout)?;
         // PostgreSQL 14+: notice a dead client during a long build, so the
         // lock is released and another replica can take over.
         let _ = conn.batch_execute("SET client_connection_check_interval = '5s'");
@@ -797,7 +809,7 @@ fn lead(
             .get_result::<Pid>(conn)
             .map_err(|e| Error::db("reading the backend pid", e))?
             .pid;
-        ledger::mark_interrupted(conn, tables, Track::Deferred)?;
+        ledger::mark_interrupted(conn, &tables, Track::Deferred)?;
         Ok(pid)
     };
     let pid = setup().map_err(|e| {
@@ -811,6 +823,7 @@ fn lead(
         }
     })?;
     shared.leader_pid.store(pid, Ordering::SeqCst);
+    let tables = &tables;
 
     let rows = ledger::rows(conn, tables).map_err(Led::Lost)?;
     let analysis = m.analyze(&rows, Track::Deferred);

@@ -8,25 +8,78 @@ use diesel::sql_query;
 use diesel::sql_types::{BigInt, Bool, Double, Integer, Nullable, Text};
 use once_cell::sync::Lazy;
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::migration::Migration;
 use crate::source::Track;
 
-/// Table names, validated and quoted.
+/// The ledger tables as configured: each `name` or `schema.name`, validated.
+/// Resolved against a database (see [`Ledger::resolve`]) before anything
+/// is written.
+#[derive(Debug, Clone)]
+pub(crate) struct Ledger {
+    /// The migrations table as configured, for messages and the lock key
+    /// earlier releases derived from it.
+    pub configured: String,
+    migrations: Name,
+    attempts: Name,
+}
+
+/// A validated table name: an optional schema and the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Name {
+    schema: Option<String>,
+    table: String,
+}
+
+impl Name {
+    fn parse(name: &str) -> Result<Self, String> {
+        quote_table_name(name)?;
+        Ok(match name.split_once('.') {
+            Some((schema, table)) => Name {
+                schema: Some(schema.to_string()),
+                table: table.to_string(),
+            },
+            None => Name {
+                schema: None,
+                table: name.to_string(),
+            },
+        })
+    }
+
+    /// Quoted, qualified with `schema` when it has none of its own.
+    fn quoted_in(&self, schema: Option<&str>) -> String {
+        match self.schema.as_deref().or(schema) {
+            Some(s) => format!("{}.{}", quote_ident(s), quote_ident(&self.table)),
+            None => quote_ident(&self.table),
+        }
+    }
+}
+
+fn quote_ident(part: &str) -> String {
+    format!("\"{part}\"")
+}
+
+/// The resolved ledger tables, quoted (qualified with the schema the
+/// ledger lives in, except on the fast path), and the SQL that uses them.
 #[derive(Debug, Clone)]
 pub(crate) struct Tables {
-    /// As given (`__diesel_schema_migrations`), for lock keys and messages.
-    pub migrations_name: String,
-    attempts_name: String,
+    /// The schema the ledger lives in (`None`: unresolved, the fast path).
+    pub schema: Option<String>,
+    /// The migrations table's own name.
+    pub migrations_table: String,
+    /// Whether each table exists (unknown on the fast path: `true`).
+    pub migrations_exist: bool,
+    pub attempts_exist: bool,
+    /// The attempts table's layout version (see `ATTEMPTS_VERSION`).
+    pub attempts_version: u32,
     sql: Sql,
-    migrations_regclass: String,
-    attempts_regclass: String,
 }
 
 #[derive(Debug, Clone)]
 struct Sql {
     create_migrations: String,
     create_attempts: String,
+    upgrade_attempts_v2: String,
     ledger_rows: String,
     applied_fast: String,
     applied_only: String,
@@ -38,6 +91,11 @@ struct Sql {
     finish_attempt: String,
     insert_version: String,
 }
+
+/// The layout of the attempts table this release writes. 1: the first
+/// (no `retrying` outcome); 2: `retrying`, and the version in the table's
+/// comment.
+pub(crate) const ATTEMPTS_VERSION: u32 = 2;
 
 /// Quotes a table name (`name` or `schema.name`) as an SQL identifier.
 ///
@@ -64,30 +122,135 @@ pub(crate) fn quote_table_name(name: &str) -> Result<String, String> {
                  (at most 63 bytes per part), starting with a letter or `_`"
             ));
         }
-        quoted.push(format!("\"{p}\""));
+        quoted.push(quote_ident(p));
     }
     Ok(quoted.join("."))
 }
 
-impl Tables {
-    pub(crate) fn new(migrations: &str, attempts: &str) -> Result<Self, String> {
-        let m = quote_table_name(migrations)?;
-        let a = quote_table_name(attempts)?;
-        if m == a {
+impl Ledger {
+    /// `attempts`: `None` for the default, `__diesel_rollout_attempts` beside
+    /// diesel's table and `<migrations table>_attempts` beside another one,
+    /// in the migrations table's schema.
+    pub(crate) fn new(migrations: &str, attempts: Option<&str>) -> Result<Self, String> {
+        let m = Name::parse(migrations)?;
+        let a = match attempts {
+            Some(a) => Name::parse(a)?,
+            None => Name {
+                schema: m.schema.clone(),
+                table: if m.table == "__diesel_schema_migrations" {
+                    "__diesel_rollout_attempts".to_string()
+                } else {
+                    format!("{}_attempts", m.table)
+                },
+            },
+        };
+        if a.table.len() > 63 {
+            return Err(format!(
+                "the attempts table name `{}` is longer than 63 bytes: name it with \
+                 `attempts_table` (--attempts-table)",
+                a.table
+            ));
+        }
+        if m.table == a.table && (m.schema == a.schema || a.schema.is_none()) {
             return Err(format!(
                 "the migrations table and the attempts table are both `{migrations}`: \
                  give them different names"
             ));
         }
+        Ok(Ledger {
+            configured: migrations.to_string(),
+            migrations: m,
+            attempts: a,
+        })
+    }
+
+    /// The tables as the fast path reads them: unqualified names resolve on
+    /// `search_path`, as [`Ledger::resolve`] does for the migrations table,
+    /// and the fast path's query checks that the attempts table it finds
+    /// is beside it.
+    pub(crate) fn unresolved(&self) -> Tables {
+        self.tables(None, true, true, ATTEMPTS_VERSION)
+    }
+
+    /// Where the ledger lives in the database `conn` is connected to: the
+    /// migrations table's schema when it is configured, else the schema
+    /// where PostgreSQL finds the table on `search_path` (`to_regclass`), as
+    /// any query of it would, and only when it does not exist yet, the
+    /// schema a `CREATE TABLE` would use (`current_schema()`). The attempts
+    /// table lives beside it unless configured with a schema of its own.
+    /// Every path that reads or writes the ledger under a lock, and
+    /// `status` and `verify`, resolve it this way.
+    pub(crate) fn resolve(&self, conn: &mut PgConnection) -> Result<Tables, Error> {
+        #[derive(QueryableByName)]
+        struct Resolved {
+            #[diesel(sql_type = Nullable<Text>)]
+            schema: Option<String>,
+            #[diesel(sql_type = Bool)]
+            migrations_exist: bool,
+            #[diesel(sql_type = Bool)]
+            attempts_exist: bool,
+            #[diesel(sql_type = Nullable<Text>)]
+            attempts_comment: Option<String>,
+        }
+        let r: Resolved = sql_query(include_str!("sql/resolve_ledger.sql"))
+            .bind::<Text, _>(self.migrations.quoted_in(None))
+            .bind::<Nullable<Text>, _>(self.migrations.schema.as_deref())
+            .bind::<Nullable<Text>, _>(self.attempts.schema.as_deref())
+            .bind::<Text, _>(&self.attempts.table)
+            .get_result(conn)
+            .map_err(|e| Error::db("finding the migration ledger's schema", e))?;
+        let Some(schema) = r.schema else {
+            return Err(Error::new(
+                ErrorKind::Config,
+                match &self.migrations.schema {
+                    Some(s) => format!(
+                        "schema `{s}` of the migrations table `{}` does not exist: create it, \
+                         or name another table",
+                        self.configured
+                    ),
+                    None => format!(
+                        "the migrations table `{}` does not exist and no schema on this \
+                         session's search_path exists to create it in: create a schema on \
+                         the search_path, or qualify the table (`schema.table`)",
+                        self.configured
+                    ),
+                },
+            ));
+        };
+        let version = match &r.attempts_comment {
+            Some(c) => c
+                .strip_prefix("diesel-rollout attempts v")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(1),
+            None => 1,
+        };
+        Ok(self.tables(Some(&schema), r.migrations_exist, r.attempts_exist, version))
+    }
+
+    fn tables(
+        &self,
+        schema: Option<&str>,
+        migrations_exist: bool,
+        attempts_exist: bool,
+        attempts_version: u32,
+    ) -> Tables {
+        let m = self.migrations.quoted_in(schema);
+        let a = self.attempts.quoted_in(schema);
         let r = |t: &str| t.replace("{migrations}", &m).replace("{attempts}", &a);
-        Ok(Tables {
-            migrations_name: migrations.to_string(),
-            attempts_name: attempts.to_string(),
-            migrations_regclass: m.clone(),
-            attempts_regclass: a.clone(),
+        Tables {
+            schema: self
+                .migrations
+                .schema
+                .clone()
+                .or_else(|| schema.map(str::to_string)),
+            migrations_table: self.migrations.table.clone(),
+            migrations_exist,
+            attempts_exist,
+            attempts_version,
             sql: Sql {
                 create_migrations: r(include_str!("sql/create_migrations_table.sql")),
                 create_attempts: r(include_str!("sql/create_attempts_table.sql")),
+                upgrade_attempts_v2: r(include_str!("sql/upgrade_attempts_v2.sql")),
                 ledger_rows: r(include_str!("sql/ledger_rows.sql")),
                 applied_fast: r(include_str!("sql/applied_fast.sql")),
                 applied_only: r(include_str!("sql/applied_only.sql")),
@@ -99,47 +262,7 @@ impl Tables {
                 finish_attempt: r(include_str!("sql/finish_attempt.sql")),
                 insert_version: r(include_str!("sql/insert_version.sql")),
             },
-        })
-    }
-}
-
-impl Tables {
-    /// The same tables, qualified with the schema they resolve to now.
-    /// Called before any migration runs: a migration that changes
-    /// `search_path` must not send the harness's own ledger writes elsewhere.
-    pub(crate) fn pinned(&self, conn: &mut PgConnection) -> Result<Tables, Error> {
-        #[derive(QueryableByName)]
-        struct Schema {
-            #[diesel(sql_type = Nullable<Text>)]
-            schema: Option<String>,
         }
-        let schema = sql_query("SELECT current_schema() AS schema")
-            .get_result::<Schema>(conn)
-            .map_err(|e| Error::db("reading the current schema", e))?
-            .schema;
-        let qualify = |name: &str, schema: &str| {
-            if name.contains('.') {
-                name.to_string()
-            } else {
-                format!("{schema}.{name}")
-            }
-        };
-        let pinned = schema.and_then(|s| {
-            Tables::new(
-                &qualify(&self.migrations_name, &s),
-                &qualify(&self.attempts_name, &s),
-            )
-            .ok()
-        });
-        Ok(match pinned {
-            Some(mut t) => {
-                // Lock keys and messages keep the name as configured.
-                t.migrations_name = self.migrations_name.clone();
-                t
-            }
-            // No schema on the search path, or one that needs quoting: as is.
-            None => self.clone(),
-        })
     }
 }
 
@@ -160,6 +283,9 @@ pub(crate) struct LedgerRow {
     pub error: Option<String>,
     #[diesel(sql_type = Nullable<Integer>)]
     pub statements_completed: Option<i32>,
+    /// Statements the latest attempt split `up.sql` into.
+    #[diesel(sql_type = Nullable<Integer>)]
+    pub statements_total: Option<i32>,
     #[diesel(sql_type = Nullable<Text>)]
     pub attempt_checksum: Option<String>,
     #[diesel(sql_type = Nullable<Text>)]
@@ -178,14 +304,6 @@ impl LedgerRow {
                 Some("failed" | "retrying" | "interrupted")
             )
     }
-}
-
-#[derive(QueryableByName)]
-struct Exists {
-    #[diesel(sql_type = Bool)]
-    migrations: bool,
-    #[diesel(sql_type = Bool)]
-    attempts: bool,
 }
 
 #[derive(QueryableByName)]
@@ -220,16 +338,6 @@ pub(crate) fn server_epoch(conn: &mut PgConnection) -> QueryResult<f64> {
         .map(|n| n.now)
 }
 
-/// Which ledger tables exist.
-pub(crate) fn tables_exist(conn: &mut PgConnection, t: &Tables) -> Result<(bool, bool), Error> {
-    let e: Exists = sql_query(include_str!("sql/tables_exist.sql"))
-        .bind::<Text, _>(&t.migrations_regclass)
-        .bind::<Text, _>(&t.attempts_regclass)
-        .get_result(conn)
-        .map_err(|e| Error::db("checking for the ledger tables", e))?;
-    Ok((e.migrations, e.attempts))
-}
-
 /// The fast path's single query: applied versions and their checksums
 /// only. Fails when a ledger table is missing.
 pub(crate) fn rows_fast(conn: &mut PgConnection, t: &Tables) -> QueryResult<Vec<LedgerRow>> {
@@ -250,6 +358,7 @@ pub(crate) fn rows_fast(conn: &mut PgConnection, t: &Tables) -> QueryResult<Vec<
             outcome: None,
             error: None,
             statements_completed: None,
+            statements_total: None,
             attempt_checksum: None,
             applied_checksum: f.applied_checksum,
             finished_epoch: None,
@@ -258,9 +367,9 @@ pub(crate) fn rows_fast(conn: &mut PgConnection, t: &Tables) -> QueryResult<Vec<
 }
 
 /// The ledger rows, working whichever ledger tables exist (and on a
-/// read-only session).
+/// read-only session). `t` is resolved.
 pub(crate) fn rows(conn: &mut PgConnection, t: &Tables) -> Result<Vec<LedgerRow>, Error> {
-    let query = match tables_exist(conn, t)? {
+    let query = match (t.migrations_exist, t.attempts_exist) {
         (true, true) => &t.sql.ledger_rows,
         (true, false) => &t.sql.applied_only,
         (false, _) => return Ok(Vec::new()),
@@ -270,24 +379,38 @@ pub(crate) fn rows(conn: &mut PgConnection, t: &Tables) -> Result<Vec<LedgerRow>
         .map_err(|e| Error::db("reading the migration ledger", e))
 }
 
-/// Creates the ledger tables that are missing. Call under the lock.
-pub(crate) fn ensure_tables(conn: &mut PgConnection, t: &Tables) -> Result<(), Error> {
-    let (migrations, attempts) = tables_exist(conn, t)?;
-    if !migrations {
-        tracing::info!(table = %t.migrations_name, "creating the migrations table");
+/// Creates the ledger tables that are missing, and brings an attempts
+/// table an earlier release created up to this release's layout. Call
+/// under the lock, with `t` resolved; `t` then says both tables exist.
+pub(crate) fn ensure_tables(conn: &mut PgConnection, t: &mut Tables) -> Result<(), Error> {
+    if !t.migrations_exist {
+        tracing::info!(table = %t.migrations_table, schema = ?t.schema, "creating the migrations table");
         conn.batch_execute(&t.sql.create_migrations)
             .map_err(|e| Error::db("creating the migrations table", e))?;
+        t.migrations_exist = true;
     }
-    if !attempts {
-        tracing::info!("creating the attempts table");
-        conn.batch_execute(&t.sql.create_attempts)
+    if !t.attempts_exist {
+        tracing::info!(schema = ?t.schema, "creating the attempts table");
+        conn.transaction(|c| c.batch_execute(&t.sql.create_attempts))
             .map_err(|e| Error::db("creating the attempts table", e))?;
+        t.attempts_exist = true;
+        t.attempts_version = ATTEMPTS_VERSION;
+    }
+    if t.attempts_version < 2 {
+        tracing::info!(
+            from = t.attempts_version,
+            to = ATTEMPTS_VERSION,
+            "upgrading the attempts table an earlier release created"
+        );
+        conn.transaction(|c| c.batch_execute(&t.sql.upgrade_attempts_v2))
+            .map_err(|e| Error::db("upgrading the attempts table", e))?;
+        t.attempts_version = 2;
     }
     Ok(())
 }
 
-/// Marks attempts of `track` left `running` by a dead process. Call under
-/// the track's lock.
+/// Marks every attempt of `track` still `running` as interrupted: under the
+/// track's lock, none of them is alive. Call under the track's lock.
 pub(crate) fn mark_interrupted(
     conn: &mut PgConnection,
     t: &Tables,
@@ -416,6 +539,31 @@ mod tests {
         assert!(quote_table_name("a.b.c").is_err());
         assert!(quote_table_name("").is_err());
         assert!(quote_table_name("1abc").is_err());
-        assert!(Tables::new("x", "x").is_err());
+        assert!(Ledger::new("x", Some("x")).is_err());
+        assert!(Ledger::new("s.x", Some("x")).is_err());
+        assert!(Ledger::new("s.x", Some("t.x")).is_ok());
+    }
+
+    #[test]
+    fn the_attempts_table_follows_the_migrations_table() {
+        let l = Ledger::new("public.__diesel_schema_migrations", None).unwrap();
+        let t = l.tables(Some("elsewhere"), true, true, ATTEMPTS_VERSION);
+        assert_eq!(t.schema.as_deref(), Some("public"));
+        assert!(t
+            .sql
+            .insert_version
+            .contains("\"public\".\"__diesel_schema_migrations\""));
+        assert!(t
+            .sql
+            .start_attempt
+            .contains("\"public\".\"__diesel_rollout_attempts\""));
+        let l = Ledger::new("ledger", None).unwrap();
+        let t = l.tables(Some("app"), true, true, ATTEMPTS_VERSION);
+        assert!(t.sql.start_attempt.contains("\"app\".\"ledger_attempts\""));
+        assert!(l
+            .unresolved()
+            .sql
+            .start_attempt
+            .contains(" \"ledger_attempts\""));
     }
 }

@@ -122,6 +122,8 @@ mod migration;
 mod migrator;
 #[cfg(feature = "runtime")]
 mod report;
+#[cfg(feature = "runtime")]
+mod session;
 // Without the runtime, only the embed uses these; the rest is unused.
 #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
 mod source;

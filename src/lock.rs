@@ -12,18 +12,44 @@ use diesel::sql_types::{BigInt, Bool, Integer, Text};
 use crate::error::{Error, ErrorKind};
 use crate::source::Track;
 
-/// The advisory lock key of a track: the first eight bytes of
-/// `SHA-256("diesel-rollout:<track>:<migrations table>")`, read as a
-/// big-endian `i64`. Deterministic, different for the two tracks, and
-/// different for migration sets that keep their ledgers in different tables.
-pub fn lock_key(migrations_table: &str, track: Track) -> i64 {
+/// The advisory lock key of a track for the ledger table `table` in schema
+/// `schema` (as resolved: see [`Migrator::lock_keys`](crate::Migrator::lock_keys)):
+/// the first eight bytes of
+/// `SHA-256("diesel-rollout:<track>:<table>")` for a table in `public`, and
+/// of `SHA-256("diesel-rollout:<track>:<schema>.<table>")` in any other
+/// schema, read as a big-endian `i64`. Deterministic, the same however the
+/// table is spelled in the configuration, different for the two tracks and
+/// for migration sets that keep their ledgers in different tables.
+pub fn lock_key(schema: &str, table: &str, track: Track) -> i64 {
+    if schema == "public" {
+        key_of(table, track)
+    } else {
+        key_of(&format!("{schema}.{table}"), track)
+    }
+}
+
+/// The key of `text` (a table name) for `track`.
+fn key_of(text: &str, track: Track) -> i64 {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(
-        format!("diesel-rollout:{}:{migrations_table}", track.as_str()).as_bytes(),
-    );
+    let digest =
+        sha2::Sha256::digest(format!("diesel-rollout:{}:{text}", track.as_str()).as_bytes());
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&digest[..8]);
     i64::from_be_bytes(bytes)
+}
+
+/// The keys a run takes for `track`: the key of the resolved table, and,
+/// when it differs, the key earlier releases derived from the table name
+/// as configured, so a replica of an earlier release and one of this
+/// release exclude each other while a deploy upgrades diesel-rollout.
+pub(crate) fn keys(schema: &str, table: &str, configured: &str, track: Track) -> Vec<i64> {
+    let key = lock_key(schema, table, track);
+    let legacy = key_of(configured, track);
+    if legacy == key {
+        vec![key]
+    } else {
+        vec![key, legacy]
+    }
 }
 
 /// The session holding an advisory lock.
@@ -73,13 +99,44 @@ pub(crate) fn try_lock(conn: &mut PgConnection, key: i64) -> Result<bool, Error>
         .map_err(|e| Error::db("taking the advisory lock", e))
 }
 
-/// Who holds the lock, if anyone.
-pub(crate) fn holder(conn: &mut PgConnection, key: i64) -> Result<Option<LockHolder>, Error> {
-    sql_query(include_str!("sql/lock_holder.sql"))
-        .bind::<BigInt, _>(key)
-        .get_result(conn)
-        .optional()
-        .map_err(|e| Error::db("looking up who holds the advisory lock", e))
+/// Tries every key once, in order; all or none are held afterwards.
+pub(crate) fn try_lock_all(conn: &mut PgConnection, keys: &[i64]) -> Result<bool, Error> {
+    for (i, &key) in keys.iter().enumerate() {
+        match try_lock(conn, key) {
+            Ok(true) => {}
+            other => {
+                for &taken in keys[..i].iter().rev() {
+                    unlock(conn, taken)?;
+                }
+                return other;
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Releases every key; `Ok(false)` when one of them was not held.
+pub(crate) fn unlock_all(conn: &mut PgConnection, keys: &[i64]) -> Result<bool, Error> {
+    let mut all = true;
+    for &key in keys.iter().rev() {
+        all &= unlock(conn, key)?;
+    }
+    Ok(all)
+}
+
+/// Who holds one of the keys, if anyone (the first key first).
+pub(crate) fn holder(conn: &mut PgConnection, keys: &[i64]) -> Result<Option<LockHolder>, Error> {
+    for &key in keys {
+        let found = sql_query(include_str!("sql/lock_holder.sql"))
+            .bind::<BigInt, _>(key)
+            .get_result(conn)
+            .optional()
+            .map_err(|e| Error::db("looking up who holds the advisory lock", e))?;
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
 }
 
 /// Whether `pg_locks` shows the lock held by this session's own backend.
@@ -144,7 +201,7 @@ pub(crate) struct Wait {
 /// [`LockGuard::release`], or on drop (panics included) as a last resort.
 pub(crate) struct LockGuard<'c> {
     conn: &'c mut PgConnection,
-    key: i64,
+    keys: Vec<i64>,
     held: bool,
 }
 
@@ -159,7 +216,7 @@ impl<'c> LockGuard<'c> {
     /// long it waited.
     pub(crate) fn acquire(
         conn: &'c mut PgConnection,
-        key: i64,
+        keys: Vec<i64>,
         track: Track,
         wait: Wait,
         still_needed: &mut dyn FnMut(&mut PgConnection) -> bool,
@@ -167,11 +224,12 @@ impl<'c> LockGuard<'c> {
         let start = Instant::now();
         let mut last_report = None::<Instant>;
         let mut attempt = 0u32;
+        let key = keys[0];
         loop {
-            if try_lock(conn, key)? {
+            if try_lock_all(conn, &keys)? {
                 let guard = LockGuard {
                     conn,
-                    key,
+                    keys,
                     held: true,
                 };
                 return guard.confirm().map(|g| (Some(g), start.elapsed()));
@@ -181,7 +239,7 @@ impl<'c> LockGuard<'c> {
             }
             let waited = start.elapsed();
             if last_report.is_none_or(|t: Instant| t.elapsed() >= wait.report_every) {
-                let who = holder(conn, key)?;
+                let who = holder(conn, &keys)?;
                 match &who {
                     Some(h) => tracing::info!(
                         track = %track, key, holder_pid = h.pid,
@@ -197,7 +255,7 @@ impl<'c> LockGuard<'c> {
                 last_report = Some(Instant::now());
             }
             if waited >= wait.deadline {
-                let who = holder(conn, key)?
+                let who = holder(conn, &keys)?
                     .map(|h| format!(", held by {h}"))
                     .unwrap_or_default();
                 return Err(Error::new(
@@ -222,7 +280,7 @@ impl<'c> LockGuard<'c> {
     /// Checks `pg_locks` shows the lock held by this backend; through a
     /// pooler in transaction mode it may not.
     fn confirm(mut self) -> Result<Self, Error> {
-        if held_by_me(self.conn, self.key)? {
+        if held_by_me(self.conn, self.keys[0])? {
             return Ok(self);
         }
         Err(self.pooler_error(false))
@@ -250,12 +308,12 @@ impl<'c> LockGuard<'c> {
     /// Releases what it can and explains the pooler problem.
     fn pooler_error(&mut self, shared_backend: bool) -> Error {
         // The unlock may land on another server connection too; try anyway.
-        let unlocked = matches!(unlock(self.conn, self.key), Ok(true));
+        let unlocked = matches!(unlock_all(self.conn, &self.keys), Ok(true));
         self.held = false;
         let left = if unlocked {
             String::new()
         } else {
-            match holder(self.conn, self.key).ok().flatten() {
+            match holder(self.conn, &self.keys).ok().flatten() {
                 Some(h) => format!(
                     " The lock may still be held by the pooler's server connection, {h}, until \
                      the pooler closes it; end it with SELECT pg_terminate_backend({}).",
@@ -272,7 +330,7 @@ impl<'c> LockGuard<'c> {
                  this process and PostgreSQL, and session locks do not work through it. \
                  Migrate over a direct connection to the server (or a pooler in session \
                  mode).{left}",
-                self.key,
+                self.keys[0],
                 if shared_backend {
                     "a second connection was handed the same backend"
                 } else {
@@ -283,6 +341,11 @@ impl<'c> LockGuard<'c> {
         .unusable()
     }
 
+    /// The key of the resolved ledger table.
+    pub(crate) fn key(&self) -> i64 {
+        self.keys[0]
+    }
+
     /// Releases the lock.
     ///
     /// # Errors
@@ -290,14 +353,14 @@ impl<'c> LockGuard<'c> {
     /// connection's state is unknown and must be dropped.
     pub(crate) fn release(mut self) -> Result<(), Error> {
         self.held = false;
-        match unlock(self.conn, self.key) {
+        match unlock_all(self.conn, &self.keys) {
             Ok(true) => Ok(()),
             Ok(false) => Err(Error::new(
                 ErrorKind::Unlock,
                 format!(
                     "advisory lock {} was not held at release: the session changed under us \
                      (a pooler, or a reconnect). Drop this connection",
-                    self.key
+                    self.keys[0]
                 ),
             )),
             Err(e) => Err(Error::new(
@@ -305,7 +368,7 @@ impl<'c> LockGuard<'c> {
                 format!(
                     "{e}. The session may still hold advisory lock {}: drop this connection \
                      (closing it releases the lock)",
-                    self.key
+                    self.keys[0]
                 ),
             )),
         }
@@ -333,10 +396,10 @@ impl Drop for LockGuard<'_> {
         // Reached on a panic or an early return without release: leave any
         // transaction the panic interrupted, then unlock.
         let _ = self.conn.batch_execute("ROLLBACK");
-        match unlock(self.conn, self.key) {
-            Ok(true) => tracing::warn!(key = self.key, "advisory lock released during unwind"),
+        match unlock_all(self.conn, &self.keys) {
+            Ok(true) => tracing::warn!(key = self.keys[0], "advisory lock released during unwind"),
             _ => tracing::error!(
-                key = self.key,
+                key = self.keys[0],
                 "could not release advisory lock during unwind: drop this connection"
             ),
         }
@@ -349,10 +412,42 @@ mod tests {
 
     #[test]
     fn keys_are_stable_and_distinct() {
-        let r = lock_key("__diesel_schema_migrations", Track::Required);
-        let d = lock_key("__diesel_schema_migrations", Track::Deferred);
+        let r = lock_key("public", "__diesel_schema_migrations", Track::Required);
+        let d = lock_key("public", "__diesel_schema_migrations", Track::Deferred);
         assert_ne!(r, d);
-        assert_eq!(r, lock_key("__diesel_schema_migrations", Track::Required));
-        assert_ne!(r, lock_key("other_ledger", Track::Required));
+        assert_eq!(
+            r,
+            lock_key("public", "__diesel_schema_migrations", Track::Required)
+        );
+        assert_ne!(r, lock_key("public", "other_ledger", Track::Required));
+        assert_ne!(
+            r,
+            lock_key("app", "__diesel_schema_migrations", Track::Required)
+        );
+        // The key of a ledger in public is the one earlier releases used
+        // for the unqualified name.
+        assert_eq!(r, key_of("__diesel_schema_migrations", Track::Required));
+        assert_eq!(
+            keys(
+                "public",
+                "__diesel_schema_migrations",
+                "__diesel_schema_migrations",
+                Track::Required
+            ),
+            [r]
+        );
+        // Spelled with its schema: the same key, and the old one too.
+        assert_eq!(
+            keys(
+                "public",
+                "__diesel_schema_migrations",
+                "public.__diesel_schema_migrations",
+                Track::Required
+            ),
+            [
+                r,
+                key_of("public.__diesel_schema_migrations", Track::Required)
+            ]
+        );
     }
 }

@@ -9,10 +9,11 @@ use diesel::result::Error as DieselError;
 
 use crate::catalog;
 use crate::error::{describe_db_error, is_connection_error, Error, ErrorKind};
-use crate::ledger::{self, LedgerRow, Tables};
+use crate::ledger::{self, Ledger, LedgerRow, Tables};
 use crate::lock::{self, LockGuard};
 use crate::migration::{Migration, MigrationSet};
 use crate::report::{Applied, MigrationStatus, Report, State, Verification};
+use crate::session;
 use crate::source::{compare_versions, sql, Track};
 use crate::url::redact_url;
 
@@ -171,10 +172,28 @@ impl Migrator {
         &self.set
     }
 
-    /// The advisory lock key of a track for this migrator's ledger table
-    /// (see [`lock_key`](crate::lock_key)).
-    pub fn lock_key(&self, track: Track) -> i64 {
-        lock::lock_key(&self.migrations_table, track)
+    /// The advisory lock keys a run of `track` takes in the database of
+    /// `conn`: first the key of the ledger table as resolved there (see
+    /// [`lock_key`](crate::lock_key)), then, when it differs, the key
+    /// earlier releases derived from the table name as configured, which
+    /// this release takes too so replicas of both exclude each other during
+    /// an upgrade. Read-only.
+    ///
+    /// # Errors
+    /// When the ledger's schema cannot be resolved.
+    pub fn lock_keys(&self, conn: &mut PgConnection, track: Track) -> Result<Vec<i64>, Error> {
+        let ledger = self.ledger()?;
+        let tables = ledger.resolve(conn)?;
+        Ok(self.keys(&ledger, &tables, track))
+    }
+
+    pub(crate) fn keys(&self, ledger: &Ledger, tables: &Tables, track: Track) -> Vec<i64> {
+        lock::keys(
+            tables.schema.as_deref().unwrap_or("public"),
+            &tables.migrations_table,
+            &ledger.configured,
+            track,
+        )
     }
 
     pub(crate) fn app_name(&self) -> &str {
@@ -185,15 +204,9 @@ impl Migrator {
         (self.deferred_lock_timeout, self.deferred_statement_timeout)
     }
 
-    pub(crate) fn tables(&self) -> Result<Tables, Error> {
-        let attempts = match &self.attempts_table {
-            Some(t) => t.clone(),
-            None if self.migrations_table == "__diesel_schema_migrations" => {
-                "__diesel_rollout_attempts".to_string()
-            }
-            None => format!("{}_attempts", self.migrations_table),
-        };
-        Tables::new(&self.migrations_table, &attempts).map_err(|m| Error::new(ErrorKind::Config, m))
+    pub(crate) fn ledger(&self) -> Result<Ledger, Error> {
+        Ledger::new(&self.migrations_table, self.attempts_table.as_deref())
+            .map_err(|m| Error::new(ErrorKind::Config, m))
     }
 
     /// Opens a dedicated connection, applies the pending required
@@ -272,10 +285,10 @@ impl Migrator {
         track: Track,
         probe: &mut dyn FnMut() -> Option<i32>,
     ) -> Result<Report, Error> {
-        let tables = self.tables()?;
+        let ledger = self.ledger()?;
         let mut report = Report::default();
 
-        match ledger::rows_fast(conn, &tables) {
+        match ledger::rows_fast(conn, &ledger.unresolved()) {
             Ok(rows) => {
                 let a = self.analyze(&rows, track);
                 if a.pending.is_empty() {
@@ -292,7 +305,8 @@ impl Migrator {
             Err(_) => {}
         }
 
-        let key = lock::lock_key(&tables.migrations_name, track);
+        let tables = ledger.resolve(conn)?;
+        let keys = self.keys(&ledger, &tables, track);
         let wait = lock::Wait {
             poll: self.lock_poll,
             report_every: self.lock_report_every,
@@ -306,7 +320,7 @@ impl Migrator {
                     Err(_) => true,
                 }
         };
-        let (guard, waited) = LockGuard::acquire(conn, key, track, wait, &mut still_needed)?;
+        let (guard, waited) = LockGuard::acquire(conn, keys, track, wait, &mut still_needed)?;
         let Some(mut guard) = guard else {
             // Another process applied everything while this one waited.
             tracing::info!(
@@ -322,16 +336,13 @@ impl Migrator {
         report.took_lock = true;
         report.lock_wait = waited;
         tracing::debug!(
-            key,
+            key = guard.key(),
             waited_ms = waited.as_millis() as u64,
             "took the {track} lock"
         );
 
         crate::metrics::lock_wait(track, waited);
-        let result = tables
-            .pinned(&mut guard)
-            .and_then(|tables| self.apply_locked(&mut guard, &tables, track, &mut report, probe));
-        let reset = guard.batch_execute("RESET lock_timeout; RESET statement_timeout");
+        let result = self.apply_locked(&mut guard, &ledger, &tables, track, &mut report, probe);
         let released = guard.release();
         crate::metrics::run(
             track,
@@ -342,12 +353,7 @@ impl Migrator {
             },
         );
         match (result, released) {
-            (Ok(()), Ok(())) => {
-                if let Err(e) = reset {
-                    tracing::warn!(error = %e, "could not reset session timeouts");
-                }
-                Ok(report)
-            }
+            (Ok(()), Ok(())) => Ok(report),
             (Ok(()), Err(e)) => Err(e.with_report(report)),
             (Err(e), Ok(())) => Err(e.with_report(report)),
             (Err(e), Err(unlock)) => {
@@ -360,28 +366,35 @@ impl Migrator {
     fn apply_locked(
         &self,
         guard: &mut LockGuard<'_>,
-        tables: &Tables,
+        ledger: &Ledger,
+        resolved: &Tables,
         track: Track,
         report: &mut Report,
         probe: &mut dyn FnMut() -> Option<i32>,
     ) -> Result<(), Error> {
         let conn: &mut PgConnection = guard;
-        ledger::ensure_tables(conn, tables)?;
-        let (lock_timeout, statement_timeout) = match track {
-            Track::Required => (self.lock_timeout, self.statement_timeout),
-            Track::Deferred => (self.deferred_lock_timeout, self.deferred_statement_timeout),
-        };
-        conn.batch_execute(&format!(
-            "SET lock_timeout = {}; SET statement_timeout = {}",
-            lock_timeout.as_millis(),
-            statement_timeout.as_millis()
-        ))
-        .map_err(|e| Error::db("setting the session's timeouts", e))?;
+        // Resolved again under the lock: the lock key came from the first
+        // resolution, and the ledger must not have moved since.
+        let mut tables = ledger.resolve(conn)?;
+        if tables.schema != resolved.schema {
+            return Err(Error::new(
+                ErrorKind::Database,
+                format!(
+                    "the migrations table `{}` resolved to schema {:?}, then to {:?} while \
+                     taking the lock (a schema or ledger table was created or dropped \
+                     meanwhile): run again",
+                    ledger.configured, resolved.schema, tables.schema
+                ),
+            ));
+        }
+        ledger::ensure_tables(conn, &mut tables)?;
+        let tables = &tables;
         let n = ledger::mark_interrupted(conn, tables, track)?;
         if n > 0 {
             tracing::warn!(
                 attempts = n,
-                "found {track}-track attempts left running by a process that died"
+                "found {track}-track attempts left running by a process that is gone: \
+                 the next attempt resumes after their last recorded statement"
             );
         }
         let rows = ledger::rows(conn, tables)?;
@@ -409,7 +422,28 @@ impl Migrator {
         // About to change the schema: make sure the lock is really ours.
         guard.check_not_pooled(probe)?;
         let conn: &mut PgConnection = guard;
-        for m in a.pending {
+        let (lock_timeout, statement_timeout) = match track {
+            Track::Required => (self.lock_timeout, self.statement_timeout),
+            Track::Deferred => (self.deferred_lock_timeout, self.deferred_statement_timeout),
+        };
+        // The connection may be the service's (a pooled one): put back what
+        // was set before, not the server's defaults.
+        let saved = session::Timeouts::set(conn, lock_timeout, statement_timeout)?;
+        let applied = self.apply_pending(conn, tables, &a, track, report);
+        let restored = saved.restore(conn);
+        applied?;
+        restored
+    }
+
+    fn apply_pending(
+        &self,
+        conn: &mut PgConnection,
+        tables: &Tables,
+        a: &Analysis<'_>,
+        track: Track,
+        report: &mut Report,
+    ) -> Result<(), Error> {
+        for &m in &a.pending {
             for dep in m.requires_deferred() {
                 let applied = a.rows.get(normal(dep)).is_some_and(|r| r.applied);
                 if !applied {
@@ -599,7 +633,7 @@ impl Migrator {
     /// # Errors
     /// When the ledger cannot be read.
     pub fn status(&self, conn: &mut PgConnection) -> Result<Vec<MigrationStatus>, Error> {
-        let tables = self.tables()?;
+        let tables = self.ledger()?.resolve(conn)?;
         let rows = ledger::rows(conn, &tables)?;
         let a = self.analyze(&rows, Track::Required);
         let builds = catalog::builds_in_progress(conn)
@@ -660,7 +694,7 @@ impl Migrator {
     /// When the ledger cannot be read (an incomplete database is not an
     /// error: see [`Verification::is_complete`]).
     pub fn verify(&self, conn: &mut PgConnection) -> Result<Verification, Error> {
-        let tables = self.tables()?;
+        let tables = self.ledger()?.resolve(conn)?;
         let rows = ledger::rows(conn, &tables)?;
         let a = self.analyze(&rows, Track::Required);
         let newest_applied = rows
@@ -711,8 +745,10 @@ pub(crate) fn normal(v: &str) -> &str {
 }
 
 pub(crate) fn set_application_name(conn: &mut PgConnection, name: &str) -> Result<(), Error> {
-    let quoted = name.replace('\'', "''");
-    conn.batch_execute(&format!("SET application_name = '{quoted}'"))
+    diesel::sql_query("SELECT set_config('application_name', $1, false)")
+        .bind::<diesel::sql_types::Text, _>(name)
+        .execute(conn)
+        .map(drop)
         .map_err(|e| Error::db("setting application_name", e))
 }
 
@@ -942,6 +978,24 @@ pub(crate) fn apply_statements(
                          hand and then delete its failed rows from the attempts table",
                         m.dir_name(),
                         r.statements_completed.unwrap_or(0),
+                        m.up_path()
+                    ),
+                )
+                .at(m, None));
+            }
+            if r.statements_total.is_some_and(|n| n != total) {
+                return Err(Error::new(
+                    ErrorKind::PartialMigrationChanged,
+                    format!(
+                        "no-transaction migration {} was partly applied ({} of {} statements \
+                         completed), and {} splits into {total} statements now: the split \
+                         changed (an upgrade of diesel-rollout splits some SQL differently), so \
+                         resuming could skip or repeat statements. Finish the migration by hand \
+                         with the release that started it, or check which statements ran and \
+                         repair the database, then record the outcome in the attempts table",
+                        m.dir_name(),
+                        r.statements_completed.unwrap_or(0),
+                        r.statements_total.unwrap_or(0),
                         m.up_path()
                     ),
                 )

@@ -243,3 +243,417 @@ fn index_names_longer_than_63_bytes_are_checked_as_postgresql_stores_them() {
         [(stored_long, "valid"), (stored_accents.as_str(), "valid")]
     );
 }
+
+/// Item 1: a schema created on the search_path after the first deploy
+/// (`"$user", public`, the usual fix for PostgreSQL 15's public-schema
+/// rights) does not get a second, empty ledger: nothing runs twice, on any
+/// path, and the ledger stays where it is.
+#[test]
+fn the_ledger_stays_where_it_is_when_a_schema_on_the_search_path_appears() {
+    let db = TestDb::new();
+    db.conn()
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET search_path = app, public",
+            db.name
+        ))
+        .unwrap();
+    let set = TempSet::new();
+    set.required(
+        "1_things",
+        "CREATE TABLE things (id int, val int);\n\
+         CREATE TABLE IF NOT EXISTS public.effects (v text);\n\
+         INSERT INTO public.effects VALUES ('1');\n",
+    );
+    let first = set.migrator();
+    first.run_required(&db.url).unwrap();
+    // The ledger went to public: schema app did not exist yet.
+    assert_eq!(
+        db.texts(
+            "SELECT n.nspname::text AS t FROM pg_class c JOIN pg_namespace n \
+             ON n.oid = c.relnamespace WHERE c.relname LIKE '\\_\\_diesel%' AND c.relkind = 'r' \
+             ORDER BY 1"
+        ),
+        ["public", "public"]
+    );
+
+    // Then the schema appears, and the next release has more to apply.
+    db.conn().batch_execute("CREATE SCHEMA app").unwrap();
+    set.required(
+        "2_more",
+        "ALTER TABLE things ADD COLUMN note text;\nINSERT INTO public.effects VALUES ('2');\n",
+    );
+    set.deferred(
+        "3_index",
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS things_val_idx ON things (val);\n\
+         INSERT INTO public.effects SELECT '3' WHERE NOT EXISTS \
+         (SELECT 1 FROM public.effects WHERE v = '3');\n",
+    );
+    let out = db
+        .rollout()
+        .args(["-q", "up", "--migrations-dir"])
+        .arg(set.required_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        db.texts("SELECT v AS t FROM public.effects ORDER BY v"),
+        ["1", "2", "3"],
+        "every migration ran exactly once"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'app'"),
+        0,
+        "nothing was created in the new schema: no second ledger, no shadow tables"
+    );
+    let m = set.migrator();
+    let mut c = db.conn();
+    assert!(m.verify(&mut c).unwrap().is_complete());
+    let states: Vec<_> = m
+        .status(&mut c)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.state.as_str())
+        .collect();
+    assert_eq!(states, ["applied", "applied", "applied"]);
+    assert_eq!(
+        m.run_required(&db.url).unwrap().applied.len(),
+        0,
+        "the next start finds nothing to do"
+    );
+}
+
+/// Item 5: the same table, however it is spelled, has one lock and one
+/// ledger (the attempts table beside it), and the CLI names a custom ledger.
+#[test]
+fn one_lock_and_one_ledger_whatever_the_spelling() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("1_a", "CREATE TABLE a (x int);\n");
+    let plain = set.migrator();
+    let qualified = set
+        .migrator()
+        .migrations_table("public.__diesel_schema_migrations")
+        .lock_wait_deadline(std::time::Duration::from_millis(600))
+        .lock_poll_interval(std::time::Duration::from_millis(50));
+    let mut holder = db.conn();
+    let key = plain
+        .lock_keys(&mut holder, diesel_rollout::Track::Required)
+        .unwrap()[0];
+    assert_eq!(
+        qualified
+            .lock_keys(&mut holder, diesel_rollout::Track::Required)
+            .unwrap()[0],
+        key
+    );
+    // While the lock of one spelling is held, the other spelling waits.
+    holder
+        .batch_execute(&format!("SELECT pg_advisory_lock({key})"))
+        .unwrap();
+    let err = qualified.run_required(&db.url).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::LockTimeout, "{err}");
+    holder
+        .batch_execute(&format!("SELECT pg_advisory_unlock({key})"))
+        .unwrap();
+    qualified.run_required(&db.url).unwrap();
+    // One attempts table, beside diesel's, and the other spelling agrees.
+    assert_eq!(
+        db.texts(
+            "SELECT relname::text AS t FROM pg_class WHERE relname LIKE '\\_\\_diesel%' \
+             AND relkind = 'r' ORDER BY 1"
+        ),
+        ["__diesel_rollout_attempts", "__diesel_schema_migrations"]
+    );
+    assert!(plain.verify(&mut db.conn()).unwrap().is_complete());
+
+    // A service with its own ledger table, and the CLI told about it.
+    let service = set
+        .migrator()
+        .migrations_table("svc_ledger")
+        .attempts_table("svc_attempts");
+    let other = TestDb::new();
+    service.run_required(&other.url).unwrap();
+    let verify = |args: &[&str], env: Option<(&str, &str)>| {
+        let mut c = other.rollout();
+        c.args(["verify", "--migrations-dir"])
+            .arg(set.required_dir())
+            .args(args);
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        c.output().unwrap().status.code()
+    };
+    assert_eq!(verify(&[], None), Some(1), "diesel's table is empty there");
+    assert_eq!(
+        verify(
+            &[
+                "--migrations-table",
+                "svc_ledger",
+                "--attempts-table",
+                "svc_attempts"
+            ],
+            None
+        ),
+        Some(0)
+    );
+    assert_eq!(
+        verify(&[], Some(("ROLLOUT_MIGRATIONS_TABLE", "svc_ledger"))),
+        Some(0)
+    );
+    let out = other
+        .rollout()
+        .args(["status", "--json", "--migrations-table", "svc_ledger"])
+        .args(["--attempts-table", "svc_attempts", "--migrations-dir"])
+        .arg(set.required_dir())
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["state"], "applied", "{rows}");
+    assert_eq!(
+        other.count("SELECT count(*) AS n FROM pg_class WHERE relname LIKE '\\_\\_diesel%'"),
+        0,
+        "the CLI created no ledger of its own"
+    );
+}
+
+/// Sets what a service's connection customizer would: the settings every
+/// pooled connection must keep.
+#[derive(Debug)]
+struct ServiceSettings;
+
+impl diesel::r2d2::CustomizeConnection<diesel::PgConnection, diesel::r2d2::Error>
+    for ServiceSettings
+{
+    fn on_acquire(&self, conn: &mut diesel::PgConnection) -> Result<(), diesel::r2d2::Error> {
+        conn.batch_execute("SET statement_timeout = '42s'; SET lock_timeout = '7s'")
+            .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// Item 7: a replica that takes the lock once another one has done the work
+/// hands its pooled connection back with the service's own settings.
+#[test]
+fn a_pooled_connection_goes_back_with_the_services_settings() {
+    use diesel::prelude::*;
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("1_a", "CREATE TABLE a (x int);\n");
+    set.migrator().run_required(&db.url).unwrap();
+    set.required("2_b", "CREATE TABLE b (x int);\n");
+    let m = set
+        .migrator()
+        .lock_poll_interval(std::time::Duration::from_millis(20));
+    let pool = diesel::r2d2::Pool::builder()
+        .max_size(1)
+        .connection_customizer(Box::new(ServiceSettings))
+        .build(diesel::r2d2::ConnectionManager::<diesel::PgConnection>::new(&db.url))
+        .unwrap();
+
+    // "Another replica" applies 2 under the lock, in one transaction with
+    // a transaction-level lock: the work and the release become visible at
+    // the same instant, so the waiter takes the lock and finds nothing.
+    let mut other = db.conn();
+    let key = m
+        .lock_keys(&mut other, diesel_rollout::Track::Required)
+        .unwrap()[0];
+    other
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({key}); CREATE TABLE b (x int); \
+             INSERT INTO __diesel_schema_migrations (version) VALUES ('2')"
+        ))
+        .unwrap();
+    let waiter = {
+        let (m, pool) = (m.clone(), pool.clone());
+        std::thread::spawn(move || {
+            m.run(&pool)
+                .map(|(report, deferred)| (report, deferred.stop()))
+        })
+    };
+    wait_until("the waiter to poll the lock", || {
+        db.count(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
+             AND query LIKE '%pg_try_advisory_lock%'",
+        ) > 0
+    });
+    other.batch_execute("COMMIT").unwrap();
+    let (report, _) = waiter.join().unwrap().unwrap();
+    assert!(report.took_lock && report.applied.is_empty(), "{report:?}");
+
+    #[derive(QueryableByName)]
+    struct Settings {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        statement_timeout: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        lock_timeout: String,
+    }
+    let mut conn = pool.get().unwrap();
+    let s: Settings = diesel::sql_query(
+        "SELECT current_setting('statement_timeout') AS statement_timeout, \
+         current_setting('lock_timeout') AS lock_timeout",
+    )
+    .get_result(&mut *conn)
+    .unwrap();
+    assert_eq!(
+        (s.statement_timeout.as_str(), s.lock_timeout.as_str()),
+        ("42s", "7s")
+    );
+}
+
+/// Item 2: whoever holds the track's lock knows that every attempt still
+/// `running` is dead, even when the backend pid it recorded is alive (a
+/// pooler kept the backend, or PostgreSQL reused the pid): the next run
+/// resumes after the last recorded statement instead of starting over.
+#[test]
+fn a_running_attempt_resumes_where_it_stopped_even_when_its_pid_is_alive() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required(
+        "1_tables",
+        "CREATE TABLE effects (v text);\nCREATE TABLE gate (open bool);\n",
+    );
+    set.required_no_tx(
+        "2_steps",
+        "INSERT INTO effects VALUES ('2a');\n\
+         SELECT pg_sleep(CASE WHEN EXISTS (SELECT 1 FROM gate) THEN 0 ELSE 60 END);\n\
+         INSERT INTO effects VALUES ('2c');\n",
+    );
+    let m = set.migrator();
+    let url = db.url.clone();
+    let run = {
+        let m = m.clone();
+        std::thread::spawn(move || m.run_required(&url))
+    };
+    wait_until("statement 2 to run", || {
+        db.count(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
+             AND state = 'active' AND query LIKE 'SELECT pg_sleep%'",
+        ) > 0
+    });
+    // The process applying it is cut off mid-statement: nothing records
+    // the outcome, so its attempt stays `running`.
+    db.count(
+        "SELECT count(*) AS n FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'SELECT pg_sleep%') t",
+    );
+    assert!(run.join().unwrap().is_err());
+    // Its pid now belongs to a live session (reused, or kept by a pooler).
+    let live = db.conn();
+    let mut c = db.conn();
+    c.batch_execute(
+        "UPDATE __diesel_rollout_attempts SET backend_pid = \
+         (SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+          AND pid <> pg_backend_pid() LIMIT 1) WHERE outcome = 'running'; \
+         INSERT INTO gate VALUES (true)",
+    )
+    .unwrap();
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM __diesel_rollout_attempts WHERE outcome = 'running' AND statements_completed = 1"),
+        1
+    );
+    let report = m.run_required(&db.url).unwrap();
+    assert_eq!(report.applied.len(), 1);
+    assert_eq!(report.applied[0].statements, 2, "resumed at statement 2");
+    assert_eq!(
+        db.texts("SELECT v AS t FROM effects ORDER BY v"),
+        ["2a", "2c"],
+        "statement 1 ran exactly once"
+    );
+    assert_eq!(
+        db.texts(
+            "SELECT outcome AS t FROM __diesel_rollout_attempts WHERE version = '2' ORDER BY id"
+        ),
+        ["interrupted", "success"]
+    );
+    drop(live);
+}
+
+/// Item 2: a resume point is a statement index into the split of up.sql;
+/// when the split differs from the one recorded (a splitter change in an
+/// upgrade), resuming is refused instead of skipping or repeating work.
+#[test]
+fn a_resume_is_refused_when_the_statement_split_changed() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("1_tables", "CREATE TABLE effects (v text);\n");
+    set.required_no_tx(
+        "2_steps",
+        "INSERT INTO effects VALUES ('2a');\nSELECT no_such_function();\n\
+         INSERT INTO effects VALUES ('2c');\n",
+    );
+    let m = set.migrator();
+    assert_eq!(
+        m.run_required(&db.url).unwrap_err().kind(),
+        ErrorKind::MigrationFailed
+    );
+    // As if an earlier release had split the same file into 4 statements.
+    db.conn()
+        .batch_execute(
+            "UPDATE __diesel_rollout_attempts SET statements_total = 4 WHERE version = '2'",
+        )
+        .unwrap();
+    let err = m.run_required(&db.url).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PartialMigrationChanged, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("2_steps"), "{text}");
+    assert!(text.contains("splits into 3 statements"), "{text}");
+    assert_eq!(db.texts("SELECT v AS t FROM effects"), ["2a"]);
+}
+
+/// Item 2: an attempts table created by the first release (whose CHECK
+/// rejects `retrying`) is upgraded in place under the lock.
+#[test]
+fn an_attempts_table_of_the_first_release_is_upgraded_in_place() {
+    let db = TestDb::new();
+    db.conn()
+        .batch_execute(
+            "CREATE TABLE __diesel_schema_migrations (version VARCHAR(50) PRIMARY KEY NOT NULL, \
+             run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP);
+             CREATE TABLE __diesel_rollout_attempts (
+                id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                version VARCHAR(50) NOT NULL, name TEXT NOT NULL,
+                track TEXT NOT NULL CHECK (track IN ('required', 'deferred')),
+                checksum TEXT NOT NULL,
+                started_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+                finished_at TIMESTAMPTZ,
+                outcome TEXT NOT NULL CHECK (outcome IN ('running', 'success', 'failed', 'interrupted')),
+                error TEXT, statements_completed INTEGER NOT NULL DEFAULT 0,
+                statements_total INTEGER NOT NULL, host TEXT, client_pid INTEGER,
+                backend_pid INTEGER NOT NULL DEFAULT pg_backend_pid(),
+                application_name TEXT NOT NULL DEFAULT current_setting('application_name'));
+             CREATE INDEX ON __diesel_rollout_attempts (version, id);",
+        )
+        .unwrap();
+    let set = TempSet::new();
+    set.required(
+        "1_things",
+        "CREATE TABLE things (val int);\nINSERT INTO things VALUES (1), (1);\n",
+    );
+    set.deferred(
+        "2_unique",
+        "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS things_val ON things (val);\n",
+    );
+    let m = set
+        .migrator()
+        .deferred_failure_retries(1)
+        .deferred_failure_backoff(std::time::Duration::from_millis(10))
+        .deferred_retry(false);
+    m.run_required(&db.url).unwrap();
+    let end = m.run_deferred(pool(&db));
+    let diesel_rollout::DeferredState::Failed { error, .. } = end else {
+        panic!("{end:?}");
+    };
+    assert!(error.contains("could not create unique index"), "{error}");
+    assert_eq!(
+        db.texts(
+            "SELECT outcome AS t FROM __diesel_rollout_attempts WHERE version = '2' ORDER BY id"
+        ),
+        ["retrying", "failed"]
+    );
+    assert_eq!(
+        db.texts("SELECT obj_description('__diesel_rollout_attempts'::regclass, 'pg_class') AS t"),
+        ["diesel-rollout attempts v2"]
+    );
+}

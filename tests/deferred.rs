@@ -472,8 +472,10 @@ fn replicas_do_not_rerun_a_build_another_leader_gave_up_on() {
     let m = fast(migrator("deferred_unique")).deferred_failure_retries(0);
     m.run_required(&db.url).unwrap();
     // Two replicas start while a third session holds the deferred lock.
-    let key = m.lock_key(diesel_rollout::Track::Deferred);
     let mut holder = db.conn();
+    let key = m
+        .lock_keys(&mut holder, diesel_rollout::Track::Deferred)
+        .unwrap()[0];
     holder
         .batch_execute(&format!("SELECT pg_advisory_lock({key})"))
         .unwrap();

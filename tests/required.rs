@@ -268,8 +268,10 @@ fn a_held_lock_is_waited_for_and_its_holder_named() {
     let m = migrator("counted")
         .lock_wait_deadline(Duration::from_millis(800))
         .lock_poll_interval(Duration::from_millis(50));
-    let key = m.lock_key(diesel_rollout::Track::Required);
     let mut holder = db.conn();
+    let key = m
+        .lock_keys(&mut holder, diesel_rollout::Track::Required)
+        .unwrap()[0];
     holder
         .batch_execute(&format!(
             "SET application_name = 'other-replica'; SELECT pg_advisory_lock({key})"
@@ -336,9 +338,12 @@ fn ledger_tables_are_configurable_so_two_sets_share_a_database() {
     let db = TestDb::new();
     let a = migrator("fails_midway");
     let b = migrator("counted").migrations_table("other_schema_migrations");
+    let mut c = db.conn();
     assert_ne!(
-        a.lock_key(diesel_rollout::Track::Required),
-        b.lock_key(diesel_rollout::Track::Required)
+        a.lock_keys(&mut c, diesel_rollout::Track::Required)
+            .unwrap(),
+        b.lock_keys(&mut c, diesel_rollout::Track::Required)
+            .unwrap()
     );
     b.run_required(&db.url).unwrap();
     assert_eq!(

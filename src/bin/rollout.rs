@@ -45,6 +45,26 @@ struct Cli {
     #[arg(long, global = true, value_name = "DIR")]
     deferred_dir: Option<PathBuf>,
 
+    /// The table recording applied versions, `table` or `schema.table`, as the service's
+    /// `Migrator::migrations_table` [default: __diesel_schema_migrations].
+    #[arg(
+        long,
+        env = "ROLLOUT_MIGRATIONS_TABLE",
+        global = true,
+        value_name = "TABLE"
+    )]
+    migrations_table: Option<String>,
+
+    /// The table recording every attempt, as the service's `Migrator::attempts_table`
+    /// [default: __diesel_rollout_attempts beside diesel's table, else <TABLE>_attempts].
+    #[arg(
+        long,
+        env = "ROLLOUT_ATTEMPTS_TABLE",
+        global = true,
+        value_name = "TABLE"
+    )]
+    attempts_table: Option<String>,
+
     /// Refuse applied versions this binary does not know and edited applied migrations.
     #[arg(long, global = true)]
     strict: bool,
@@ -220,6 +240,12 @@ fn migrator(cli: &Cli) -> Result<Migrator, Failure> {
     let mut m = Migrator::new(migration_set(cli)?)
         .strict(cli.strict)
         .application_name("rollout");
+    if let Some(t) = &cli.migrations_table {
+        m = m.migrations_table(t);
+    }
+    if let Some(t) = &cli.attempts_table {
+        m = m.attempts_table(t);
+    }
     if let Some(d) = cli.lock_timeout {
         m = m.required_lock_timeout(d);
     }

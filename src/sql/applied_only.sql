@@ -6,6 +6,7 @@ SELECT version,
        NULL::text AS outcome,
        NULL::text AS error,
        NULL::integer AS statements_completed,
+       NULL::integer AS statements_total,
        NULL::text AS attempt_checksum,
        NULL::text AS applied_checksum,
        NULL::float8 AS finished_epoch

@@ -1,5 +1,6 @@
 -- diesel-rollout's own record: one row per attempt to apply a migration.
 -- outcome: 'failed' is final; 'retrying' failed and the leader will try again.
+-- The comment holds the layout version (see ledger.rs, ATTEMPTS_VERSION).
 CREATE TABLE {attempts} (
     id                   BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     version              VARCHAR(50) NOT NULL,
@@ -9,6 +10,7 @@ CREATE TABLE {attempts} (
     started_at           TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
     finished_at          TIMESTAMPTZ,
     outcome              TEXT NOT NULL
+                         CONSTRAINT diesel_rollout_outcome
                          CHECK (outcome IN ('running', 'success', 'failed', 'retrying', 'interrupted')),
     error                TEXT,
     statements_completed INTEGER NOT NULL DEFAULT 0,
@@ -19,3 +21,4 @@ CREATE TABLE {attempts} (
     application_name     TEXT NOT NULL DEFAULT current_setting('application_name')
 );
 CREATE INDEX ON {attempts} (version, id);
+COMMENT ON TABLE {attempts} IS 'diesel-rollout attempts v2';

@@ -1,8 +1,8 @@
 -- Per version: applied or not, when, the latest attempt, and the checksum of
--- the latest successful attempt. One query: this is the whole fast path.
+-- the latest successful attempt, in one query.
 WITH latest AS (
-    SELECT DISTINCT ON (version) version, outcome, error, statements_completed, checksum,
-           finished_at
+    SELECT DISTINCT ON (version) version, outcome, error, statements_completed,
+           statements_total, checksum, finished_at
     FROM {attempts}
     ORDER BY version, id DESC
 ), succeeded AS (
@@ -17,6 +17,7 @@ SELECT coalesce(m.version, l.version) AS version,
        l.outcome,
        l.error,
        l.statements_completed,
+       l.statements_total,
        l.checksum AS attempt_checksum,
        s.checksum AS applied_checksum,
        extract(epoch FROM l.finished_at)::float8 AS finished_epoch

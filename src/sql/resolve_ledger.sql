@@ -1,0 +1,24 @@
+-- Where the ledger lives. $1: the migrations table as written (quoted, maybe
+-- qualified); $2: its schema when configured; $3: the attempts table's schema
+-- when configured (else the migrations table's); $4: the attempts table.
+-- An unqualified migrations table is where PostgreSQL finds it on search_path
+-- (to_regclass), as any query of it would; when it does not exist yet, the
+-- schema a CREATE TABLE would use (current_schema()).
+WITH found AS (
+    SELECT c.relnamespace AS nsp FROM pg_class c WHERE c.oid = to_regclass($1)
+), ledger AS (
+    SELECT coalesce(
+               (SELECT nsp FROM found),
+               (SELECT oid FROM pg_namespace WHERE nspname = coalesce($2, current_schema()))
+           ) AS nsp
+)
+SELECT n.nspname::text AS schema,
+       EXISTS (SELECT 1 FROM found) AS migrations_exist,
+       a.oid IS NOT NULL AS attempts_exist,
+       obj_description(a.oid, 'pg_class') AS attempts_comment
+FROM ledger
+LEFT JOIN pg_namespace n ON n.oid = ledger.nsp
+LEFT JOIN pg_class a
+       ON a.relname = $4
+      AND a.relkind IN ('r', 'p')
+      AND a.relnamespace = coalesce((SELECT oid FROM pg_namespace WHERE nspname = $3), ledger.nsp)
