@@ -615,7 +615,8 @@ fn look(
     let deferred = m.analyze(&rows, Track::Deferred);
     shared.metrics(|x| x.pending = deferred.pending.len());
     crate::metrics::deferred_pending(deferred.pending.len());
-    if deferred.pending.is_empty() {
+    let plan = m.deferred_plan(&rows);
+    if deferred.pending.is_empty() || (plan.waiting_for.is_empty() && plan.runnable.is_empty()) {
         tracing::debug!("deferred track: nothing pending");
         if applied.is_empty() {
             crate::metrics::run(Track::Deferred, "nothing_pending");
@@ -627,7 +628,11 @@ fn look(
     // A leader (this replica or another) gave up on the next migration since
     // this track started: do not run the same failing build again on every
     // replica. The next start tries again.
-    let first = deferred.pending[0];
+    let first = plan
+        .runnable
+        .first()
+        .copied()
+        .unwrap_or(deferred.pending[0]);
     if let Some(r) = deferred.rows.get(normal(first.version())) {
         let gave_up_since = r.outcome.as_deref() == Some("failed")
             && r.attempt_checksum.as_deref() == Some(first.checksum())
@@ -648,7 +653,7 @@ fn look(
             });
         }
     }
-    let required = m.blocking_required(&rows);
+    let required = &plan.waiting_for;
     if !required.is_empty() {
         tracing::info!(
             pending = required.len(),
@@ -826,8 +831,8 @@ fn lead(
     let tables = &tables;
 
     let rows = ledger::rows(conn, tables).map_err(Led::Lost)?;
-    let analysis = m.analyze(&rows, Track::Deferred);
-    let required = m.blocking_required(&rows);
+    let plan = m.deferred_plan(&rows);
+    let required = &plan.waiting_for;
     if let Some(first) = required.first() {
         tracing::info!(
             first = first.dir_name(),
@@ -837,7 +842,7 @@ fn lead(
             pending: required.len(),
         })));
     }
-    let pending: Vec<_> = analysis.pending.clone();
+    let pending: Vec<_> = plan.runnable.clone();
     let progress_done = AtomicBool::new(false);
     /// Ends the progress monitor however leading ends, panics included
     /// (else the scope would wait for it for ever).

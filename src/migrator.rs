@@ -400,8 +400,11 @@ impl Migrator {
         let rows = ledger::rows(conn, tables)?;
         let a = self.analyze(&rows, track);
         self.check_drift(&a, report)?;
+        let mut a = a;
         if track == Track::Deferred {
-            let required = self.blocking_required(&rows);
+            let plan = self.deferred_plan(&rows);
+            let required = plan.waiting_for;
+            a.pending = plan.runnable;
             if let Some(first) = required.first() {
                 return Err(Error::new(
                     ErrorKind::RequiredPending,
@@ -462,10 +465,11 @@ impl Migrator {
                             "migration {} requires deferred migration {dep_name} \
                              (requires_deferred in its metadata.toml), which is not applied yet \
                              ({state}). Required migrations stop here; those before it are \
-                             applied. Let the deferred track finish (`rollout deferred --wait`, \
-                             or the replicas of the previous release) and start again; a \
-                             deferred migration a required one depends on belongs in an \
-                             earlier release",
+                             applied. `rollout up` applies both in order (the required track \
+                             up to here, then {dep_name}, then the rest); or let the deferred \
+                             track apply it (`rollout deferred --wait`, or the replicas of the \
+                             previous release) and start again. A deferred migration a \
+                             required one depends on belongs in an earlier release",
                             m.dir_name()
                         ),
                     )
@@ -558,24 +562,33 @@ impl Migrator {
         }
     }
 
-    /// Required migrations pending that hold the deferred track back: all
-    /// of them, except those waiting for a pending deferred migration
-    /// (`requires_deferred`), which could otherwise never run.
-    pub(crate) fn blocking_required<'a>(&'a self, rows: &'a [LedgerRow]) -> Vec<&'a Migration> {
-        let deferred = self.analyze(rows, Track::Deferred);
-        let required = self.analyze(rows, Track::Required);
-        required
-            .pending
-            .into_iter()
-            .filter(|r| {
-                !r.requires_deferred().any(|dep| {
-                    deferred
-                        .pending
-                        .iter()
-                        .any(|d| normal(d.version()) == normal(dep))
+    /// What the deferred track may do now (see [`DeferredPlan`]).
+    pub(crate) fn deferred_plan<'a>(&'a self, rows: &'a [LedgerRow]) -> DeferredPlan<'a> {
+        let deferred = self.analyze(rows, Track::Deferred).pending;
+        let required = self.analyze(rows, Track::Required).pending;
+        let is_pending_deferred =
+            |v: &str| deferred.iter().any(|d| normal(d.version()) == normal(v));
+        // The first required migration that waits for a pending deferred one
+        // blocks itself and, by order, every required migration after it.
+        let blocked_at = required
+            .iter()
+            .position(|r| r.requires_deferred().any(is_pending_deferred));
+        let (waiting_for, blocked) = required.split_at(blocked_at.unwrap_or(required.len()));
+        let runnable = match blocked.first() {
+            None => deferred,
+            Some(b) => deferred
+                .into_iter()
+                .filter(|d| {
+                    compare_versions(d.version(), b.version()) == std::cmp::Ordering::Less
+                        || b.requires_deferred()
+                            .any(|v| normal(v) == normal(d.version()))
                 })
-            })
-            .collect()
+                .collect(),
+        };
+        DeferredPlan {
+            waiting_for: waiting_for.to_vec(),
+            runnable,
+        }
     }
 
     /// Unknown applied versions and changed `up.sql`: warnings, or errors
@@ -722,6 +735,23 @@ impl Migrator {
         }
         Ok(v)
     }
+}
+
+/// What the deferred track may do now. A deferred migration never runs
+/// before a pending required migration older than it, since it may build on
+/// what that one creates, except when the required migration waits for it:
+/// the first pending required migration that names a pending deferred one
+/// in `requires_deferred` is blocked, and so is every required migration
+/// after it (the required track applies in order). Blocked ones never hold
+/// the deferred track back, which would wait for ever.
+pub(crate) struct DeferredPlan<'a> {
+    /// Pending required migrations the deferred track waits for: those
+    /// before the first blocked one.
+    pub waiting_for: Vec<&'a Migration>,
+    /// Pending deferred migrations it may apply once those are applied, in
+    /// version order: those older than the first blocked required
+    /// migration, and those it names.
+    pub runnable: Vec<&'a Migration>,
 }
 
 pub(crate) struct Analysis<'a> {

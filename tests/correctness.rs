@@ -657,3 +657,143 @@ fn an_attempts_table_of_the_first_release_is_upgraded_in_place() {
         ["diesel-rollout attempts v2"]
     );
 }
+
+/// The three-migration case of item 3: required R waits for deferred D
+/// (`requires_deferred`), an unrelated required R2 comes after R, and a
+/// deferred D2 builds on R2's table. The required track stops at R; the
+/// deferred track must not wait for R or R2 (that was a deadlock), applies
+/// D but not D2; then R, R2, and D2 follow.
+fn dependency_set() -> TempSet {
+    let set = TempSet::new();
+    set.required(
+        "0001_things",
+        "CREATE TABLE things (id bigint PRIMARY KEY, val int);\n\
+         INSERT INTO things SELECT g, g FROM generate_series(1, 100) g;\n",
+    );
+    set.deferred(
+        "0002_things_val",
+        "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS things_val_key ON things (val);\n",
+    );
+    set.required_with(
+        "0003_unique_val",
+        "ALTER TABLE things ADD CONSTRAINT things_val_key UNIQUE USING INDEX things_val_key;\n",
+        "run_in_transaction = true\nrequires_deferred = [\"0002\"]\n",
+    );
+    set.required(
+        "0004_other",
+        "CREATE TABLE other (id bigint PRIMARY KEY, at int);\n",
+    );
+    set.deferred(
+        "0005_other_at",
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS other_at_idx ON other (at);\n",
+    );
+    set
+}
+
+#[test]
+fn a_required_migration_waiting_for_a_deferred_one_does_not_deadlock_the_deploy() {
+    let db = TestDb::new();
+    let set = dependency_set();
+    let m = once(set.migrator());
+    let err = m.run_required(&db.url).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeferredDependency);
+    assert!(err.to_string().contains("rollout up"), "{err}");
+    let applied: Vec<_> = err
+        .report()
+        .unwrap()
+        .applied
+        .iter()
+        .map(|a| a.version.as_str())
+        .collect();
+    assert_eq!(applied, ["0001"]);
+
+    // The deferred track applies D, and only D: D2 waits for R2.
+    let end = m.run_deferred(pool(&db));
+    assert_eq!(
+        end,
+        diesel_rollout::DeferredState::Done {
+            applied: vec!["0002".into()]
+        }
+    );
+    // Now the required track goes on, then the deferred track finishes.
+    let applied: Vec<_> = m
+        .run_required(&db.url)
+        .unwrap()
+        .applied
+        .into_iter()
+        .map(|a| a.version)
+        .collect();
+    assert_eq!(applied, ["0003", "0004"]);
+    assert_eq!(
+        m.run_deferred(pool(&db)),
+        diesel_rollout::DeferredState::Done {
+            applied: vec!["0005".into()]
+        }
+    );
+}
+
+#[test]
+fn rollout_up_applies_a_release_with_a_required_migration_waiting_for_a_deferred_one() {
+    let set = dependency_set();
+    // `rollout up`, as a new user runs it: everything, in order.
+    let db = TestDb::new();
+    let out = db
+        .rollout()
+        .args(["up", "--migrations-dir"])
+        .arg(set.required_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let order: Vec<_> = stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("000")))
+        .map(|w| {
+            w.trim_end_matches(',')
+                .split('_')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(order, ["0001", "0002", "0003", "0004", "0005"], "{stdout}");
+    assert!(set.migrator().verify(&mut db.conn()).unwrap().is_complete());
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM pg_constraint WHERE conname = 'things_val_key'"),
+        1
+    );
+
+    // `rollout deferred` with R and R2 pending applies D instead of
+    // sending the user to `up --required-only`, which would fail on R.
+    let db = TestDb::new();
+    let m = set.migrator();
+    assert!(m.run_required(&db.url).is_err());
+    let out = db
+        .rollout()
+        .args(["deferred", "--migrations-dir"])
+        .arg(set.required_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("applied 0002_things_val"));
+    // And `rollout check` applies the whole set from scratch.
+    let out = support::rollout()
+        .args(["-q", "check", "--migrations-dir"])
+        .arg(set.required_dir())
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -14,7 +14,7 @@ use diesel::r2d2::{ConnectionManager, Pool};
 use diesel_rollout::cluster::ThrowawayCluster;
 use diesel_rollout::{
     compare_versions, connect, parse_dir_name, redact_error, redact_url, with_database,
-    DeferredState, MigrationSet, MigrationStatus, Migrator, Track,
+    DeferredState, ErrorKind, MigrationSet, MigrationStatus, Migrator, Report, Track,
 };
 
 const EXAMPLES: &str = "\
@@ -298,34 +298,57 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
         Command::Up { required_only } => {
             let m = migrator(cli)?;
             let url = database_url(cli)?;
-            let report = m.run_required(url)?;
-            let required = report_json(&report);
-            if !cli.json {
-                if report.applied.is_empty() {
-                    print_out("required: nothing to apply\n");
-                } else {
-                    let mut s = String::new();
-                    for a in &report.applied {
-                        s.push_str(&format!(
-                            "applied {} ({} ms)\n",
-                            a.dir_name,
-                            a.duration.as_millis()
-                        ));
+            let mut required = Vec::new();
+            let mut deferred_runs = Vec::new();
+            // A required migration that waits for a deferred one stops the
+            // required track; the deferred track then applies what it
+            // waits for, and the required track goes on.
+            loop {
+                let (report, blocked) = match m.run_required(url) {
+                    Ok(report) => (report, None),
+                    Err(e) if e.kind() == ErrorKind::DeferredDependency && !*required_only => {
+                        let report = e.report().cloned().unwrap_or_default();
+                        (report, Some(e))
                     }
-                    print_out(&s);
+                    Err(e) => return Err(e.into()),
+                };
+                if !cli.json {
+                    print_applied("required", &report);
+                }
+                required.push(report_json(&report));
+                if *required_only {
+                    if cli.json {
+                        print_json(&serde_json::json!({ "required": required[0] }));
+                    }
+                    return Ok(0);
+                }
+                let (code, value) = deferred(&m, url, true, cli)?;
+                let progress = value["applied"].as_array().is_some_and(|a| !a.is_empty());
+                deferred_runs.push(value);
+                match blocked {
+                    Some(e) if code != 0 || !progress => return Err(e.into()),
+                    Some(_) => tracing::info!(
+                        "the deferred migrations the required track waited for are applied: \
+                         going on with the required track"
+                    ),
+                    None => {
+                        if cli.json {
+                            let one = |v: Vec<serde_json::Value>| {
+                                if v.len() == 1 {
+                                    v.into_iter().next().unwrap_or_default()
+                                } else {
+                                    serde_json::Value::Array(v)
+                                }
+                            };
+                            print_json(&serde_json::json!({
+                                "required": one(required),
+                                "deferred": one(deferred_runs),
+                            }));
+                        }
+                        return Ok(code);
+                    }
                 }
             }
-            if *required_only {
-                if cli.json {
-                    print_json(&serde_json::json!({ "required": required }));
-                }
-                return Ok(0);
-            }
-            let (code, deferred) = deferred(&m, url, true, cli)?;
-            if cli.json {
-                print_json(&serde_json::json!({ "required": required, "deferred": deferred }));
-            }
-            Ok(code)
         }
         Command::Deferred { wait } => {
             let m = migrator(cli)?;
@@ -362,6 +385,23 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
         } => lint(cli, cli.json, config.clone(), warn.clone(), *deny_warnings),
         Command::Check => check(cli),
     }
+}
+
+/// `applied NAME (N ms)` per migration, or that there was nothing to do.
+fn print_applied(track: &str, report: &diesel_rollout::Report) {
+    if report.applied.is_empty() {
+        print_out(&format!("{track}: nothing to apply\n"));
+        return;
+    }
+    let mut s = String::new();
+    for a in &report.applied {
+        s.push_str(&format!(
+            "applied {} ({} ms)\n",
+            a.dir_name,
+            a.duration.as_millis()
+        ));
+    }
+    print_out(&s);
 }
 
 fn print_json(value: &serde_json::Value) {
@@ -1088,8 +1128,30 @@ fn check(cli: &Cli) -> Result<u8, Failure> {
     };
     tracing::info!(database = %name, "applying every migration from scratch");
     let mut conn = connect(&url)?;
-    let required = migrator.run_required_on(&mut conn)?;
-    let deferred = migrator.run_deferred_on(&mut conn)?;
+    let (mut required, mut deferred) = (Report::default(), Report::default());
+    loop {
+        let blocked = match migrator.run_required_on(&mut conn) {
+            Ok(r) => {
+                required.applied.extend(r.applied);
+                None
+            }
+            Err(e) if e.kind() == ErrorKind::DeferredDependency => {
+                if let Some(r) = e.report() {
+                    required.applied.extend(r.applied.iter().cloned());
+                }
+                Some(e)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let d = migrator.run_deferred_on(&mut conn)?;
+        let progress = !d.applied.is_empty();
+        deferred.applied.extend(d.applied);
+        match blocked {
+            Some(_) if progress => {}
+            Some(e) => return Err(e.into()),
+            None => break,
+        }
+    }
     let verification = migrator.verify(&mut conn)?;
     let rows = migrator.status(&mut conn)?;
     let pending_deferred = rows
