@@ -69,7 +69,11 @@ fn main() {
         }
         None => MigrationSet::example(),
     };
-    let migrator = Migrator::new(set).application_name("example-service");
+    // pool_url: so errors about checking a connection out never show the
+    // password (r2d2 does not give a pool's URL out).
+    let migrator = Migrator::new(set)
+        .application_name("example-service")
+        .pool_url(&url);
     // r2d2 logs connection errors, which can echo parts of the URL: log
     // them without the password instead.
     let pool: PgPool = Pool::builder()

@@ -160,6 +160,7 @@ impl Migrator {
             thread,
             pool,
             stop_mode: self.deferred.stop_mode,
+            redactor: self.pool_redactor(),
         }
     }
 
@@ -180,7 +181,7 @@ impl Migrator {
                 ErrorKind::Connection,
                 format!(
                     "cannot check a connection out of the pool: {}",
-                    crate::url::scrub_libpq(&e.to_string())
+                    self.redact_pool_error(&e.to_string())
                 ),
             )
         })?;
@@ -378,6 +379,7 @@ pub struct DeferredHandle {
     thread: Option<JoinHandle<()>>,
     pool: PgPool,
     stop_mode: StopMode,
+    redactor: crate::url::PoolRedactor,
 }
 
 impl std::fmt::Debug for DeferredHandle {
@@ -480,7 +482,7 @@ impl DeferredHandle {
                             );
                         }
                         Err(e) => tracing::warn!(
-                            error = %crate::url::scrub_libpq(&e.to_string()),
+                            error = %self.redactor.redact(&e.to_string()),
                             "no pooled connection to cancel the deferred statement with; trying again"
                         ),
                     }
@@ -567,9 +569,9 @@ struct Since {
     server_epoch: Option<f64>,
 }
 
-fn reconnecting(e: impl std::fmt::Display) -> DeferredState {
+fn reconnecting(m: &Migrator, e: impl std::fmt::Display) -> DeferredState {
     DeferredState::Reconnecting {
-        error: crate::url::scrub_libpq(&e.to_string()),
+        error: m.redact_pool_error(&e.to_string()),
     }
 }
 
@@ -586,7 +588,7 @@ fn look(
     let mut conn = match pool.get() {
         Ok(c) => c,
         Err(e) => {
-            let state = reconnecting(format!("no connection from the pool: {e}"));
+            let state = reconnecting(m, format!("no connection from the pool: {e}"));
             tracing::warn!(?state, "deferred track: no connection from the pool");
             return Look::Again(state);
         }
@@ -595,21 +597,21 @@ fn look(
         match ledger::server_epoch(&mut conn) {
             // The server's clock when this track started.
             Ok(now) => since.server_epoch = Some(now - since.started.elapsed().as_secs_f64()),
-            Err(e) => return Look::Again(reconnecting(e)),
+            Err(e) => return Look::Again(reconnecting(m, e)),
         }
     }
     let tables = match ledger.resolve(&mut conn) {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(error = %e, "deferred track: cannot find the ledger");
-            return Look::Again(reconnecting(e));
+            return Look::Again(reconnecting(m, e));
         }
     };
     let rows = match ledger::rows(&mut conn, &tables) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "deferred track: cannot read the ledger");
-            return Look::Again(reconnecting(e));
+            return Look::Again(reconnecting(m, e));
         }
     };
     let deferred = m.analyze(&rows, Track::Deferred);
@@ -685,7 +687,7 @@ fn look(
         Err(e) => {
             tracing::warn!(error = %e, "deferred track: cannot try the lock");
             discard(conn);
-            return Look::Again(reconnecting(e));
+            return Look::Again(reconnecting(m, e));
         }
     }
     // Through a pooler in transaction mode, the lock's backend is handed to
@@ -729,7 +731,7 @@ fn look(
         }
         Err(e) => {
             discard(conn);
-            return Look::Again(reconnecting(e));
+            return Look::Again(reconnecting(m, e));
         }
     }
     shared.metrics(|x| x.lock_wait = since.started.elapsed());
@@ -766,7 +768,7 @@ fn look(
         }
         Err(Led::Lost(e)) => {
             tracing::warn!(error = %e, "deferred track: lost the connection while leading; looking again later");
-            Look::Again(reconnecting(e))
+            Look::Again(reconnecting(m, e))
         }
     }
 }

@@ -48,6 +48,7 @@ pub struct Migrator {
     pub(crate) deferred: crate::deferred::DeferredOptions,
     strict: bool,
     application_name: String,
+    pool_url: crate::url::PoolRedactor,
 }
 
 impl Migrator {
@@ -68,6 +69,7 @@ impl Migrator {
             deferred: crate::deferred::DeferredOptions::default(),
             strict: false,
             application_name: "diesel-rollout".into(),
+            pool_url: crate::url::PoolRedactor::default(),
         }
     }
 
@@ -165,6 +167,25 @@ impl Migrator {
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
         self.application_name = name.into();
         self
+    }
+
+    /// The URL the pool given to [`Migrator::run`] and
+    /// [`Migrator::start_deferred`] connects with, used for one thing only:
+    /// keeping its password, and every piece of it libpq could quote back,
+    /// out of the errors and logs about checking a connection out (r2d2 does
+    /// not give a pool's URL out). Without it, such errors hide every value
+    /// libpq quotes (host, port, database, user). Default: not set.
+    pub fn pool_url(mut self, url: impl Into<String>) -> Self {
+        self.pool_url = crate::url::PoolRedactor::new(url);
+        self
+    }
+
+    pub(crate) fn redact_pool_error(&self, text: &str) -> String {
+        self.pool_url.redact(text)
+    }
+
+    pub(crate) fn pool_redactor(&self) -> crate::url::PoolRedactor {
+        self.pool_url.clone()
     }
 
     /// The migration set.
@@ -1192,7 +1213,7 @@ pub fn connect(database_url: &str) -> Result<PgConnection, Error> {
     PgConnection::establish(database_url).map_err(|e| {
         let cause = e.to_string();
         // libpq can echo parts of the connection string; scrub the password.
-        let cause = crate::url::scrub_libpq(&crate::url::scrub(&cause, database_url));
+        let cause = crate::url::redact_error(&cause, database_url);
         Error::new(
             ErrorKind::Connection,
             format!(

@@ -24,10 +24,13 @@ fn is_secret_key(key: &str) -> bool {
 /// `?password=...` / `&sslpassword=...`. When in doubt it hides more rather
 /// than less, and it never panics, whatever the input.
 pub fn redact_url(url: &str) -> String {
-    match url.find("://") {
+    let structural = match url.find("://") {
         Some(end) if is_scheme(&url[..end]) => redact_uri(url, end + 3),
         _ => redact_key_value(url),
-    }
+    };
+    // A password with a raw `/` or `@` can leave pieces where the structure
+    // says a host or port is: hide those too.
+    scrub(&structural, url)
 }
 
 /// Replaces the database name in a `postgres://` or `postgresql://` URL,
@@ -274,56 +277,176 @@ fn redact_key_value(text: &str) -> String {
     out
 }
 
-/// The password of a connection string, as written and percent-decoded, so
-/// text that echoes it (a libpq error, say) can be scrubbed. Empty when
-/// there is none.
-pub fn passwords(url: &str) -> Vec<String> {
-    let mut out = Vec::new();
+/// What of a connection string is secret: each way its password can be
+/// read (libpq's way and the more generous ones, for a password with a raw
+/// `@`, `/`, `?` or `#`), as written and percent-decoded, and the pieces
+/// libpq can quote back on its own when it splits a password it misreads
+/// (`Xy7@Zq9` gives the host `Zq9@...`, `ab/cd` the port `ab`).
+#[derive(Debug, Default)]
+pub(crate) struct Secrets {
+    /// Whole passwords, longest first.
+    whole: Vec<String>,
+    /// Pieces of them, split where libpq splits a connection string.
+    pieces: Vec<String>,
+}
+
+/// Where libpq splits a connection string.
+fn is_delimiter(c: char) -> bool {
+    matches!(
+        c,
+        '@' | '/' | ':' | '?' | '#' | '&' | '=' | ',' | '\'' | '"' | '\\'
+    ) || c.is_whitespace()
+}
+
+pub(crate) fn secrets(url: &str) -> Secrets {
+    let mut whole = Vec::new();
     let trimmed = url.trim();
-    if let Some(rest) = trimmed
-        .strip_prefix("postgres://")
-        .or_else(|| trimmed.strip_prefix("postgresql://"))
-    {
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        if let Some(at) = authority.rfind('@') {
-            if let Some((_, pw)) = authority[..at].split_once(':') {
-                out.push(pw.to_string());
+    match trimmed.find("://") {
+        Some(end) if is_scheme(&trimmed[..end]) => {
+            let rest = &trimmed[end + 3..];
+            // Any `@` may end the user info: a raw `@` in a password makes
+            // libpq end it at the first one, a person at the last one.
+            for (at, _) in rest.match_indices('@') {
+                if let Some((_, pw)) = rest[..at].split_once(':') {
+                    whole.push(pw.to_string());
+                }
             }
-        }
-        if let Some(q) = rest.find('?') {
-            for pair in rest[q + 1..].split('&') {
-                if let Some((k, v)) = pair.split_once('=') {
+            let mut search = rest;
+            while let Some(q) = search.find(['?', '&']) {
+                search = &search[q + 1..];
+                if let Some((k, v)) = search.split_once('=') {
                     if is_secret_key(k) {
-                        out.push(v.to_string());
+                        let mut parts = v.split('&');
+                        let first = parts.next().unwrap_or(v);
+                        whole.push(first.to_string());
+                        // A raw `&` in it: what follows, up to the next
+                        // `key=`, is the password's too.
+                        let mut generous = first.to_string();
+                        for part in parts.take_while(|p| !p.contains('=')) {
+                            generous.push('&');
+                            generous.push_str(part);
+                        }
+                        whole.push(generous);
                     }
                 }
             }
         }
-    } else {
-        // key=value form: the token after `password =`.
-        let mut words = trimmed.split_whitespace().peekable();
-        while let Some(w) = words.next() {
-            if let Some((k, v)) = w.split_once('=') {
-                if is_secret_key(k.trim()) {
-                    let v = if v.is_empty() {
-                        words.next().unwrap_or("")
-                    } else {
-                        v
-                    };
-                    out.push(v.trim_matches('\'').to_string());
+        _ => key_value_secrets(trimmed, &mut whole),
+    }
+    let decoded: Vec<String> = whole.iter().map(|p| percent_decode(p)).collect();
+    whole.extend(decoded);
+    whole.retain(|p| !p.is_empty());
+    whole.sort();
+    whole.dedup();
+    // Longest first, so a password containing another is replaced whole.
+    whole.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    // Short whole passwords count as pieces: replaced as words, not inside
+    // other words.
+    let mut pieces: Vec<String> = whole
+        .iter()
+        .flat_map(|p| p.split(is_delimiter).chain(std::iter::once(p.as_str())))
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
+    pieces.sort();
+    pieces.dedup();
+    pieces.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    Secrets { whole, pieces }
+}
+
+/// The value of each `password` / `sslpassword` of a key=value string: as
+/// libpq reads it (quoted, with `\` escapes), and, generously, up to the
+/// next `key=` (a value with a raw space).
+fn key_value_secrets(text: &str, out: &mut Vec<String>) {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let Some(eq) = text[i..].find('=').map(|e| i + e) else {
+            break;
+        };
+        let key = text[..eq]
+            .trim_end()
+            .rsplit(|c: char| c.is_whitespace())
+            .next()
+            .unwrap_or("");
+        let mut j = eq + 1;
+        while j < bytes.len() && bytes[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        let start = j;
+        let mut value = String::new();
+        if j < bytes.len() && bytes[j] == b'\'' {
+            j += 1;
+            while j < bytes.len() && bytes[j] != b'\'' {
+                if bytes[j] == b'\\' {
+                    j += 1;
+                }
+                if let Some(c) = text.get(j..).and_then(|t| t.chars().next()) {
+                    value.push(c);
+                    j += c.len_utf8();
+                } else {
+                    break;
+                }
+            }
+            j += 1;
+        } else {
+            while j < bytes.len() && !bytes[j].is_ascii_whitespace() {
+                if bytes[j] == b'\\' {
+                    j += 1;
+                }
+                if let Some(c) = text.get(j..).and_then(|t| t.chars().next()) {
+                    value.push(c);
+                    j += c.len_utf8();
+                } else {
+                    break;
                 }
             }
         }
+        if is_secret_key(key) {
+            out.push(value);
+            // Up to the next ` key=`, or the end.
+            let tail = text.get(start..).unwrap_or("");
+            let generous = match tail.find('=') {
+                Some(next_eq) => {
+                    let before = tail[..next_eq].trim_end();
+                    match before.rfind(char::is_whitespace) {
+                        Some(ws) => &tail[..ws],
+                        None => tail,
+                    }
+                }
+                None => tail,
+            };
+            out.push(generous.trim().trim_matches('\'').to_string());
+        }
+        i = j.max(eq + 1);
     }
-    let decoded: Vec<String> = out.iter().map(|p| percent_decode(p)).collect();
-    out.extend(decoded);
-    out.retain(|p| !p.is_empty());
-    out.sort();
-    out.dedup();
-    // Longest first, so a password containing another is replaced whole.
-    out.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    out
+}
+
+/// Redacts the errors of a pool: with the URL it connects with when it is
+/// known, else hiding every value libpq quotes (see [`scrub_unknown`]).
+#[derive(Clone, Default)]
+pub(crate) struct PoolRedactor(Option<String>);
+
+impl std::fmt::Debug for PoolRedactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(url) => write!(f, "PoolRedactor({})", redact_url(url)),
+            None => f.write_str("PoolRedactor(unknown URL)"),
+        }
+    }
+}
+
+impl PoolRedactor {
+    pub(crate) fn new(url: impl Into<String>) -> Self {
+        PoolRedactor(Some(url.into()))
+    }
+
+    pub(crate) fn redact(&self, text: &str) -> String {
+        match &self.0 {
+            Some(url) => redact_error(text, url),
+            None => scrub_unknown(&scrub_libpq(text)),
+        }
+    }
 }
 
 fn percent_decode(text: &str) -> String {
@@ -349,16 +472,30 @@ fn percent_decode(text: &str) -> String {
 /// one this can extend safely.
 pub fn with_application_name(url: &str, name: &str) -> Option<String> {
     let trimmed = url.trim();
-    if trimmed.contains("application_name") {
+    if trimmed.contains("application_name=") {
         return Some(trimmed.to_string());
     }
-    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
+    if let Some(rest) = trimmed
+        .strip_prefix("postgres://")
+        .or_else(|| trimmed.strip_prefix("postgresql://"))
+    {
         if trimmed.contains('#') {
             return None;
         }
+        // The query starts where libpq starts it: at the first `?` after the
+        // user info, which libpq ends at the first `@` before any `/` (a
+        // password may hold a raw `?`).
+        let after_userinfo = match rest.find(['@', '/']) {
+            Some(at) if rest.as_bytes()[at] == b'@' => at + 1,
+            _ => 0,
+        };
         let mut encoded = String::new();
         percent_encode_into(name, &mut encoded);
-        let sep = if trimmed.contains('?') { '&' } else { '?' };
+        let sep = if rest[after_userinfo..].contains('?') {
+            '&'
+        } else {
+            '?'
+        };
         Some(format!("{trimmed}{sep}application_name={encoded}"))
     } else if trimmed.contains('=') {
         let quoted = name.replace('\\', "\\\\").replace('\'', "\\'");
@@ -371,7 +508,7 @@ pub fn with_application_name(url: &str, name: &str) -> Option<String> {
 /// `text` with what libpq quotes from a malformed connection string
 /// (`invalid percent-encoded token: "..."`, which can be a password)
 /// replaced by `***`. For errors whose connection string is not at hand
-/// (a pool's).
+/// (a pool's): see [`scrub_unknown`] for connection errors.
 pub fn scrub_libpq(text: &str) -> String {
     const MARKERS: [&str; 2] = [
         "invalid percent-encoded token: \"",
@@ -392,23 +529,130 @@ pub fn scrub_libpq(text: &str) -> String {
     out
 }
 
+/// A connection error whose connection string is not known (r2d2 does not
+/// give a pool's out): libpq quotes parts of the connection string back
+/// (host, port, database, user), and with a password it misread those can be
+/// pieces of the password, so every quoted value and the port are hidden.
+pub(crate) fn scrub_unknown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('"') {
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        match rest.find('"') {
+            Some(close) => {
+                out.push_str("***\"");
+                rest = &rest[close + 1..];
+            }
+            None => {
+                out.push_str("***");
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    hide_after(&out, "port ", |c: char| c.is_ascii_alphanumeric())
+}
+
+/// `text` with the run of `keep` characters after each `marker` hidden.
+fn hide_after(text: &str, marker: &str, keep: impl Fn(char) -> bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find(marker) {
+        let start = pos + marker.len();
+        out.push_str(&rest[..start]);
+        let len = rest[start..]
+            .find(|c: char| !keep(c))
+            .unwrap_or(rest.len() - start);
+        if len > 0 {
+            out.push_str("***");
+        }
+        rest = &rest[start + len..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `text` (an error message, a log line) with every password of `url`
-/// replaced by `***`, and with what libpq quotes from a malformed connection
-/// string removed. For messages that may echo a connection string, such as
-/// an r2d2 pool's errors.
+/// replaced by `***`, and every piece of it libpq could quote back, and with
+/// what libpq quotes from a malformed connection string removed. For
+/// messages that may echo a connection string, such as an r2d2 pool's
+/// errors.
 pub fn redact_error(text: &str, url: &str) -> String {
     scrub_libpq(&scrub(text, url))
 }
 
-/// `text` with every password of `url` replaced by `***`.
+/// `text` with every password of `url`, and every piece of one libpq could
+/// quote back, replaced by `***`: whole passwords anywhere; a quoted value
+/// (`"..."`) holding a piece; a piece of two or more characters standing as
+/// a word of its own (an unquoted port); a piece of four or more anywhere.
 pub fn scrub(text: &str, url: &str) -> String {
+    scrub_secrets(text, &secrets(url))
+}
+
+pub(crate) fn scrub_secrets(text: &str, secrets: &Secrets) -> String {
     let mut s = text.to_string();
-    for p in passwords(url) {
-        s = s.replace(&p, "***");
+    for p in secrets.whole.iter().filter(|p| p.chars().count() >= 4) {
+        s = s.replace(p.as_str(), "***");
+    }
+    if secrets.pieces.is_empty() {
+        return s;
+    }
+    // Quoted values holding a piece.
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s.as_str();
+    while let Some(open) = rest.find('"') {
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        let Some(close) = rest.find('"') else {
+            break;
+        };
+        let value = &rest[..close];
+        let secret = secrets.pieces.iter().any(|p| {
+            if p.chars().count() >= 2 {
+                value.contains(p.as_str())
+            } else {
+                value == p
+            }
+        });
+        out.push_str(if secret { "***" } else { value });
+        out.push('"');
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    let mut s = out;
+    for p in &secrets.pieces {
+        if p.chars().count() >= 4 {
+            s = s.replace(p.as_str(), "***");
+        } else if p.chars().count() >= 2 {
+            s = replace_word(&s, p);
+        }
     }
     s
 }
 
+/// `text` with each occurrence of `word` that is not part of a longer word
+/// replaced by `***`.
+fn replace_word(text: &str, word: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let is_word = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
+    let mut before: Option<char> = None;
+    while let Some(pos) = rest.find(word) {
+        let prev = rest[..pos].chars().last().or(before);
+        let next = rest[pos + word.len()..].chars().next();
+        out.push_str(&rest[..pos]);
+        if is_word(prev) || is_word(next) {
+            out.push_str(word);
+        } else {
+            out.push_str("***");
+        }
+        before = word.chars().last();
+        rest = &rest[pos + word.len()..];
+    }
+    out.push_str(rest);
+    out
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -646,7 +890,58 @@ mod tests {
     }
 
     #[test]
+    fn every_piece_of_a_misread_password_is_scrubbed() {
+        // libpq ends the user info at the first `@`: the rest of the
+        // password becomes part of the host, and is quoted back.
+        let url = "postgres://app:Xy7@Zq9@db.invalid/app";
+        let libpq = "could not translate host name \"Zq9@db.invalid\" to address";
+        assert_eq!(
+            scrub(libpq, url),
+            "could not translate host name \"***\" to address"
+        );
+        // A raw `/` ends the authority: the password's first half is a port.
+        let url = "postgres://app:ab/cd@127.0.0.1/app";
+        assert_eq!(
+            scrub(
+                "invalid integer value \"ab\" for connection option \"port\"",
+                url
+            ),
+            "invalid integer value \"***\" for connection option \"port\""
+        );
+        // Unquoted, as a word of its own; not inside other words.
+        let url = "postgres://localhost:12/cd@127.0.0.1/app";
+        assert_eq!(
+            scrub("at \"localhost\", port 12 failed; 123 and a12", url),
+            "at \"localhost\", port *** failed; 123 and a12"
+        );
+        assert_eq!(redact_url(url), "postgres://localhost:***@127.0.0.1/app");
+        // key=value with a raw space: libpq quotes the second word.
+        let kv = "host=h password=a bcd dbname=x";
+        assert_eq!(
+            scrub("missing \"=\" after \"bcd\" in connection info string", kv),
+            "missing \"=\" after \"***\" in connection info string"
+        );
+        // Query-string passwords, raw `&` and `#` included.
+        let q = "postgres://h/db?password=s3c&r#et&sslmode=require";
+        assert_eq!(
+            scrub("invalid URI query parameter: \"r#et\"", q),
+            "invalid URI query parameter: \"***\""
+        );
+        // Without the URL, every quoted value and the port go.
+        assert_eq!(
+            scrub_unknown("connection to server at \"h\" (1.2.3.4), port 12 failed: \"x"),
+            "connection to server at \"***\" (1.2.3.4), port *** failed: \"***"
+        );
+    }
+
+    #[test]
     fn application_name_goes_in_the_url() {
+        // A raw `?` in the password is not the query: libpq reads the user
+        // info up to the first `@`.
+        assert_eq!(
+            with_application_name("postgres://u:p?w@h/db", "x").as_deref(),
+            Some("postgres://u:p?w@h/db?application_name=x")
+        );
         assert_eq!(
             with_application_name("postgres://u@h/db", "diesel rollout").as_deref(),
             Some("postgres://u@h/db?application_name=diesel%20rollout")

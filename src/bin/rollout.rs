@@ -477,6 +477,7 @@ fn deferred(
         .deferred_retry_max_interval(Duration::from_secs(5))
         .deferred_failure_retries(0)
         .deferred_progress_interval(Duration::from_secs(1))
+        .pool_url(url)
         .start_deferred(pool);
     let mut progress = Progress::new(quiet);
     // Waiting for another leader is bounded by --lock-wait, and a database
