@@ -148,3 +148,89 @@ fn pgbouncer_transaction_mode_is_refused_session_mode_works() {
     invariants(&db);
     say("pgbouncer: transaction_mode=refused(direct-connection message) session_mode=applied invariants=ok");
 }
+
+/// A backend query on the cluster itself (not through the pooler).
+fn backend_count(db: &TestDb, condition: &str) -> i64 {
+    db.count(&format!(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
+         AND pid <> pg_backend_pid() AND {condition}"
+    ))
+}
+
+fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal}");
+}
+
+/// A client killed between two statements of a no-transaction migration,
+/// behind PgBouncer in session mode: the pooler resets the server
+/// connection (`DISCARD ALL` frees the advisory lock) and keeps the backend,
+/// so the attempt stays `running` with a live backend pid. The next run
+/// must resume after the last recorded statement, not start over.
+#[test]
+fn a_client_killed_behind_a_session_pooler_resumes_where_it_stopped() {
+    let cluster = ThrowawayCluster::start().expect("a throwaway cluster");
+    let bouncer = Bouncer::start(cluster.port(), "session");
+    let db = TestDb::on(&cluster.admin_url());
+    let set = crate::support::TempSet::new();
+    set.required("1_effects", "CREATE TABLE effects (v text);\n");
+    set.required_no_tx(
+        "2_steps",
+        "INSERT INTO effects VALUES ('2a');\nSELECT pg_sleep(1.5);\n\
+         INSERT INTO effects VALUES ('2c');\n",
+    );
+    let up = || {
+        let mut c = crate::support::rollout();
+        c.env("DATABASE_URL", bouncer.url(&db.name))
+            .args(["-q", "up", "--required-only", "--migrations-dir"])
+            .arg(set.required_dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let mut child = up().spawn().unwrap();
+    crate::wait_until("statement 2 to run", Duration::from_secs(30), || {
+        backend_count(&db, "state = 'active' AND query LIKE 'SELECT pg_sleep%'") == 1
+    });
+    // Stopped while the server runs statement 2; once the server is idle
+    // again (statement 2 done, its result unread), killed.
+    signal(&child, "-STOP");
+    crate::wait_until("statement 2 to end", Duration::from_secs(30), || {
+        backend_count(&db, "state = 'active' AND query LIKE 'SELECT pg_sleep%'") == 0
+    });
+    child.kill().unwrap();
+    let _ = child.wait();
+    crate::wait_until(
+        "the pooler to reset the server connection",
+        Duration::from_secs(30),
+        || db.advisory_locks() == 0,
+    );
+    // The state that used to make the next run start over: `running`, one
+    // statement recorded, and its backend still alive in the pooler.
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM __diesel_rollout_attempts a WHERE outcome = 'running' \
+             AND statements_completed = 1 \
+             AND EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = a.backend_pid)"
+        ),
+        1
+    );
+    let out = up().output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        db.texts("SELECT v AS t FROM effects ORDER BY v"),
+        ["2a", "2c"],
+        "statement 1 ran exactly once"
+    );
+    assert_eq!(
+        db.texts(
+            "SELECT outcome AS t FROM __diesel_rollout_attempts WHERE version = '2' ORDER BY id"
+        ),
+        ["interrupted", "success"]
+    );
+    assert_eq!(db.advisory_locks(), 0);
+    say("pgbouncer: session_mode_client_killed_between_statements=resumed(statement 2) effects_once=ok");
+}
