@@ -13,7 +13,7 @@ use std::path::PathBuf;
 fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("set by cargo"));
-    match source::embed_to(
+    match source::embed::embed_to(
         &manifest.join("migrations"),
         &manifest.join("migrations_deferred"),
         &out.join("example_migrations.rs"),

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_query;
-use diesel::sql_types::{BigInt, Bool, Integer, Text};
+use diesel::sql_types::{Bool, Integer, Text};
 
 use crate::error::{Error, ErrorKind};
 use crate::migration::Migration;
+use crate::report::{IndexBuildProgress, IndexState, IndexStatus};
 use crate::source::sql::{self, SqlToken, TokenKind};
 
 /// An identifier as written and as PostgreSQL folds it.
@@ -256,60 +257,6 @@ pub(crate) struct Checks<'a> {
     pub poll: Duration,
 }
 
-/// Progress of an index build, from `pg_stat_progress_create_index`.
-#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
-pub struct IndexBuildProgress {
-    /// The build's phase (`building index: scanning table`, ...).
-    #[diesel(sql_type = Text)]
-    pub phase: String,
-    /// The index being built (empty until it exists).
-    #[diesel(sql_type = Text)]
-    pub index_name: String,
-    /// The table it is built on.
-    #[diesel(sql_type = Text)]
-    pub table_name: String,
-    /// Blocks processed in the current phase.
-    #[diesel(sql_type = BigInt)]
-    pub blocks_done: i64,
-    /// Blocks to process in the current phase.
-    #[diesel(sql_type = BigInt)]
-    pub blocks_total: i64,
-    /// Tuples processed in the current phase.
-    #[diesel(sql_type = BigInt)]
-    pub tuples_done: i64,
-    /// Tuples to process in the current phase.
-    #[diesel(sql_type = BigInt)]
-    pub tuples_total: i64,
-}
-
-impl IndexBuildProgress {
-    /// Percent done in the current phase, from blocks or else tuples.
-    pub fn percent(&self) -> Option<f64> {
-        if self.blocks_total > 0 {
-            Some(100.0 * self.blocks_done as f64 / self.blocks_total as f64)
-        } else if self.tuples_total > 0 {
-            Some(100.0 * self.tuples_done as f64 / self.tuples_total as f64)
-        } else {
-            None
-        }
-    }
-}
-
-impl std::fmt::Display for IndexBuildProgress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = if self.index_name.is_empty() {
-            "index"
-        } else {
-            &self.index_name
-        };
-        write!(f, "{name} on {}: {}", self.table_name, self.phase)?;
-        if let Some(p) = self.percent() {
-            write!(f, " ({p:.0}%)")?;
-        }
-        Ok(())
-    }
-}
-
 /// An index build running now in this database: who runs it, and its
 /// progress.
 #[derive(Debug, Clone, QueryableByName)]
@@ -325,47 +272,6 @@ pub(crate) struct RunningBuild {
     pub index_relname: String,
     #[diesel(embed)]
     pub progress: IndexBuildProgress,
-}
-
-/// What the catalog says of an index a migration creates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum IndexState {
-    /// It exists and is valid.
-    Valid,
-    /// It exists, is invalid, and nobody is building it (a failed build:
-    /// the next run drops and rebuilds it).
-    Invalid,
-    /// A build of it is in progress.
-    Building,
-    /// It does not exist.
-    Missing,
-}
-
-impl IndexState {
-    /// `valid`, `invalid`, `building` or `missing`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IndexState::Valid => "valid",
-            IndexState::Invalid => "invalid",
-            IndexState::Building => "building",
-            IndexState::Missing => "missing",
-        }
-    }
-}
-
-/// An index a migration creates, and its state in the catalog.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct IndexStatus {
-    /// The index name.
-    pub name: String,
-    /// The table as the migration names it.
-    pub table: String,
-    /// Its state.
-    pub state: IndexState,
-    /// Progress of its build, when building.
-    pub progress: Option<IndexBuildProgress>,
 }
 
 /// The state of every named index the statements of `m` create.

@@ -5,9 +5,8 @@ use std::fmt;
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
-use crate::migration::Migration;
 use crate::report::Report;
-use crate::source::{sql::LexError, SourceError, Track};
+use crate::source::{SourceError, Track};
 
 /// What went wrong, broadly. Match on it to decide what to do; read the
 /// [`Error`]'s message to tell a person.
@@ -127,14 +126,11 @@ impl Error {
         self
     }
 
-    pub(crate) fn at(mut self, m: &Migration, line: Option<usize>) -> Self {
-        self.inner.migration = Some(MigrationRef {
-            version: m.version().to_string(),
-            dir_name: m.dir_name().to_string(),
-            track: m.track(),
-            path: m.up_path().to_string(),
-            line,
-        });
+    /// Says which migration (and line) the error is about.
+    pub(crate) fn at(mut self, m: impl Into<MigrationRef>, line: Option<usize>) -> Self {
+        let mut r = m.into();
+        r.line = line;
+        self.inner.migration = Some(r);
         self
     }
 
@@ -145,20 +141,6 @@ impl Error {
 
     pub(crate) fn source_set(e: SourceError) -> Self {
         Error::new(ErrorKind::InvalidMigrationSet, e.to_string()).with_source(e)
-    }
-
-    pub(crate) fn lex(m: &Migration, e: LexError) -> Self {
-        Error::new(
-            ErrorKind::InvalidSql,
-            format!(
-                "{}:{}: {} (migration {})",
-                m.up_path(),
-                e.line,
-                e.message,
-                m.dir_name()
-            ),
-        )
-        .at(m, Some(e.line))
     }
 
     /// A failed query of the harness itself; `doing` says what it was for.

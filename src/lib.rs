@@ -109,6 +109,10 @@ mod deferred;
 #[cfg(feature = "runtime")]
 mod error;
 #[cfg(feature = "runtime")]
+mod executor;
+#[cfg(feature = "runtime")]
+mod inspect;
+#[cfg(feature = "runtime")]
 mod ledger;
 #[cfg(feature = "lint")]
 mod lint;
@@ -120,6 +124,8 @@ pub mod metrics;
 mod migration;
 #[cfg(feature = "runtime")]
 mod migrator;
+#[cfg(feature = "runtime")]
+mod options;
 #[cfg(feature = "runtime")]
 mod report;
 #[cfg(feature = "runtime")]
@@ -136,9 +142,7 @@ pub mod cluster;
 pub mod testing;
 
 #[cfg(feature = "runtime")]
-pub use crate::catalog::{IndexBuildProgress, IndexState, IndexStatus};
-#[cfg(feature = "runtime")]
-pub use crate::deferred::{DeferredHandle, DeferredMetrics, DeferredState, PgPool, StopMode};
+pub use crate::deferred::{DeferredHandle, DeferredMetrics, DeferredState, PgPool};
 #[cfg(feature = "runtime")]
 pub use crate::error::{Error, ErrorKind, MigrationRef};
 #[cfg(feature = "lint")]
@@ -148,9 +152,16 @@ pub use crate::lock::{lock_key, LockHolder};
 #[cfg(feature = "runtime")]
 pub use crate::migration::{Migration, MigrationSet};
 #[cfg(feature = "runtime")]
-pub use crate::migrator::{connect, Migrator};
+pub use crate::migrator::Migrator;
 #[cfg(feature = "runtime")]
-pub use crate::report::{Applied, MigrationStatus, Report, State, Verification};
+pub use crate::options::StopMode;
+#[cfg(feature = "runtime")]
+pub use crate::report::{
+    Applied, IndexBuildProgress, IndexState, IndexStatus, MigrationStatus, Report, State,
+    Verification,
+};
+#[cfg(feature = "runtime")]
+pub use crate::session::connect;
 pub use crate::source::sql::{split_statements, LexError, Statement};
 pub use crate::source::{compare_versions, parse_dir_name, Problem, SourceError, Track};
 pub use crate::url::{redact_error, redact_url, with_database};
@@ -209,7 +220,7 @@ pub fn try_embed(
             }],
         })?;
     let (required, deferred) = (root.join(required), root.join(deferred));
-    let lines = source::embed_to(
+    let lines = source::embed::embed_to(
         &required,
         &deferred,
         &out_dir.join(EMBED_FILE),

@@ -12,7 +12,7 @@ use diesel::migration::{
 };
 use diesel::pg::Pg;
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind, MigrationRef};
 use crate::source::{self, sql, Track};
 
 /// One migration of a set: its version, track, SQL and metadata.
@@ -135,7 +135,41 @@ impl Migration {
 
     /// The statements of `up.sql`, as a no-transaction migration sends them.
     pub(crate) fn up_statements(&self) -> Result<Vec<sql::Statement>, Error> {
-        sql::split_statements(&self.up_sql).map_err(|e| Error::lex(self, e))
+        sql::split_statements(&self.up_sql).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidSql,
+                format!(
+                    "{}:{}: {} (migration {})",
+                    self.up_path(),
+                    e.line,
+                    e.message,
+                    self.dir_name()
+                ),
+            )
+            .at(self, Some(e.line))
+        })
+    }
+}
+
+/// The version without leading zeros, so `0001` and `1` match.
+pub(crate) fn normal(v: &str) -> &str {
+    let t = v.trim_start_matches('0');
+    if t.is_empty() {
+        "0"
+    } else {
+        t
+    }
+}
+
+impl From<&Migration> for MigrationRef {
+    fn from(m: &Migration) -> Self {
+        MigrationRef {
+            version: m.version().to_string(),
+            dir_name: m.dir_name().to_string(),
+            track: m.track(),
+            path: m.up_path().to_string(),
+            line: None,
+        }
     }
 }
 

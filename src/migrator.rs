@@ -1,21 +1,21 @@
-//! The required-track runner, `status` and `verify`.
+//! The [`Migrator`] and its options, and the required track's policy: the
+//! fast path, the lock, ordering, retries on `lock_timeout`, and what is
+//! pending on each track.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::result::Error as DieselError;
 
-use crate::catalog;
-use crate::error::{describe_db_error, is_connection_error, Error, ErrorKind};
+use crate::error::{is_connection_error, Error, ErrorKind};
+use crate::executor;
 use crate::ledger::{self, Ledger, LedgerRow, Tables};
 use crate::lock::{self, LockGuard};
-use crate::migration::{Migration, MigrationSet};
-use crate::report::{Applied, MigrationStatus, Report, State, Verification};
-use crate::session;
-use crate::source::{compare_versions, sql, Track};
-use crate::url::redact_url;
+use crate::migration::{normal, Migration, MigrationSet};
+use crate::options::DeferredOptions;
+use crate::report::{Applied, Report};
+use crate::session::{self, set_application_name};
+use crate::source::{compare_versions, Track};
 
 /// Applies a [`MigrationSet`] safely with many replicas: the required track
 /// at start-up under a session advisory lock, one migration at a time.
@@ -45,7 +45,7 @@ pub struct Migrator {
     lock_retry_deadline: Duration,
     deferred_lock_timeout: Duration,
     deferred_statement_timeout: Duration,
-    pub(crate) deferred: crate::deferred::DeferredOptions,
+    pub(crate) deferred: DeferredOptions,
     strict: bool,
     application_name: String,
     pool_url: crate::url::PoolRedactor,
@@ -66,7 +66,7 @@ impl Migrator {
             lock_retry_deadline: Duration::from_secs(60),
             deferred_lock_timeout: Duration::ZERO,
             deferred_statement_timeout: Duration::ZERO,
-            deferred: crate::deferred::DeferredOptions::default(),
+            deferred: DeferredOptions::default(),
             strict: false,
             application_name: "diesel-rollout".into(),
             pool_url: crate::url::PoolRedactor::default(),
@@ -519,16 +519,16 @@ impl Migrator {
         let mut backoff = Duration::from_millis(500);
         let mut attempt = 1u32;
         loop {
-            let result = if m.run_in_transaction() {
-                apply_transactional(conn, tables, m)
+            // Re-read the ledger: it says where a retry resumes.
+            let rows = if m.run_in_transaction() {
+                Vec::new()
             } else {
-                // Re-read the ledger: it says where a retry resumes.
-                let rows = ledger::rows(conn, tables)?;
-                let row = rows
-                    .iter()
-                    .find(|r| normal(&r.version) == normal(m.version()));
-                apply_statements(conn, tables, m, row, &Hooks::none())
+                ledger::rows(conn, tables)?
             };
+            let row = rows
+                .iter()
+                .find(|r| normal(&r.version) == normal(m.version()));
+            let result = executor::apply(conn, tables, m, row, &executor::Options::plain());
             match result {
                 Err(e) if e.is_lock_timeout() && Instant::now() + backoff < deadline => {
                     tracing::warn!(
@@ -649,7 +649,7 @@ impl Migrator {
                         m.checksum()
                     ),
                 )
-                .at(m, None));
+                .at(*m, None));
             }
             tracing::warn!(
                 version = m.version(),
@@ -659,102 +659,6 @@ impl Migrator {
             );
         }
         Ok(())
-    }
-
-    /// A row per migration known to the binary or recorded in the
-    /// database, ordered by version. Read-only.
-    ///
-    /// # Errors
-    /// When the ledger cannot be read.
-    pub fn status(&self, conn: &mut PgConnection) -> Result<Vec<MigrationStatus>, Error> {
-        let tables = self.ledger()?.resolve(conn)?;
-        let rows = ledger::rows(conn, &tables)?;
-        let a = self.analyze(&rows, Track::Required);
-        let builds = catalog::builds_in_progress(conn)
-            .map_err(|e| Error::db("reading index builds in progress", e))?;
-        let mut out = Vec::new();
-        for m in self.set.migrations() {
-            let indexes = if m.run_in_transaction() {
-                Vec::new()
-            } else {
-                catalog::migration_indexes(conn, m, &builds)
-                    .map_err(|e| Error::db("reading the indexes of a migration", e))?
-            };
-            let row = a.rows.get(normal(m.version())).copied();
-            let state = match row {
-                Some(r) if r.applied => State::Applied,
-                Some(r) if r.failed() => State::Failed,
-                _ => State::Pending,
-            };
-            out.push(MigrationStatus {
-                version: m.version().to_string(),
-                track: Some(m.track()),
-                name: m.name().to_string(),
-                state,
-                applied_at: row.and_then(|r| r.applied_at.clone()),
-                error: row
-                    .filter(|_| state == State::Failed)
-                    .and_then(|r| r.error.clone()),
-                statements_completed: row
-                    .filter(|_| state == State::Failed && !m.run_in_transaction())
-                    .and_then(|r| r.statements_completed),
-                changed: a.changed.iter().any(|c| c.version() == m.version()),
-                indexes,
-            });
-        }
-        for v in &a.unknown {
-            let row = a.rows.get(normal(v)).copied();
-            out.push(MigrationStatus {
-                version: v.to_string(),
-                track: None,
-                name: String::new(),
-                state: State::Unknown,
-                applied_at: row.and_then(|r| r.applied_at.clone()),
-                error: None,
-                statements_completed: None,
-                changed: false,
-                indexes: Vec::new(),
-            });
-        }
-        out.sort_by(|a, b| compare_versions(&a.version, &b.version));
-        Ok(out)
-    }
-
-    /// Checks that every required migration known to the binary is
-    /// applied and none has failed. Read-only: works on a hot standby or a
-    /// session with `default_transaction_read_only = on`.
-    ///
-    /// # Errors
-    /// When the ledger cannot be read (an incomplete database is not an
-    /// error: see [`Verification::is_complete`]).
-    pub fn verify(&self, conn: &mut PgConnection) -> Result<Verification, Error> {
-        let tables = self.ledger()?.resolve(conn)?;
-        let rows = ledger::rows(conn, &tables)?;
-        let a = self.analyze(&rows, Track::Required);
-        let newest_applied = rows
-            .iter()
-            .filter(|r| r.applied)
-            .map(|r| r.version.as_str())
-            .max_by(|a, b| compare_versions(a, b));
-        let mut v = Verification {
-            unknown: a.unknown.iter().map(|s| s.to_string()).collect(),
-            ..Verification::default()
-        };
-        for m in a.pending {
-            match a.rows.get(normal(m.version())) {
-                Some(r) if r.failed() => v.failed.push((
-                    m.version().to_string(),
-                    r.error.clone().unwrap_or_else(|| "failed".into()),
-                )),
-                _ => {
-                    let gap = newest_applied.is_some_and(|n| {
-                        compare_versions(m.version(), n) == std::cmp::Ordering::Less
-                    });
-                    v.missing.push((m.version().to_string(), gap));
-                }
-            }
-        }
-        Ok(v)
     }
 }
 
@@ -783,445 +687,4 @@ pub(crate) struct Analysis<'a> {
     /// Applied versions the set does not have.
     pub unknown: Vec<&'a str>,
     pub rows: HashMap<&'a str, &'a LedgerRow>,
-}
-
-/// The version without leading zeros, so `0001` and `1` match.
-pub(crate) fn normal(v: &str) -> &str {
-    let t = v.trim_start_matches('0');
-    if t.is_empty() {
-        "0"
-    } else {
-        t
-    }
-}
-
-pub(crate) fn set_application_name(conn: &mut PgConnection, name: &str) -> Result<(), Error> {
-    diesel::sql_query("SELECT set_config('application_name', $1, false)")
-        .bind::<diesel::sql_types::Text, _>(name)
-        .execute(conn)
-        .map(drop)
-        .map_err(|e| Error::db("setting application_name", e))
-}
-
-/// 1-based line in the script of PostgreSQL's error position (a 1-based
-/// character index into the statement), or of the statement's start.
-fn error_line(script: &str, stmt: &sql::Statement, e: &DieselError) -> usize {
-    let pos = match e {
-        DieselError::DatabaseError(_, info) => info.statement_position(),
-        _ => None,
-    };
-    match pos.and_then(|p| usize::try_from(p).ok()).filter(|p| *p > 0) {
-        Some(p) => {
-            let byte = stmt
-                .sql
-                .char_indices()
-                .nth(p - 1)
-                .map_or(stmt.sql.len(), |(b, _)| b);
-            sql::line_of_offset(script, stmt.offset + byte)
-        }
-        None => stmt.line,
-    }
-}
-
-fn apply_transactional(
-    conn: &mut PgConnection,
-    tables: &Tables,
-    m: &Migration,
-) -> Result<Applied, Error> {
-    let statements = m.up_statements()?;
-    let total = i32::try_from(statements.len()).unwrap_or(i32::MAX);
-    let span = tracing::info_span!(
-        "migration",
-        version = m.version(),
-        name = m.name(),
-        track = %m.track(),
-        transaction = true
-    );
-    let _enter = span.enter();
-    tracing::info!(statements = total, "applying {}", m.dir_name());
-    let start = Instant::now();
-    let mut failed_at = None;
-    let mut recorded = false;
-    let result = conn.transaction::<(), DieselError, _>(|c| {
-        for s in &statements {
-            if let Err(e) = c.batch_execute(&s.sql) {
-                failed_at = Some(s);
-                return Err(e);
-            }
-        }
-        ledger::record_success(c, tables, m, total)?;
-        recorded = true;
-        Ok(())
-    });
-    let elapsed = start.elapsed();
-    match result {
-        Ok(()) => {
-            tracing::info!(
-                duration_ms = elapsed.as_millis() as u64,
-                "applied {}",
-                m.dir_name()
-            );
-            Ok(Applied {
-                version: m.version().to_string(),
-                dir_name: m.dir_name().to_string(),
-                track: m.track(),
-                duration: elapsed,
-                statements: statements.len(),
-            })
-        }
-        Err(e) => {
-            let (line, what) = match (failed_at, recorded) {
-                (Some(s), _) => (Some(error_line(m.up_sql(), s, &e)), "its SQL"),
-                // Deferred constraints are checked at COMMIT.
-                (None, true) => (None, "COMMIT"),
-                (None, false) => (None, "recording it in the ledger"),
-            };
-            let mut pg = describe_db_error(&e);
-            let lock_timeout = is_lock_timeout(&e);
-            if !is_connection_error(&e) {
-                if let Some(s) = failed_at {
-                    pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
-                }
-                if let Err(le) =
-                    ledger::record_failure(conn, tables, m, &pg, total, elapsed.as_secs_f64())
-                {
-                    tracing::warn!(error = %le, "could not record the failed attempt");
-                }
-            }
-            let at = match line {
-                Some(l) => format!("{}:{l}", m.up_path()),
-                None => m.up_path().to_string(),
-            };
-            tracing::error!(error = %pg, line, "migration {} failed", m.dir_name());
-            let (kind, outcome) = if is_connection_error(&e) {
-                (
-                    ErrorKind::Connection,
-                    "The connection broke, so whether its transaction committed is unknown: \
-                     `rollout status` tells",
-                )
-            } else {
-                (
-                    ErrorKind::MigrationFailed,
-                    "It ran in a transaction that was rolled back, so none of it is applied",
-                )
-            };
-            Err(Error::new(
-                kind,
-                format!(
-                    "migration {} (track {}) failed in {what} at {at}: {pg}. {outcome}; \
-                     migrations before it stay applied. Fix it and deploy again; \
-                     `rollout status` shows where the database stands",
-                    m.dir_name(),
-                    m.track()
-                ),
-            )
-            .at(m, line)
-            .lock_timeout(lock_timeout))
-        }
-    }
-}
-
-/// What the deferred runner plugs into statement-by-statement execution.
-pub(crate) struct Hooks<'a> {
-    /// Called before each statement with its 0-based index and the total.
-    pub on_statement: &'a dyn Fn(&Migration, usize, usize),
-    /// Polled between statements and while waiting for another build.
-    pub should_stop: &'a dyn Fn() -> bool,
-    /// Called with the name of each invalid index dropped and rebuilt
-    /// valid.
-    pub on_index_repaired: &'a dyn Fn(&str),
-    /// The outcome a failed attempt is recorded with: `failed`, or
-    /// `retrying` when the leader will try again (so other replicas do not
-    /// take it for a give-up).
-    pub failure_outcome: &'static str,
-    /// How often to look again at a build another session is running.
-    pub poll: Duration,
-}
-
-impl Hooks<'static> {
-    pub(crate) fn none() -> Self {
-        Hooks {
-            on_statement: &|_, _, _| {},
-            should_stop: &|| false,
-            on_index_repaired: &|_| {},
-            failure_outcome: "failed",
-            poll: Duration::from_secs(2),
-        }
-    }
-}
-
-/// Whether PostgreSQL cancelled the statement on `lock_timeout`.
-fn is_lock_timeout(e: &DieselError) -> bool {
-    matches!(e, DieselError::DatabaseError(_, info) if info.message().contains("lock timeout"))
-}
-
-/// When a statement failed on `lock_timeout`, says who is in the way: the
-/// table it alters, and any index build running now.
-fn explain_lock_timeout(conn: &mut PgConnection, statement: &str, e: &DieselError) -> String {
-    if !is_lock_timeout(e) {
-        return String::new();
-    }
-    let mut out = String::new();
-    if let Some(table) = catalog::altered_table(statement) {
-        out.push_str(&format!(" It could not lock table {table} in time"));
-    } else {
-        out.push_str(" It could not take a lock in time");
-    }
-    let builds = catalog::builds_in_progress(conn).unwrap_or_default();
-    if builds.is_empty() {
-        out.push_str(
-            ": another session holds a conflicting lock (see pg_locks). It failed fast instead of \
-             queueing traffic behind its lock request; run it again when the table is quiet",
-        );
-    } else {
-        let list = builds
-            .iter()
-            .map(|b| {
-                format!(
-                    "pid {} ({}) running {} of index {} on {} ({})",
-                    b.pid,
-                    if b.application_name.is_empty() {
-                        "no application_name"
-                    } else {
-                        &b.application_name
-                    },
-                    b.command,
-                    if b.progress.index_name.is_empty() {
-                        "?"
-                    } else {
-                        &b.progress.index_name
-                    },
-                    b.progress.table_name,
-                    b.progress.phase
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
-        out.push_str(&format!(
-            ": an index build holds the table: {list}. A deferred build keeps its table \
-             locked against schema changes until it finishes; deploy this migration after \
-             the build is done, or move the build after this migration"
-        ));
-    }
-    out
-}
-
-/// A `run_in_transaction = false` migration: one statement at a time,
-/// progress recorded after each, resuming after the last completed one.
-pub(crate) fn apply_statements(
-    conn: &mut PgConnection,
-    tables: &Tables,
-    m: &Migration,
-    row: Option<&LedgerRow>,
-    hooks: &Hooks<'_>,
-) -> Result<Applied, Error> {
-    let statements = m.up_statements()?;
-    let total = i32::try_from(statements.len()).unwrap_or(i32::MAX);
-    let resume = match row {
-        Some(r) if r.failed() && r.statements_completed.unwrap_or(0) > 0 => {
-            if r.attempt_checksum.as_deref() != Some(m.checksum()) {
-                return Err(Error::new(
-                    ErrorKind::PartialMigrationChanged,
-                    format!(
-                        "no-transaction migration {} was partly applied ({} of its statements \
-                         completed) and its up.sql ({}) changed since, so resuming it is unsafe. \
-                         Restore the up.sql that was partly applied, or repair the database by \
-                         hand and then delete its failed rows from the attempts table",
-                        m.dir_name(),
-                        r.statements_completed.unwrap_or(0),
-                        m.up_path()
-                    ),
-                )
-                .at(m, None));
-            }
-            if r.statements_total.is_some_and(|n| n != total) {
-                return Err(Error::new(
-                    ErrorKind::PartialMigrationChanged,
-                    format!(
-                        "no-transaction migration {} was partly applied ({} of {} statements \
-                         completed), and {} splits into {total} statements now: the split \
-                         changed (an upgrade of diesel-rollout splits some SQL differently), so \
-                         resuming could skip or repeat statements. Finish the migration by hand \
-                         with the release that started it, or check which statements ran and \
-                         repair the database, then record the outcome in the attempts table",
-                        m.dir_name(),
-                        r.statements_completed.unwrap_or(0),
-                        r.statements_total.unwrap_or(0),
-                        m.up_path()
-                    ),
-                )
-                .at(m, None));
-            }
-            usize::try_from(r.statements_completed.unwrap_or(0)).unwrap_or(0)
-        }
-        _ => 0,
-    };
-    let span = tracing::info_span!(
-        "migration",
-        version = m.version(),
-        name = m.name(),
-        track = %m.track(),
-        transaction = false
-    );
-    let _enter = span.enter();
-    if resume > 0 {
-        tracing::info!(
-            completed = resume,
-            statements = total,
-            "resuming {} after statement {resume}",
-            m.dir_name()
-        );
-    } else {
-        tracing::info!(
-            statements = total,
-            "applying {} statement by statement",
-            m.dir_name()
-        );
-    }
-    let start = Instant::now();
-    let id = ledger::start_attempt(conn, tables, m, resume as i32, total)
-        .map_err(|e| Error::db("recording the attempt", e))?;
-    let dropped = std::cell::RefCell::new(Vec::<String>::new());
-    let on_dropped = |name: &str| {
-        dropped.borrow_mut().push(name.to_string());
-        crate::metrics::invalid_index("found");
-    };
-    let checks = catalog::Checks {
-        should_stop: hooks.should_stop,
-        on_repaired: &on_dropped,
-        poll: hooks.poll,
-    };
-    for (i, s) in statements.iter().enumerate().skip(resume) {
-        if (hooks.should_stop)() {
-            let why = format!("stopped by shutdown before statement {}", i + 1);
-            if let Err(le) = ledger::finish_attempt(conn, tables, id, "interrupted", Some(&why)) {
-                tracing::warn!(error = %le, "could not record the interrupted attempt");
-            }
-            return Err(Error::new(
-                ErrorKind::Stopped,
-                format!(
-                    "migration {} stopped before statement {} of {total}: the next run resumes there",
-                    m.dir_name(),
-                    i + 1
-                ),
-            )
-            .at(m, Some(s.line)));
-        }
-        (hooks.on_statement)(m, i, statements.len());
-        tracing::debug!(statement = i + 1, line = s.line, "executing");
-        let op = catalog::classify(&s.sql);
-        let prepared = match &op {
-            Some(op) => catalog::prepare(conn, op, m, s.line, &checks),
-            None => Ok(()),
-        };
-        if let Err(e) = prepared {
-            let outcome = if e.kind() == ErrorKind::Stopped {
-                "interrupted"
-            } else {
-                hooks.failure_outcome
-            };
-            if let Err(le) = ledger::finish_attempt(conn, tables, id, outcome, Some(&e.to_string()))
-            {
-                tracing::warn!(error = %le, "could not record the failed attempt");
-            }
-            return Err(e);
-        }
-        if let Err(e) = conn.batch_execute(&s.sql) {
-            let mut pg = describe_db_error(&e);
-            let lock_timeout = is_lock_timeout(&e);
-            let line = error_line(m.up_sql(), s, &e);
-            if !is_connection_error(&e) {
-                pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
-                if let Err(le) =
-                    ledger::finish_attempt(conn, tables, id, hooks.failure_outcome, Some(&pg))
-                {
-                    tracing::warn!(error = %le, "could not record the failed attempt");
-                }
-            }
-            tracing::error!(error = %pg, statement = i + 1, line, "migration {} failed", m.dir_name());
-            let kind = if is_connection_error(&e) {
-                ErrorKind::Connection
-            } else {
-                ErrorKind::MigrationFailed
-            };
-            return Err(Error::new(
-                kind,
-                format!(
-                    "migration {} (track {}, no transaction) failed at {}:{line}, statement {} \
-                     of {total}: {pg}. Statements 1 to {i} completed and stay applied; the next \
-                     run resumes at statement {}. Fix the cause (or the statement, if it never \
-                     ran) and run again; `rollout status` shows where it stopped",
-                    m.dir_name(),
-                    m.track(),
-                    m.up_path(),
-                    i + 1,
-                    i + 1
-                ),
-            )
-            .at(m, Some(line))
-            .lock_timeout(lock_timeout));
-        }
-        if let Some(op) = &op {
-            let confirmed = catalog::confirm(conn, op, m, s.line);
-            if confirmed.is_ok() {
-                for name in dropped.take() {
-                    crate::metrics::invalid_index("repaired");
-                    (hooks.on_index_repaired)(&name);
-                }
-            }
-            if let Err(e) = confirmed {
-                if let Err(le) = ledger::finish_attempt(
-                    conn,
-                    tables,
-                    id,
-                    hooks.failure_outcome,
-                    Some(&e.to_string()),
-                ) {
-                    tracing::warn!(error = %le, "could not record the failed attempt");
-                }
-                return Err(e);
-            }
-        }
-        ledger::progress(conn, tables, id, (i + 1) as i32)
-            .map_err(|e| Error::db("recording progress", e).at(m, Some(s.line)))?;
-    }
-    conn.transaction::<(), DieselError, _>(|c| {
-        ledger::insert_version(c, tables, m.version())?;
-        ledger::finish_attempt(c, tables, id, "success", None)
-    })
-    .map_err(|e| Error::db("recording the migration as applied", e).at(m, None))?;
-    let elapsed = start.elapsed();
-    tracing::info!(
-        duration_ms = elapsed.as_millis() as u64,
-        "applied {}",
-        m.dir_name()
-    );
-    Ok(Applied {
-        version: m.version().to_string(),
-        dir_name: m.dir_name().to_string(),
-        track: m.track(),
-        duration: elapsed,
-        statements: statements.len() - resume,
-    })
-}
-
-/// Opens a connection, with an error that never shows the password.
-///
-/// # Errors
-/// [`ErrorKind::Connection`] naming the redacted URL and the cause.
-pub fn connect(database_url: &str) -> Result<PgConnection, Error> {
-    PgConnection::establish(database_url).map_err(|e| {
-        let cause = e.to_string();
-        // libpq can echo parts of the connection string; scrub the password.
-        let cause = crate::url::redact_error(&cause, database_url);
-        Error::new(
-            ErrorKind::Connection,
-            format!(
-                "cannot connect to {}: {}. Check the URL (--database-url or DATABASE_URL), \
-                 that the server is running and reachable, and the credentials",
-                redact_url(database_url),
-                cause.trim_end()
-            ),
-        )
-    })
 }

@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+
 use crate::source::Track;
 
 /// A migration applied by a run.
@@ -90,7 +93,7 @@ pub struct MigrationStatus {
     pub changed: bool,
     /// For a no-transaction migration: each named index its statements
     /// create (`CREATE INDEX CONCURRENTLY`), and what the catalog says of it.
-    pub indexes: Vec<crate::catalog::IndexStatus>,
+    pub indexes: Vec<IndexStatus>,
 }
 
 /// What `verify` found.
@@ -111,4 +114,99 @@ impl Verification {
     pub fn is_complete(&self) -> bool {
         self.missing.is_empty() && self.failed.is_empty()
     }
+}
+
+/// Progress of an index build, from `pg_stat_progress_create_index`.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct IndexBuildProgress {
+    /// The build's phase (`building index: scanning table`, ...).
+    #[diesel(sql_type = Text)]
+    pub phase: String,
+    /// The index being built (empty until it exists).
+    #[diesel(sql_type = Text)]
+    pub index_name: String,
+    /// The table it is built on.
+    #[diesel(sql_type = Text)]
+    pub table_name: String,
+    /// Blocks processed in the current phase.
+    #[diesel(sql_type = BigInt)]
+    pub blocks_done: i64,
+    /// Blocks to process in the current phase.
+    #[diesel(sql_type = BigInt)]
+    pub blocks_total: i64,
+    /// Tuples processed in the current phase.
+    #[diesel(sql_type = BigInt)]
+    pub tuples_done: i64,
+    /// Tuples to process in the current phase.
+    #[diesel(sql_type = BigInt)]
+    pub tuples_total: i64,
+}
+
+impl IndexBuildProgress {
+    /// Percent done in the current phase, from blocks or else tuples.
+    pub fn percent(&self) -> Option<f64> {
+        if self.blocks_total > 0 {
+            Some(100.0 * self.blocks_done as f64 / self.blocks_total as f64)
+        } else if self.tuples_total > 0 {
+            Some(100.0 * self.tuples_done as f64 / self.tuples_total as f64)
+        } else {
+            None
+        }
+    }
+}
+
+impl std::fmt::Display for IndexBuildProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = if self.index_name.is_empty() {
+            "index"
+        } else {
+            &self.index_name
+        };
+        write!(f, "{name} on {}: {}", self.table_name, self.phase)?;
+        if let Some(p) = self.percent() {
+            write!(f, " ({p:.0}%)")?;
+        }
+        Ok(())
+    }
+}
+
+/// What the catalog says of an index a migration creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IndexState {
+    /// It exists and is valid.
+    Valid,
+    /// It exists, is invalid, and nobody is building it (a failed build:
+    /// the next run drops and rebuilds it).
+    Invalid,
+    /// A build of it is in progress.
+    Building,
+    /// It does not exist.
+    Missing,
+}
+
+impl IndexState {
+    /// `valid`, `invalid`, `building` or `missing`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IndexState::Valid => "valid",
+            IndexState::Invalid => "invalid",
+            IndexState::Building => "building",
+            IndexState::Missing => "missing",
+        }
+    }
+}
+
+/// An index a migration creates, and its state in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IndexStatus {
+    /// The index name.
+    pub name: String,
+    /// The table as the migration names it.
+    pub table: String,
+    /// Its state.
+    pub state: IndexState,
+    /// Progress of its build, when building.
+    pub progress: Option<IndexBuildProgress>,
 }

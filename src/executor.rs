@@ -1,0 +1,440 @@
+//! Running one migration's statements on a connection, in or out of a
+//! transaction, recording each attempt and its progress in the ledger. Both
+//! tracks (and `revert`) run migrations through [`apply`] only; the tracks
+//! keep their own policy (locks, ordering, retries, leadership).
+
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::result::Error as DieselError;
+
+use crate::catalog;
+use crate::error::{describe_db_error, is_connection_error, Error, ErrorKind};
+use crate::ledger::{self, LedgerRow, Tables};
+use crate::migration::Migration;
+use crate::report::Applied;
+use crate::source::sql;
+
+/// What a track plugs into a run of one migration.
+pub(crate) struct Options<'a> {
+    /// Called before each statement with its 0-based index and the total.
+    pub on_statement: &'a dyn Fn(&Migration, usize, usize),
+    /// Polled between statements and while waiting for another build.
+    pub should_stop: &'a dyn Fn() -> bool,
+    /// Called with the name of each invalid index dropped and rebuilt
+    /// valid.
+    pub on_index_repaired: &'a dyn Fn(&str),
+    /// The outcome a failed attempt is recorded with: `failed`, or
+    /// `retrying` when the leader will try again (so other replicas do not
+    /// take it for a give-up).
+    pub failure_outcome: &'static str,
+    /// How often to look again at a build another session is running.
+    pub poll: Duration,
+}
+
+impl Options<'static> {
+    /// A plain run: no progress callbacks, never stopped early, a failure
+    /// recorded as `failed`.
+    pub(crate) fn plain() -> Self {
+        Options {
+            on_statement: &|_, _, _| {},
+            should_stop: &|| false,
+            on_index_repaired: &|_| {},
+            failure_outcome: "failed",
+            poll: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Applies `m` on `conn`: a transactional migration in one transaction
+/// with its ledger rows; a `run_in_transaction = false` one statement by
+/// statement, with progress recorded after each and resuming after the last
+/// statement `row` (its latest attempt) says completed. Call under the
+/// track's lock, with `tables` resolved.
+pub(crate) fn apply(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    row: Option<&LedgerRow>,
+    options: &Options<'_>,
+) -> Result<Applied, Error> {
+    if m.run_in_transaction() {
+        apply_transactional(conn, tables, m)
+    } else {
+        apply_statements(conn, tables, m, row, options)
+    }
+}
+
+/// 1-based line in the script of PostgreSQL's error position (a 1-based
+/// character index into the statement), or of the statement's start.
+fn error_line(script: &str, stmt: &sql::Statement, e: &DieselError) -> usize {
+    let pos = match e {
+        DieselError::DatabaseError(_, info) => info.statement_position(),
+        _ => None,
+    };
+    match pos.and_then(|p| usize::try_from(p).ok()).filter(|p| *p > 0) {
+        Some(p) => {
+            let byte = stmt
+                .sql
+                .char_indices()
+                .nth(p - 1)
+                .map_or(stmt.sql.len(), |(b, _)| b);
+            sql::line_of_offset(script, stmt.offset + byte)
+        }
+        None => stmt.line,
+    }
+}
+
+fn apply_transactional(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+) -> Result<Applied, Error> {
+    let statements = m.up_statements()?;
+    let total = i32::try_from(statements.len()).unwrap_or(i32::MAX);
+    let span = tracing::info_span!(
+        "migration",
+        version = m.version(),
+        name = m.name(),
+        track = %m.track(),
+        transaction = true
+    );
+    let _enter = span.enter();
+    tracing::info!(statements = total, "applying {}", m.dir_name());
+    let start = Instant::now();
+    let mut failed_at = None;
+    let mut recorded = false;
+    let result = conn.transaction::<(), DieselError, _>(|c| {
+        for s in &statements {
+            if let Err(e) = c.batch_execute(&s.sql) {
+                failed_at = Some(s);
+                return Err(e);
+            }
+        }
+        ledger::record_success(c, tables, m, total)?;
+        recorded = true;
+        Ok(())
+    });
+    let elapsed = start.elapsed();
+    match result {
+        Ok(()) => {
+            tracing::info!(
+                duration_ms = elapsed.as_millis() as u64,
+                "applied {}",
+                m.dir_name()
+            );
+            Ok(Applied {
+                version: m.version().to_string(),
+                dir_name: m.dir_name().to_string(),
+                track: m.track(),
+                duration: elapsed,
+                statements: statements.len(),
+            })
+        }
+        Err(e) => {
+            let (line, what) = match (failed_at, recorded) {
+                (Some(s), _) => (Some(error_line(m.up_sql(), s, &e)), "its SQL"),
+                // Deferred constraints are checked at COMMIT.
+                (None, true) => (None, "COMMIT"),
+                (None, false) => (None, "recording it in the ledger"),
+            };
+            let mut pg = describe_db_error(&e);
+            let lock_timeout = is_lock_timeout(&e);
+            if !is_connection_error(&e) {
+                if let Some(s) = failed_at {
+                    pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
+                }
+                if let Err(le) =
+                    ledger::record_failure(conn, tables, m, &pg, total, elapsed.as_secs_f64())
+                {
+                    tracing::warn!(error = %le, "could not record the failed attempt");
+                }
+            }
+            let at = match line {
+                Some(l) => format!("{}:{l}", m.up_path()),
+                None => m.up_path().to_string(),
+            };
+            tracing::error!(error = %pg, line, "migration {} failed", m.dir_name());
+            let (kind, outcome) = if is_connection_error(&e) {
+                (
+                    ErrorKind::Connection,
+                    "The connection broke, so whether its transaction committed is unknown: \
+                     `rollout status` tells",
+                )
+            } else {
+                (
+                    ErrorKind::MigrationFailed,
+                    "It ran in a transaction that was rolled back, so none of it is applied",
+                )
+            };
+            Err(Error::new(
+                kind,
+                format!(
+                    "migration {} (track {}) failed in {what} at {at}: {pg}. {outcome}; \
+                     migrations before it stay applied. Fix it and deploy again; \
+                     `rollout status` shows where the database stands",
+                    m.dir_name(),
+                    m.track()
+                ),
+            )
+            .at(m, line)
+            .lock_timeout(lock_timeout))
+        }
+    }
+}
+
+/// Whether PostgreSQL cancelled the statement on `lock_timeout`.
+fn is_lock_timeout(e: &DieselError) -> bool {
+    matches!(e, DieselError::DatabaseError(_, info) if info.message().contains("lock timeout"))
+}
+
+/// When a statement failed on `lock_timeout`, says who is in the way: the
+/// table it alters, and any index build running now.
+fn explain_lock_timeout(conn: &mut PgConnection, statement: &str, e: &DieselError) -> String {
+    if !is_lock_timeout(e) {
+        return String::new();
+    }
+    let mut out = String::new();
+    if let Some(table) = catalog::altered_table(statement) {
+        out.push_str(&format!(" It could not lock table {table} in time"));
+    } else {
+        out.push_str(" It could not take a lock in time");
+    }
+    let builds = catalog::builds_in_progress(conn).unwrap_or_default();
+    if builds.is_empty() {
+        out.push_str(
+            ": another session holds a conflicting lock (see pg_locks). It failed fast instead of \
+             queueing traffic behind its lock request; run it again when the table is quiet",
+        );
+    } else {
+        let list = builds
+            .iter()
+            .map(|b| {
+                format!(
+                    "pid {} ({}) running {} of index {} on {} ({})",
+                    b.pid,
+                    if b.application_name.is_empty() {
+                        "no application_name"
+                    } else {
+                        &b.application_name
+                    },
+                    b.command,
+                    if b.progress.index_name.is_empty() {
+                        "?"
+                    } else {
+                        &b.progress.index_name
+                    },
+                    b.progress.table_name,
+                    b.progress.phase
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        out.push_str(&format!(
+            ": an index build holds the table: {list}. A deferred build keeps its table \
+             locked against schema changes until it finishes; deploy this migration after \
+             the build is done, or move the build after this migration"
+        ));
+    }
+    out
+}
+
+/// A `run_in_transaction = false` migration: one statement at a time,
+/// progress recorded after each, resuming after the last completed one.
+fn apply_statements(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    row: Option<&LedgerRow>,
+    hooks: &Options<'_>,
+) -> Result<Applied, Error> {
+    let statements = m.up_statements()?;
+    let total = i32::try_from(statements.len()).unwrap_or(i32::MAX);
+    let resume = match row {
+        Some(r) if r.failed() && r.statements_completed.unwrap_or(0) > 0 => {
+            if r.attempt_checksum.as_deref() != Some(m.checksum()) {
+                return Err(Error::new(
+                    ErrorKind::PartialMigrationChanged,
+                    format!(
+                        "no-transaction migration {} was partly applied ({} of its statements \
+                         completed) and its up.sql ({}) changed since, so resuming it is unsafe. \
+                         Restore the up.sql that was partly applied, or repair the database by \
+                         hand and then delete its failed rows from the attempts table",
+                        m.dir_name(),
+                        r.statements_completed.unwrap_or(0),
+                        m.up_path()
+                    ),
+                )
+                .at(m, None));
+            }
+            if r.statements_total.is_some_and(|n| n != total) {
+                return Err(Error::new(
+                    ErrorKind::PartialMigrationChanged,
+                    format!(
+                        "no-transaction migration {} was partly applied ({} of {} statements \
+                         completed), and {} splits into {total} statements now: the split \
+                         changed (an upgrade of diesel-rollout splits some SQL differently), so \
+                         resuming could skip or repeat statements. Finish the migration by hand \
+                         with the release that started it, or check which statements ran and \
+                         repair the database, then record the outcome in the attempts table",
+                        m.dir_name(),
+                        r.statements_completed.unwrap_or(0),
+                        r.statements_total.unwrap_or(0),
+                        m.up_path()
+                    ),
+                )
+                .at(m, None));
+            }
+            usize::try_from(r.statements_completed.unwrap_or(0)).unwrap_or(0)
+        }
+        _ => 0,
+    };
+    let span = tracing::info_span!(
+        "migration",
+        version = m.version(),
+        name = m.name(),
+        track = %m.track(),
+        transaction = false
+    );
+    let _enter = span.enter();
+    if resume > 0 {
+        tracing::info!(
+            completed = resume,
+            statements = total,
+            "resuming {} after statement {resume}",
+            m.dir_name()
+        );
+    } else {
+        tracing::info!(
+            statements = total,
+            "applying {} statement by statement",
+            m.dir_name()
+        );
+    }
+    let start = Instant::now();
+    let id = ledger::start_attempt(conn, tables, m, resume as i32, total)
+        .map_err(|e| Error::db("recording the attempt", e))?;
+    let dropped = std::cell::RefCell::new(Vec::<String>::new());
+    let on_dropped = |name: &str| {
+        dropped.borrow_mut().push(name.to_string());
+        crate::metrics::invalid_index("found");
+    };
+    let checks = catalog::Checks {
+        should_stop: hooks.should_stop,
+        on_repaired: &on_dropped,
+        poll: hooks.poll,
+    };
+    for (i, s) in statements.iter().enumerate().skip(resume) {
+        if (hooks.should_stop)() {
+            let why = format!("stopped by shutdown before statement {}", i + 1);
+            if let Err(le) = ledger::finish_attempt(conn, tables, id, "interrupted", Some(&why)) {
+                tracing::warn!(error = %le, "could not record the interrupted attempt");
+            }
+            return Err(Error::new(
+                ErrorKind::Stopped,
+                format!(
+                    "migration {} stopped before statement {} of {total}: the next run resumes there",
+                    m.dir_name(),
+                    i + 1
+                ),
+            )
+            .at(m, Some(s.line)));
+        }
+        (hooks.on_statement)(m, i, statements.len());
+        tracing::debug!(statement = i + 1, line = s.line, "executing");
+        let op = catalog::classify(&s.sql);
+        let prepared = match &op {
+            Some(op) => catalog::prepare(conn, op, m, s.line, &checks),
+            None => Ok(()),
+        };
+        if let Err(e) = prepared {
+            let outcome = if e.kind() == ErrorKind::Stopped {
+                "interrupted"
+            } else {
+                hooks.failure_outcome
+            };
+            if let Err(le) = ledger::finish_attempt(conn, tables, id, outcome, Some(&e.to_string()))
+            {
+                tracing::warn!(error = %le, "could not record the failed attempt");
+            }
+            return Err(e);
+        }
+        if let Err(e) = conn.batch_execute(&s.sql) {
+            let mut pg = describe_db_error(&e);
+            let lock_timeout = is_lock_timeout(&e);
+            let line = error_line(m.up_sql(), s, &e);
+            if !is_connection_error(&e) {
+                pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
+                if let Err(le) =
+                    ledger::finish_attempt(conn, tables, id, hooks.failure_outcome, Some(&pg))
+                {
+                    tracing::warn!(error = %le, "could not record the failed attempt");
+                }
+            }
+            tracing::error!(error = %pg, statement = i + 1, line, "migration {} failed", m.dir_name());
+            let kind = if is_connection_error(&e) {
+                ErrorKind::Connection
+            } else {
+                ErrorKind::MigrationFailed
+            };
+            return Err(Error::new(
+                kind,
+                format!(
+                    "migration {} (track {}, no transaction) failed at {}:{line}, statement {} \
+                     of {total}: {pg}. Statements 1 to {i} completed and stay applied; the next \
+                     run resumes at statement {}. Fix the cause (or the statement, if it never \
+                     ran) and run again; `rollout status` shows where it stopped",
+                    m.dir_name(),
+                    m.track(),
+                    m.up_path(),
+                    i + 1,
+                    i + 1
+                ),
+            )
+            .at(m, Some(line))
+            .lock_timeout(lock_timeout));
+        }
+        if let Some(op) = &op {
+            let confirmed = catalog::confirm(conn, op, m, s.line);
+            if confirmed.is_ok() {
+                for name in dropped.take() {
+                    crate::metrics::invalid_index("repaired");
+                    (hooks.on_index_repaired)(&name);
+                }
+            }
+            if let Err(e) = confirmed {
+                if let Err(le) = ledger::finish_attempt(
+                    conn,
+                    tables,
+                    id,
+                    hooks.failure_outcome,
+                    Some(&e.to_string()),
+                ) {
+                    tracing::warn!(error = %le, "could not record the failed attempt");
+                }
+                return Err(e);
+            }
+        }
+        ledger::progress(conn, tables, id, (i + 1) as i32)
+            .map_err(|e| Error::db("recording progress", e).at(m, Some(s.line)))?;
+    }
+    conn.transaction::<(), DieselError, _>(|c| {
+        ledger::insert_version(c, tables, m.version())?;
+        ledger::finish_attempt(c, tables, id, "success", None)
+    })
+    .map_err(|e| Error::db("recording the migration as applied", e).at(m, None))?;
+    let elapsed = start.elapsed();
+    tracing::info!(
+        duration_ms = elapsed.as_millis() as u64,
+        "applied {}",
+        m.dir_name()
+    );
+    Ok(Applied {
+        version: m.version().to_string(),
+        dir_name: m.dir_name().to_string(),
+        track: m.track(),
+        duration: elapsed,
+        statements: statements.len() - resume,
+    })
+}
