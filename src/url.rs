@@ -284,9 +284,8 @@ fn redact_key_value(text: &str) -> String {
 /// (`Xy7@Zq9` gives the host `Zq9@...`, `ab/cd` the port `ab`).
 #[derive(Debug, Default)]
 pub(crate) struct Secrets {
-    /// Whole passwords, longest first.
-    whole: Vec<String>,
-    /// Pieces of them, split where libpq splits a connection string.
+    /// Whole passwords (as written and decoded) and their raw pieces,
+    /// longest first.
     pieces: Vec<String>,
 }
 
@@ -333,25 +332,23 @@ pub(crate) fn secrets(url: &str) -> Secrets {
         }
         _ => key_value_secrets(trimmed, &mut whole),
     }
-    let decoded: Vec<String> = whole.iter().map(|p| percent_decode(p)).collect();
-    whole.extend(decoded);
-    whole.retain(|p| !p.is_empty());
-    whole.sort();
-    whole.dedup();
-    // Longest first, so a password containing another is replaced whole.
-    whole.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    // Short whole passwords count as pieces: replaced as words, not inside
-    // other words.
+    // libpq splits a connection string before it decodes it: the pieces it
+    // can quote back come from the raw text. The decoded passwords count
+    // whole.
     let mut pieces: Vec<String> = whole
         .iter()
         .flat_map(|p| p.split(is_delimiter).chain(std::iter::once(p.as_str())))
         .filter(|p| !p.is_empty())
         .map(str::to_string)
         .collect();
+    let decoded: Vec<String> = whole.iter().map(|p| percent_decode(p)).collect();
+    pieces.extend(decoded);
+    pieces.retain(|p| !p.is_empty());
     pieces.sort();
     pieces.dedup();
+    // Longest first, so a password containing another is replaced whole.
     pieces.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    Secrets { whole, pieces }
+    Secrets { pieces }
 }
 
 /// The value of each `password` / `sslpassword` of a key=value string: as
@@ -491,13 +488,20 @@ pub fn with_application_name(url: &str, name: &str) -> Option<String> {
         };
         let mut encoded = String::new();
         percent_encode_into(name, &mut encoded);
-        let sep = if rest[after_userinfo..].contains('?') {
-            '&'
+        let sep = if trimmed.ends_with(['?', '&']) {
+            ""
+        } else if rest[after_userinfo..].contains('?') {
+            "&"
         } else {
-            '?'
+            "?"
         };
         Some(format!("{trimmed}{sep}application_name={encoded}"))
     } else if trimmed.contains('=') {
+        // A value ending in an odd run of `\` would escape the space.
+        let slashes = trimmed.len() - trimmed.trim_end_matches('\\').len();
+        if slashes % 2 == 1 {
+            return None;
+        }
         let quoted = name.replace('\\', "\\\\").replace('\'', "\\'");
         Some(format!("{trimmed} application_name='{quoted}'"))
     } else {
@@ -583,24 +587,23 @@ pub fn redact_error(text: &str, url: &str) -> String {
 }
 
 /// `text` with every password of `url`, and every piece of one libpq could
-/// quote back, replaced by `***`: whole passwords anywhere; a quoted value
-/// (`"..."`) holding a piece; a piece of two or more characters standing as
-/// a word of its own (an unquoted port); a piece of four or more anywhere.
+/// quote back, replaced by `***`: a quoted value (`"..."`, as libpq quotes
+/// hosts, ports, tokens and names) in which a password or a piece of one
+/// stands as a token of its own (`"Zq9@db.invalid"`, `"ab"`); and, outside
+/// quotes, a password or a piece of two characters or more (or a digit)
+/// standing as a word of its own (an unquoted port). A piece inside a longer
+/// word (`pass` in `password`) is left alone.
 pub fn scrub(text: &str, url: &str) -> String {
     scrub_secrets(text, &secrets(url))
 }
 
 pub(crate) fn scrub_secrets(text: &str, secrets: &Secrets) -> String {
-    let mut s = text.to_string();
-    for p in secrets.whole.iter().filter(|p| p.chars().count() >= 4) {
-        s = s.replace(p.as_str(), "***");
-    }
     if secrets.pieces.is_empty() {
-        return s;
+        return text.to_string();
     }
-    // Quoted values holding a piece.
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s.as_str();
+    // Quoted values holding a piece as a token.
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
     while let Some(open) = rest.find('"') {
         out.push_str(&rest[..=open]);
         rest = &rest[open + 1..];
@@ -608,13 +611,10 @@ pub(crate) fn scrub_secrets(text: &str, secrets: &Secrets) -> String {
             break;
         };
         let value = &rest[..close];
-        let secret = secrets.pieces.iter().any(|p| {
-            if p.chars().count() >= 2 {
-                value.contains(p.as_str())
-            } else {
-                value == p
-            }
-        });
+        let secret = secrets
+            .pieces
+            .iter()
+            .any(|p| find_token(value, p).is_some());
         out.push_str(if secret { "***" } else { value });
         out.push('"');
         rest = &rest[close + 1..];
@@ -622,37 +622,44 @@ pub(crate) fn scrub_secrets(text: &str, secrets: &Secrets) -> String {
     out.push_str(rest);
     let mut s = out;
     for p in &secrets.pieces {
-        if p.chars().count() >= 4 {
-            s = s.replace(p.as_str(), "***");
-        } else if p.chars().count() >= 2 {
-            s = replace_word(&s, p);
+        let chars = p.chars().count();
+        if chars >= 2 || p.chars().all(|c| c.is_ascii_digit()) {
+            s = replace_tokens(&s, p);
         }
     }
     s
 }
 
-/// `text` with each occurrence of `word` that is not part of a longer word
-/// replaced by `***`.
-fn replace_word(text: &str, word: &str) -> String {
+/// The first occurrence of `needle` in `text` that is not part of a longer
+/// word: the characters around it, if any, are not letters or digits.
+fn find_token(text: &str, needle: &str) -> Option<usize> {
+    let is_word = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
+    let mut from = 0;
+    while let Some(pos) = text[from..].find(needle).map(|p| from + p) {
+        let end = pos + needle.len();
+        if !is_word(text[..pos].chars().last()) && !is_word(text[end..].chars().next()) {
+            return Some(pos);
+        }
+        // Step over one character, keeping to character boundaries.
+        from = pos + text[pos..].chars().next().map_or(1, char::len_utf8);
+    }
+    None
+}
+
+/// `text` with each occurrence of `needle` that is not part of a longer
+/// word replaced by `***`.
+fn replace_tokens(text: &str, needle: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    let is_word = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
-    let mut before: Option<char> = None;
-    while let Some(pos) = rest.find(word) {
-        let prev = rest[..pos].chars().last().or(before);
-        let next = rest[pos + word.len()..].chars().next();
+    while let Some(pos) = find_token(rest, needle) {
         out.push_str(&rest[..pos]);
-        if is_word(prev) || is_word(next) {
-            out.push_str(word);
-        } else {
-            out.push_str("***");
-        }
-        before = word.chars().last();
-        rest = &rest[pos + word.len()..];
+        out.push_str("***");
+        rest = &rest[pos + needle.len()..];
     }
     out.push_str(rest);
     out
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -908,6 +915,31 @@ mod tests {
             ),
             "invalid integer value \"***\" for connection option \"port\""
         );
+        // One-character pieces glued to the rest of what libpq quotes.
+        let url = "postgres://app:x/y?a#b#c#d@127.0.0.1:5432/app";
+        assert_eq!(
+            scrub(
+                "invalid URI query parameter: \"a#b#c#d@127.0.0.1:5432/app\"",
+                url
+            ),
+            "invalid URI query parameter: \"***\""
+        );
+        let url = "postgres://app:Xy7@Z@127.0.0.1/app";
+        assert_eq!(
+            scrub(
+                "could not translate host name \"Z@127.0.0.1\" to address",
+                url
+            ),
+            "could not translate host name \"***\" to address"
+        );
+        // A percent-encoded password is not split: libpq decodes it after
+        // splitting, so the messages of an ordinary URL stay whole.
+        let url = "postgres://app:pass%40word@db.internal/app";
+        let text = "connection to server at \"db.internal\" (10.0.0.1), port 5432 failed: \
+                    FATAL:  password authentication failed for user \"app\"";
+        assert_eq!(scrub(text, url), text);
+        let url = "postgres://app:s3cret%2Fdb.internal@db.internal/app";
+        assert_eq!(scrub(text, url), text);
         // Unquoted, as a word of its own; not inside other words.
         let url = "postgres://localhost:12/cd@127.0.0.1/app";
         assert_eq!(
@@ -932,6 +964,22 @@ mod tests {
             scrub_unknown("connection to server at \"h\" (1.2.3.4), port 12 failed: \"x"),
             "connection to server at \"***\" (1.2.3.4), port *** failed: \"***"
         );
+    }
+
+    #[test]
+    fn application_name_keeps_urls_libpq_accepts() {
+        assert_eq!(
+            with_application_name("postgres://u@h/db?", "x").as_deref(),
+            Some("postgres://u@h/db?application_name=x")
+        );
+        assert_eq!(
+            with_application_name("postgres://u@h/db?sslmode=disable&", "x").as_deref(),
+            Some("postgres://u@h/db?sslmode=disable&application_name=x")
+        );
+        // The space appended after a trailing `\` would be escaped: set it
+        // after connecting instead.
+        assert_eq!(with_application_name("host=h password=a\\", "x"), None);
+        assert!(with_application_name("host=h password=a\\\\", "x").is_some());
     }
 
     #[test]

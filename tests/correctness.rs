@@ -807,12 +807,23 @@ fn pieces(password: &str) -> Vec<&str> {
 }
 
 /// Fails when `out` shows `password`, or a piece of it as a word of its own
-/// (a host, a port), or a piece of four characters or more anywhere.
+/// (a host, a port), or a piece of four characters or more anywhere, or
+/// five characters of it in a row.
 fn assert_no_secret(what: &str, password: &str, out: &str) {
     assert!(
         !out.contains(password),
         "{what}: the password leaked:\n{out}"
     );
+    let chars: Vec<char> = password.chars().collect();
+    for start in 0..chars.len() {
+        for end in start + 5..=chars.len() {
+            let part: String = chars[start..end].iter().collect();
+            assert!(
+                !out.contains(&part),
+                "{what}: `{part}`, part of the password `{password}`, leaked:\n{out}"
+            );
+        }
+    }
     let words: Vec<&str> = out.split(|c: char| !c.is_alphanumeric()).collect();
     for p in pieces(password) {
         assert!(
@@ -848,6 +859,8 @@ fn no_piece_of_a_password_is_printed_on_any_error_path() {
         "sp ace%zzQ",
         "Pw9:Rt4?Mk2",
         "Hq8#Jw3&Vn5",
+        "x/y?a#b#c#d",
+        "Xy7@Z",
     ];
     let checked = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| {
