@@ -181,24 +181,22 @@ impl Ledger {
     /// Every path that reads or writes the ledger under a lock, and
     /// `status` and `verify`, resolve it this way.
     pub(crate) fn resolve(&self, conn: &mut PgConnection) -> Result<Tables, Error> {
-        #[derive(QueryableByName)]
-        struct Resolved {
-            #[diesel(sql_type = Nullable<Text>)]
-            schema: Option<String>,
-            #[diesel(sql_type = Bool)]
-            migrations_exist: bool,
-            #[diesel(sql_type = Bool)]
-            attempts_exist: bool,
-            #[diesel(sql_type = Nullable<Text>)]
-            attempts_comment: Option<String>,
-        }
-        let r: Resolved = sql_query(include_str!("sql/resolve_ledger.sql"))
+        let r = self
+            .query_resolution(conn)
+            .map_err(|e| Error::db("finding the migration ledger's schema", e))?;
+        self.resolved(r)
+    }
+
+    fn query_resolution(&self, conn: &mut PgConnection) -> QueryResult<Resolution> {
+        sql_query(include_str!("sql/resolve_ledger.sql"))
             .bind::<Text, _>(self.migrations.quoted_in(None))
             .bind::<Nullable<Text>, _>(self.migrations.schema.as_deref())
             .bind::<Nullable<Text>, _>(self.attempts.schema.as_deref())
             .bind::<Text, _>(&self.attempts.table)
             .get_result(conn)
-            .map_err(|e| Error::db("finding the migration ledger's schema", e))?;
+    }
+
+    fn resolved(&self, r: Resolution) -> Result<Tables, Error> {
         let Some(schema) = r.schema else {
             return Err(Error::new(
                 ErrorKind::Config,
@@ -217,6 +215,17 @@ impl Ledger {
                 },
             ));
         };
+        if !r.attempts_schema_exists {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "schema `{}` of the attempts table `{}` does not exist: create it, or \
+                     name another attempts table",
+                    self.attempts.schema.as_deref().unwrap_or(&schema),
+                    self.attempts.table
+                ),
+            ));
+        }
         let version = match &r.attempts_comment {
             Some(c) => c
                 .strip_prefix("diesel-rollout attempts v")
@@ -236,7 +245,30 @@ impl Ledger {
     ) -> Tables {
         let m = self.migrations.quoted_in(schema);
         let a = self.attempts.quoted_in(schema);
-        let r = |t: &str| t.replace("{migrations}", &m).replace("{attempts}", &a);
+        // The ledger attempts belong to, as the SQL value `schema.table`:
+        // known once resolved; on the fast path, read from the catalog.
+        let ledger = match schema.or(self.migrations.schema.as_deref()) {
+            Some(s) => format!("'{}.{}'", s, self.migrations.table),
+            None => format!(
+                "(SELECT n.nspname || '.' || c.relname FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = '{m}'::regclass)"
+            ),
+        };
+        // Unqualified names on the fast path must resolve side by side.
+        let beside = if schema.is_none() && self.attempts.schema.is_none() {
+            format!(
+                "(SELECT relnamespace FROM pg_class WHERE oid = '{m}'::regclass) \
+                 = (SELECT relnamespace FROM pg_class WHERE oid = '{a}'::regclass)"
+            )
+        } else {
+            "true".to_string()
+        };
+        let r = |t: &str| {
+            t.replace("{migrations}", &m)
+                .replace("{attempts}", &a)
+                .replace("{ledger}", &ledger)
+                .replace("{attempts_beside}", &beside)
+        };
         Tables {
             schema: self
                 .migrations
@@ -264,6 +296,21 @@ impl Ledger {
             },
         }
     }
+}
+
+/// What `resolve_ledger.sql` finds.
+#[derive(QueryableByName)]
+struct Resolution {
+    #[diesel(sql_type = Nullable<Text>)]
+    schema: Option<String>,
+    #[diesel(sql_type = Bool)]
+    migrations_exist: bool,
+    #[diesel(sql_type = Bool)]
+    attempts_schema_exists: bool,
+    #[diesel(sql_type = Bool)]
+    attempts_exist: bool,
+    #[diesel(sql_type = Nullable<Text>)]
+    attempts_comment: Option<String>,
 }
 
 /// One version as the ledger knows it.
@@ -381,32 +428,67 @@ pub(crate) fn rows(conn: &mut PgConnection, t: &Tables) -> Result<Vec<LedgerRow>
 
 /// Creates the ledger tables that are missing, and brings an attempts
 /// table an earlier release created up to this release's layout. Call
-/// under the lock, with `t` resolved; `t` then says both tables exist.
-pub(crate) fn ensure_tables(conn: &mut PgConnection, t: &mut Tables) -> Result<(), Error> {
-    if !t.migrations_exist {
-        tracing::info!(table = %t.migrations_table, schema = ?t.schema, "creating the migrations table");
-        conn.batch_execute(&t.sql.create_migrations)
-            .map_err(|e| Error::db("creating the migrations table", e))?;
-        t.migrations_exist = true;
+/// under a track's lock, with `t` resolved; `t` then says both tables exist.
+/// The two tracks can get here at once (a deferred leader while the
+/// required track is blocked), so the DDL runs in one transaction under a
+/// transaction-level advisory lock of the ledger, after reading again what
+/// exists.
+pub(crate) fn ensure_tables(
+    conn: &mut PgConnection,
+    ledger: &Ledger,
+    t: &mut Tables,
+) -> Result<(), Error> {
+    if t.migrations_exist && t.attempts_exist && t.attempts_version >= ATTEMPTS_VERSION {
+        return Ok(());
     }
-    if !t.attempts_exist {
-        tracing::info!(schema = ?t.schema, "creating the attempts table");
-        conn.transaction(|c| c.batch_execute(&t.sql.create_attempts))
-            .map_err(|e| Error::db("creating the attempts table", e))?;
-        t.attempts_exist = true;
-        t.attempts_version = ATTEMPTS_VERSION;
+    let schema = t.schema.clone().unwrap_or_default();
+    let key = crate::lock::ledger_ddl_key(&schema, &t.migrations_table);
+    let now = conn
+        .transaction(|c| {
+            sql_query("SELECT pg_advisory_xact_lock($1)")
+                .bind::<BigInt, _>(key)
+                .execute(c)?;
+            let mut now = match ledger.resolved(ledger.query_resolution(c)?) {
+                Ok(now) => now,
+                Err(_) => return Ok(None),
+            };
+            if !now.migrations_exist {
+                tracing::info!(table = %now.migrations_table, schema = ?now.schema, "creating the migrations table");
+                c.batch_execute(&now.sql.create_migrations)?;
+                now.migrations_exist = true;
+            }
+            if !now.attempts_exist {
+                tracing::info!(schema = ?now.schema, "creating the attempts table");
+                c.batch_execute(&now.sql.create_attempts)?;
+                now.attempts_exist = true;
+                now.attempts_version = ATTEMPTS_VERSION;
+            }
+            if now.attempts_version < 2 {
+                tracing::info!(
+                    from = now.attempts_version,
+                    to = ATTEMPTS_VERSION,
+                    "upgrading the attempts table an earlier release created"
+                );
+                c.batch_execute(&now.sql.upgrade_attempts_v2)?;
+                now.attempts_version = 2;
+            }
+            Ok(Some(now))
+        })
+        .map_err(|e| Error::db("creating or upgrading the ledger tables", e))?;
+    match now {
+        Some(now) if now.schema == t.schema => {
+            *t = now;
+            Ok(())
+        }
+        _ => Err(Error::new(
+            ErrorKind::Database,
+            format!(
+                "the migrations table `{}` moved to another schema while its tables were \
+                 being created: run again",
+                ledger.configured
+            ),
+        )),
     }
-    if t.attempts_version < 2 {
-        tracing::info!(
-            from = t.attempts_version,
-            to = ATTEMPTS_VERSION,
-            "upgrading the attempts table an earlier release created"
-        );
-        conn.transaction(|c| c.batch_execute(&t.sql.upgrade_attempts_v2))
-            .map_err(|e| Error::db("upgrading the attempts table", e))?;
-        t.attempts_version = 2;
-    }
-    Ok(())
 }
 
 /// Marks every attempt of `track` still `running` as interrupted: under the

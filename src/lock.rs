@@ -28,28 +28,36 @@ pub fn lock_key(schema: &str, table: &str, track: Track) -> i64 {
     }
 }
 
-/// The key of `text` (a table name) for `track`.
-fn key_of(text: &str, track: Track) -> i64 {
+/// The key of `text` (a table name) for `what` (a track, or the ledger's
+/// DDL).
+fn key_of(text: &str, what: impl std::fmt::Display) -> i64 {
     use sha2::Digest;
-    let digest =
-        sha2::Sha256::digest(format!("diesel-rollout:{}:{text}", track.as_str()).as_bytes());
+    let digest = sha2::Sha256::digest(format!("diesel-rollout:{what}:{text}").as_bytes());
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&digest[..8]);
     i64::from_be_bytes(bytes)
 }
 
-/// The keys a run takes for `track`: the key of the resolved table, and,
-/// when it differs, the key earlier releases derived from the table name
-/// as configured, so a replica of an earlier release and one of this
-/// release exclude each other while a deploy upgrades diesel-rollout.
+/// The transaction-level advisory lock under which the ledger tables of
+/// `schema.table` are created or upgraded, whichever track's lock is held.
+pub(crate) fn ledger_ddl_key(schema: &str, table: &str) -> i64 {
+    key_of(&format!("{schema}.{table}"), "ledger")
+}
+
+/// The keys a run takes for `track`: the key of the resolved table first,
+/// then the keys earlier releases derived from the name as configured, so a
+/// replica of an earlier release and one of this release exclude each other
+/// while a deploy upgrades diesel-rollout, even when the spelling changed
+/// with it: for a table in `public`, both `table` and `public.table`; for
+/// another schema configured unqualified, `table` too.
 pub(crate) fn keys(schema: &str, table: &str, configured: &str, track: Track) -> Vec<i64> {
-    let key = lock_key(schema, table, track);
-    let legacy = key_of(configured, track);
-    if legacy == key {
-        vec![key]
-    } else {
-        vec![key, legacy]
+    let mut keys = vec![lock_key(schema, table, track), key_of(configured, track)];
+    if schema == "public" {
+        keys.push(key_of(&format!("public.{table}"), track));
     }
+    let mut seen = std::collections::HashSet::new();
+    keys.retain(|k| seen.insert(*k));
+    keys
 }
 
 /// The session holding an advisory lock.
@@ -427,27 +435,31 @@ mod tests {
         // The key of a ledger in public is the one earlier releases used
         // for the unqualified name.
         assert_eq!(r, key_of("__diesel_schema_migrations", Track::Required));
+        // Either spelling of a table in public takes both earlier keys.
+        let both = [
+            r,
+            key_of("public.__diesel_schema_migrations", Track::Required),
+        ];
+        for configured in [
+            "__diesel_schema_migrations",
+            "public.__diesel_schema_migrations",
+        ] {
+            assert_eq!(
+                keys(
+                    "public",
+                    "__diesel_schema_migrations",
+                    configured,
+                    Track::Required
+                ),
+                both
+            );
+        }
+        // Elsewhere: the resolved key, and the bare name's when configured bare.
+        let app = lock_key("app", "t", Track::Required);
         assert_eq!(
-            keys(
-                "public",
-                "__diesel_schema_migrations",
-                "__diesel_schema_migrations",
-                Track::Required
-            ),
-            [r]
+            keys("app", "t", "t", Track::Required),
+            [app, key_of("t", Track::Required)]
         );
-        // Spelled with its schema: the same key, and the old one too.
-        assert_eq!(
-            keys(
-                "public",
-                "__diesel_schema_migrations",
-                "public.__diesel_schema_migrations",
-                Track::Required
-            ),
-            [
-                r,
-                key_of("public.__diesel_schema_migrations", Track::Required)
-            ]
-        );
+        assert_eq!(keys("app", "t", "app.t", Track::Required), [app]);
     }
 }

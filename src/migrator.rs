@@ -408,7 +408,7 @@ impl Migrator {
                 ),
             ));
         }
-        ledger::ensure_tables(conn, &mut tables)?;
+        ledger::ensure_tables(conn, ledger, &mut tables)?;
         let tables = &tables;
         let n = ledger::mark_interrupted(conn, tables, track)?;
         if n > 0 {

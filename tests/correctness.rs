@@ -930,3 +930,108 @@ fn no_piece_of_a_password_is_printed_on_any_error_path() {
     let checked = checked.into_inner();
     assert!(checked > 100, "{checked} outputs checked");
 }
+
+/// Ledgers that share one attempts table (`attempts_table` set alike) never
+/// read each other's attempts: a migration of one ledger does not resume
+/// where the same version of another one stopped. An attempts table in a
+/// schema of its own keeps the fast path; a missing one is named.
+#[test]
+fn ledgers_sharing_an_attempts_table_keep_their_attempts_apart() {
+    let db = TestDb::new();
+    db.conn()
+        .batch_execute(
+            "CREATE SCHEMA a; CREATE SCHEMA b; CREATE SCHEMA audit; CREATE TABLE log (v text)",
+        )
+        .unwrap();
+    let set = TempSet::new();
+    set.required("1_start", "SELECT 1;\n");
+    // The same file in both sets: statement 2 fails only for ledger b.
+    set.required_no_tx(
+        "2_steps",
+        "INSERT INTO log VALUES ('s1');\n\
+         SELECT 1 / (CASE WHEN current_setting('application_name') = 'b' THEN 0 ELSE 1 END);\n\
+         INSERT INTO log VALUES ('s3');\n",
+    );
+    let ledger = |schema: &str| {
+        set.migrator()
+            .migrations_table(format!("{schema}.ledger"))
+            .attempts_table("audit.attempts")
+            .application_name(schema)
+    };
+    let err = ledger("b").run_required(&db.url).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::MigrationFailed, "{err}");
+    assert_eq!(db.texts("SELECT v AS t FROM log"), ["s1"]);
+    let report = ledger("a").run_required(&db.url).unwrap();
+    assert_eq!(report.applied[1].statements, 3, "ledger a ran all of 2");
+    assert_eq!(
+        db.texts("SELECT v AS t FROM log ORDER BY v"),
+        ["s1", "s1", "s3"]
+    );
+    // Nothing pending for a: one query, no lock.
+    assert!(!ledger("a").run_required(&db.url).unwrap().took_lock);
+    // b still resumes its own attempt at statement 2 (and fails there again).
+    let err = ledger("b").run_required(&db.url).unwrap_err();
+    assert!(err.to_string().contains("statement 2 of 3"), "{err}");
+    assert_eq!(db.count("SELECT count(*) AS n FROM log WHERE v = 's1'"), 2);
+
+    let err = set
+        .migrator()
+        .attempts_table("nowhere.attempts")
+        .run_required(&db.url)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(
+        err.to_string()
+            .contains("schema `nowhere` of the attempts table `attempts` does not exist"),
+        "{err}"
+    );
+}
+
+/// `rollout up` blocked on a deferred migration goes on when another
+/// process applies that deferred migration while it waits.
+#[test]
+fn rollout_up_goes_on_when_another_leader_applies_what_it_waits_for() {
+    let db = TestDb::new();
+    let set = dependency_set();
+    let m = set.migrator();
+    let mut holder = db.conn();
+    let key = m
+        .lock_keys(&mut holder, diesel_rollout::Track::Deferred)
+        .unwrap()[0];
+    holder
+        .batch_execute(&format!("SELECT pg_advisory_lock({key})"))
+        .unwrap();
+    let child = db
+        .rollout()
+        .args(["up", "--migrations-dir"])
+        .arg(set.required_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `up` applied 0001, stopped at 0003 and now waits for the deferred lock.
+    wait_until("0001 to be applied", || {
+        db.count("SELECT count(*) AS n FROM pg_class WHERE relname = '__diesel_rollout_attempts'")
+            == 1
+            && db.count("SELECT count(*) AS n FROM __diesel_schema_migrations") == 1
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The other leader applies 0002 and lets go.
+    holder
+        .batch_execute(
+            "CREATE UNIQUE INDEX things_val_key ON things (val); \
+             INSERT INTO __diesel_schema_migrations (version) VALUES ('0002')",
+        )
+        .unwrap();
+    holder
+        .batch_execute(&format!("SELECT pg_advisory_unlock({key})"))
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(set.migrator().verify(&mut db.conn()).unwrap().is_complete());
+}

@@ -300,6 +300,7 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             let url = database_url(cli)?;
             let mut required = Vec::new();
             let mut deferred_runs = Vec::new();
+            let mut last_blocked = None;
             // A required migration that waits for a deferred one stops the
             // required track; the deferred track then applies what it
             // waits for, and the required track goes on.
@@ -322,15 +323,26 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
                     }
                     return Ok(0);
                 }
-                let (code, value) = deferred(&m, url, true, cli)?;
+                let (code, value) = deferred(&m, url, true, blocked.is_some(), cli)?;
                 let progress = value["applied"].as_array().is_some_and(|a| !a.is_empty());
                 deferred_runs.push(value);
+                // Go on while the deferred track applied something, or while
+                // the required track got further (another process may have
+                // applied what it waited for).
+                let at = blocked
+                    .as_ref()
+                    .and_then(|e| e.migration().map(|m| m.version.clone()));
                 match blocked {
-                    Some(e) if code != 0 || !progress => return Err(e.into()),
-                    Some(_) => tracing::info!(
-                        "the deferred migrations the required track waited for are applied: \
-                         going on with the required track"
-                    ),
+                    Some(e) if code != 0 || (!progress && last_blocked == at) => {
+                        return Err(e.into())
+                    }
+                    Some(_) => {
+                        tracing::info!(
+                            "the deferred migrations the required track waited for are \
+                             applied: going on with the required track"
+                        );
+                        last_blocked = at;
+                    }
                     None => {
                         if cli.json {
                             let one = |v: Vec<serde_json::Value>| {
@@ -355,7 +367,7 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             let url = database_url(cli)?;
             // A clear error for an unreachable database before the pool.
             drop(connect(url)?);
-            let (code, value) = deferred(&m, url, *wait, cli)?;
+            let (code, value) = deferred(&m, url, *wait, false, cli)?;
             if cli.json {
                 print_json(&value);
             }
@@ -451,10 +463,14 @@ impl Colors {
 
 /// Runs the deferred track in the foreground on a pool of two connections
 /// (one leads, one reads build progress), showing what it does.
+/// With `required_blocked` (the required track stopped on a migration that
+/// waits for a deferred one), required migrations found pending end the
+/// deferred phase instead of failing it: the required track goes on next.
 fn deferred(
     m: &Migrator,
     url: &str,
     wait: bool,
+    required_blocked: bool,
     cli: &Cli,
 ) -> Result<(u8, serde_json::Value), Failure> {
     let quiet = cli.quiet || cli.json;
@@ -512,11 +528,17 @@ fn deferred(
             return Err(failure(message));
         }
         if let DeferredState::WaitingForRequired { pending } = state {
+            handle.stop();
+            progress.finish();
+            if required_blocked {
+                return Ok((
+                    0,
+                    serde_json::json!({ "state": "waiting_for_required", "applied": [] }),
+                ));
+            }
             // Required migrations this binary knows are missing although the
             // required track was just applied, or was never applied: waiting
             // would not fix either.
-            handle.stop();
-            progress.finish();
             return Err(failure(format!(
                 "{pending} required migration(s) are not applied, and deferred migrations never \
                  run before them: run `rollout up --required-only` first (if it just succeeded, \
@@ -1130,6 +1152,7 @@ fn check(cli: &Cli) -> Result<u8, Failure> {
     tracing::info!(database = %name, "applying every migration from scratch");
     let mut conn = connect(&url)?;
     let (mut required, mut deferred) = (Report::default(), Report::default());
+    let mut last_blocked = None;
     loop {
         let blocked = match migrator.run_required_on(&mut conn) {
             Ok(r) => {
@@ -1147,9 +1170,12 @@ fn check(cli: &Cli) -> Result<u8, Failure> {
         let d = migrator.run_deferred_on(&mut conn)?;
         let progress = !d.applied.is_empty();
         deferred.applied.extend(d.applied);
+        let at = blocked
+            .as_ref()
+            .and_then(|e| e.migration().map(|m| m.version.clone()));
         match blocked {
-            Some(_) if progress => {}
-            Some(e) => return Err(e.into()),
+            Some(e) if !progress && last_blocked == at => return Err(e.into()),
+            Some(_) => last_blocked = at,
             None => break,
         }
     }

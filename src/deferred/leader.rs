@@ -320,7 +320,7 @@ fn lead(
         )));
     }
     let mut setup = || -> Result<i32, Error> {
-        ledger::ensure_tables(conn, &mut tables)?;
+        ledger::ensure_tables(conn, ledger, &mut tables)?;
         // The connection is discarded after leading: nothing to restore.
         let _replaced = session::Timeouts::set(conn, lock_timeout, statement_timeout)?;
         // PostgreSQL 14+: notice a dead client during a long build, so the

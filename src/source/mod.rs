@@ -411,6 +411,24 @@ fn check_dependencies(all: &[MigrationFiles], problems: &mut Vec<Problem>) {
                 .iter()
                 .find(|d| compare_versions(&d.version, dep) == std::cmp::Ordering::Equal);
             match target {
+                Some(d)
+                    if d.track == Track::Deferred
+                        && compare_versions(&d.version, &m.version) != std::cmp::Ordering::Less =>
+                {
+                    problems.push(Problem {
+                        paths: vec![m.dir.join("metadata.toml"), d.dir.clone()],
+                        line: None,
+                        message: format!(
+                            "`requires_deferred` names {dep}, which is newer than this \
+                             migration ({}): migrations apply in version order, and a deferred \
+                             migration newer than required ones may build on them, so a \
+                             required migration can wait only for an older deferred one. Give \
+                             the deferred migration an older version, or this one a newer one \
+                             (`rollout new NAME`)",
+                            m.version
+                        ),
+                    })
+                }
                 Some(d) if d.track == Track::Deferred => {}
                 Some(d) => problems.push(Problem {
                     paths: vec![m.dir.join("metadata.toml"), d.dir.clone()],

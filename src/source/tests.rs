@@ -221,7 +221,7 @@ fn requires_deferred_is_parsed_and_checked() {
     );
     t.add(
         Track::Required,
-        "3_uses_idx",
+        "2024-01-03-000000_uses_idx",
         &[
             ("up.sql", "select 1;"),
             (
@@ -231,7 +231,7 @@ fn requires_deferred_is_parsed_and_checked() {
         ],
     );
     let set = t.read().unwrap();
-    let m = set.iter().find(|m| m.version == "3").unwrap();
+    let m = set.iter().find(|m| m.version == "20240103000000").unwrap();
     assert_eq!(m.requires_deferred, ["20240102000000"]);
     assert!(generate(&set, "crate").contains("Cow::Borrowed(\"20240102000000\")"));
 
@@ -270,7 +270,23 @@ fn requires_deferred_is_parsed_and_checked() {
             ),
         ],
     );
+    bad.add(Track::Deferred, "8_later", &[("up.sql", "analyze;"), NO_TX]);
+    bad.add(
+        Track::Required,
+        "7_waits_for_a_newer_one",
+        &[
+            ("up.sql", "select 1;"),
+            (
+                "metadata.toml",
+                "run_in_transaction = true\nrequires_deferred = [\"8\"]\n",
+            ),
+        ],
+    );
     let text = bad.read().unwrap_err().to_string();
+    assert!(
+        text.contains("names 8, which is newer than this migration (7)"),
+        "{text}"
+    );
     assert!(
         text.contains("names 1, which is a required migration"),
         "{text}"

@@ -1,8 +1,12 @@
 -- diesel-rollout's own record: one row per attempt to apply a migration.
 -- outcome: 'failed' is final; 'retrying' failed and the leader will try again.
 -- The comment holds the layout version (see ledger.rs, ATTEMPTS_VERSION).
+-- Layout 1 (the first release) had no `ledger` and no 'retrying'.
 CREATE TABLE {attempts} (
     id                   BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- The migrations table (schema.table) the attempt belongs to, so ledgers
+    -- that share an attempts table never read each other's attempts.
+    ledger               TEXT,
     version              VARCHAR(50) NOT NULL,
     name                 TEXT NOT NULL,
     track                TEXT NOT NULL CHECK (track IN ('required', 'deferred')),

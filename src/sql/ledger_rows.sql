@@ -4,11 +4,12 @@ WITH latest AS (
     SELECT DISTINCT ON (version) version, outcome, error, statements_completed,
            statements_total, checksum, finished_at
     FROM {attempts}
+    WHERE ledger = {ledger} OR ledger IS NULL
     ORDER BY version, id DESC
 ), succeeded AS (
     SELECT DISTINCT ON (version) version, checksum
     FROM {attempts}
-    WHERE outcome = 'success'
+    WHERE outcome = 'success' AND (ledger = {ledger} OR ledger IS NULL)
     ORDER BY version, id DESC
 )
 SELECT coalesce(m.version, l.version) AS version,

@@ -7,4 +7,4 @@ SET outcome = 'interrupted',
     finished_at = clock_timestamp(),
     error = 'interrupted: the process applying it (pid ' || coalesce(client_pid::text, '?')
             || ' on ' || coalesce(host, '?') || ') stopped before it finished'
-WHERE outcome = 'running' AND track = $1
+WHERE outcome = 'running' AND track = $1 AND (ledger = {ledger} OR ledger IS NULL)

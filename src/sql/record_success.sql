@@ -4,6 +4,6 @@ WITH applied AS (
     INSERT INTO {migrations} (version) VALUES ($1)
 )
 INSERT INTO {attempts}
-    (version, name, track, checksum, outcome, started_at, finished_at,
+    (ledger, version, name, track, checksum, outcome, started_at, finished_at,
      statements_completed, statements_total, host, client_pid)
-VALUES ($1, $2, $3, $4, 'success', now(), clock_timestamp(), $5, $5, $6, $7)
+VALUES ({ledger}, $1, $2, $3, $4, 'success', now(), clock_timestamp(), $5, $5, $6, $7)

@@ -11,9 +11,13 @@ WITH found AS (
                (SELECT nsp FROM found),
                (SELECT oid FROM pg_namespace WHERE nspname = coalesce($2, current_schema()))
            ) AS nsp
+), attempts AS (
+    SELECT CASE WHEN $3::text IS NULL THEN (SELECT nsp FROM ledger)
+                ELSE (SELECT oid FROM pg_namespace WHERE nspname = $3) END AS nsp
 )
 SELECT n.nspname::text AS schema,
        EXISTS (SELECT 1 FROM found) AS migrations_exist,
+       (SELECT nsp FROM attempts) IS NOT NULL AS attempts_schema_exists,
        a.oid IS NOT NULL AS attempts_exist,
        obj_description(a.oid, 'pg_class') AS attempts_comment
 FROM ledger
@@ -21,4 +25,4 @@ LEFT JOIN pg_namespace n ON n.oid = ledger.nsp
 LEFT JOIN pg_class a
        ON a.relname = $4
       AND a.relkind IN ('r', 'p')
-      AND a.relnamespace = coalesce((SELECT oid FROM pg_namespace WHERE nspname = $3), ledger.nsp)
+      AND a.relnamespace = (SELECT nsp FROM attempts)

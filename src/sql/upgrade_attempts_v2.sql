@@ -1,10 +1,14 @@
--- Layout 1 -> 2, in one transaction under the lock: the outcome CHECK of
--- layout 1 rejects 'retrying'. Older binaries keep working on layout 2: it
--- accepts every outcome they write.
+-- Layout 1 -> 2, in one transaction, under the ledger's DDL lock (so the two
+-- tracks never upgrade at once): the outcome CHECK of layout 1 rejects
+-- 'retrying', and attempts record which ledger they belong to. Older binaries
+-- keep working on layout 2: it accepts every row they write.
 DO $$
 DECLARE
     c record;
 BEGIN
+    IF obj_description('{attempts}'::regclass, 'pg_class') = 'diesel-rollout attempts v2' THEN
+        RETURN;
+    END IF;
     FOR c IN
         SELECT conname FROM pg_constraint
         WHERE conrelid = '{attempts}'::regclass
@@ -13,8 +17,9 @@ BEGIN
     LOOP
         EXECUTE format('ALTER TABLE {attempts} DROP CONSTRAINT %I', c.conname);
     END LOOP;
+    ALTER TABLE {attempts} ADD CONSTRAINT diesel_rollout_outcome
+        CHECK (outcome IN ('running', 'success', 'failed', 'retrying', 'interrupted'));
+    ALTER TABLE {attempts} ADD COLUMN IF NOT EXISTS ledger TEXT;
+    COMMENT ON TABLE {attempts} IS 'diesel-rollout attempts v2';
 END
 $$;
-ALTER TABLE {attempts} ADD CONSTRAINT diesel_rollout_outcome
-    CHECK (outcome IN ('running', 'success', 'failed', 'retrying', 'interrupted'));
-COMMENT ON TABLE {attempts} IS 'diesel-rollout attempts v2';
