@@ -1,0 +1,189 @@
+//! `rollout check`: everything from scratch on a scratch database.
+
+#[cfg(feature = "lint")]
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use diesel::prelude::*;
+use diesel_rollout::cluster::ThrowawayCluster;
+use diesel_rollout::{connect, redact_url, with_database, ErrorKind, Report, Track};
+
+use crate::render::{print_json, print_out, report_json, status_json, status_table, verify_text, Colors};
+#[cfg(feature = "lint")]
+use crate::sibling_deferred;
+use crate::{failure, migrator, usage, Cli, Failure};
+
+#[derive(clap::Args)]
+pub(crate) struct Args {}
+
+pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
+    let _ = args;
+    check(cli)
+}
+
+/// Drops the scratch database of `rollout check`, whatever happened.
+struct ScratchDb {
+    admin_url: String,
+    name: String,
+}
+
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        if let Ok(mut conn) = connect(&self.admin_url) {
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn);
+        }
+    }
+}
+
+/// `rollout check` lints first the set it applies: the directories given,
+/// or those the embedded set was built from, when they are on disk.
+fn lint_before_check(cli: &Cli) -> Result<(), Failure> {
+    #[cfg(feature = "lint")]
+    {
+        let required = cli
+            .migrations_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("migrations"));
+        let deferred = cli
+            .deferred_dir
+            .clone()
+            .unwrap_or_else(|| sibling_deferred(&required));
+        if !required.is_dir() {
+            tracing::warn!(dir = %required.display(), "lint skipped: the migrations directory is not on this machine");
+            return Ok(());
+        }
+        let findings = diesel_rollout::lint_dirs(
+            &required,
+            &deferred,
+            &diesel_rollout::LintOptions::default(),
+        )
+        .map_err(|e| failure(e.to_string()))?;
+        let errors: Vec<_> = findings
+            .iter()
+            .filter(|f| f.severity == diesel_rollout::Severity::Error)
+            .collect();
+        for f in &findings {
+            tracing::warn!("{f}");
+        }
+        if !errors.is_empty() {
+            return Err(failure(format!(
+                "the lint found {} error(s) (shown above; `rollout lint` lists them): fix them \
+                 before applying",
+                errors.len()
+            )));
+        }
+        tracing::info!(findings = findings.len(), "lint passed");
+    }
+    #[cfg(not(feature = "lint"))]
+    let _ = cli;
+    Ok(())
+}
+
+fn check(cli: &Cli) -> Result<u8, Failure> {
+    lint_before_check(cli)?;
+    let migrator = migrator(cli)?;
+    let started = Instant::now();
+    let cluster;
+    let admin_url = match &cli.database_url {
+        Some(url) => url.clone(),
+        None => {
+            tracing::info!("no database given: starting a throwaway PostgreSQL server");
+            cluster = ThrowawayCluster::start().map_err(|e| failure(e.to_string()))?;
+            cluster.admin_url()
+        }
+    };
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let name = format!("rollout_check_{}_{nanos}", std::process::id());
+    let url = with_database(&admin_url, &name).ok_or_else(|| {
+        usage(format!(
+            "`rollout check` needs a postgres:// URL to create its scratch database on, not {}",
+            redact_url(&admin_url)
+        ))
+    })?;
+    {
+        let mut admin = connect(&admin_url)?;
+        diesel::sql_query(format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .map_err(|e| {
+                failure(format!(
+                    "cannot create the scratch database {name} on {}: {e}. `rollout check` \
+                     needs a role allowed to CREATE DATABASE",
+                    redact_url(&admin_url)
+                ))
+            })?;
+    }
+    let _scratch = ScratchDb {
+        admin_url: admin_url.clone(),
+        name: name.clone(),
+    };
+    tracing::info!(database = %name, "applying every migration from scratch");
+    let mut conn = connect(&url)?;
+    let (mut required, mut deferred) = (Report::default(), Report::default());
+    let mut last_blocked = None;
+    loop {
+        let blocked = match migrator.run_required_on(&mut conn) {
+            Ok(r) => {
+                required.applied.extend(r.applied);
+                None
+            }
+            Err(e) if e.kind() == ErrorKind::DeferredDependency => {
+                if let Some(r) = e.report() {
+                    required.applied.extend(r.applied.iter().cloned());
+                }
+                Some(e)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let d = migrator.run_deferred_on(&mut conn)?;
+        let progress = !d.applied.is_empty();
+        deferred.applied.extend(d.applied);
+        let at = blocked
+            .as_ref()
+            .and_then(|e| e.migration().map(|m| m.version.clone()));
+        match blocked {
+            Some(e) if !progress && last_blocked == at => return Err(e.into()),
+            Some(_) => last_blocked = at,
+            None => break,
+        }
+    }
+    let verification = migrator.verify(&mut conn)?;
+    let rows = migrator.status(&mut conn)?;
+    let pending_deferred = rows
+        .iter()
+        .filter(|r| r.track == Some(Track::Deferred) && r.state.as_str() != "applied")
+        .count();
+    let complete = verification.is_complete() && pending_deferred == 0;
+    if cli.json {
+        let mut status: serde_json::Value =
+            serde_json::from_str(&status_json(&rows)).unwrap_or_default();
+        print_json(&serde_json::json!({
+            "complete": complete,
+            "required": report_json(&required),
+            "deferred": report_json(&deferred),
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+            "status": status.take(),
+        }));
+        return Ok(if complete { 0 } else { 1 });
+    }
+    let mut out = status_table(&rows, Colors::for_stdout());
+    out.push_str(&format!(
+        "\napplied {} required and {} deferred migrations in {} ms; verify: {}\n",
+        required.applied.len(),
+        deferred.applied.len(),
+        started.elapsed().as_millis(),
+        if complete { "complete" } else { "INCOMPLETE" }
+    ));
+    print_out(&out);
+    if complete {
+        Ok(0)
+    } else {
+        print_out(&verify_text(&migrator, &verification));
+        Ok(1)
+    }
+}

@@ -1,0 +1,290 @@
+//! `rollout`: apply, inspect and verify diesel-rollout migrations.
+//!
+//! Exit codes: 0 success, 1 failure (including an incomplete `verify`),
+//! 2 usage error, 3 another session holds the deferred lock.
+//!
+//! Each command is a module with its `Args` and `run`; `render` prints.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use diesel_rollout::{MigrationSet, Migrator};
+
+mod render;
+
+/// Declares the subcommands: each is a module with `Args` and `run`.
+/// Adding a command is a new module and one entry here.
+macro_rules! commands {
+    ($($(#[$doc:meta])* $variant:ident => $module:ident,)*) => {
+        $(mod $module;)*
+
+        #[derive(Subcommand)]
+        enum Command {
+            $($(#[$doc])* $variant($module::Args),)*
+        }
+
+        fn run(cli: &Cli) -> Result<u8, Failure> {
+            match &cli.command {
+                $(Command::$variant(args) => $module::run(cli, args),)*
+            }
+        }
+    };
+}
+
+commands! {
+    /// Show every migration known to this binary or recorded in the database.
+    Status => status,
+    /// Apply the pending required migrations, then the deferred ones in the
+    /// foreground, showing the progress of index builds. If another session
+    /// is applying the deferred track, wait for it.
+    Up => up,
+    /// Apply only the deferred migrations, in the foreground. Exits 3 when
+    /// another session holds the deferred lock, unless --wait.
+    Deferred => deferred,
+    /// Exit 0 when every required migration is applied and none failed, 1 otherwise.
+    Verify => verify,
+    /// Lint both tracks: diesel-guard's checks plus the track rules. Exits 1
+    /// when any finding is an error.
+    Lint => lint,
+    /// Create a migration directory with the next version.
+    New => new,
+    /// Apply everything from scratch to a scratch database, verify, and show the status.
+    ///
+    /// Without a database URL it starts a throwaway PostgreSQL server from the
+    /// server binaries on this machine; with one, it creates and drops a
+    /// scratch database there.
+    Check => check,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  rollout check                                  apply the embedded example set to a throwaway server
+  DATABASE_URL=postgres://app@db/app rollout up  apply pending required migrations
+  rollout status --json                          every migration and its state, as JSON
+  rollout verify                                 exit 1 unless every required migration is applied
+  rollout deferred --wait                        apply the deferred track, waiting for another leader
+  rollout new add_orders --migrations-dir migrations
+
+Exit codes: 0 success, 1 failure, 2 usage error,
+3 another session holds the deferred lock (`rollout deferred` without --wait).";
+
+/// Schema migrations for PostgreSQL services deployed by rolling update.
+#[derive(Parser)]
+#[command(name = "rollout", version, about, after_help = EXAMPLES)]
+struct Cli {
+    /// PostgreSQL connection URL (also read from DATABASE_URL).
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// Required-track migrations directory, instead of the embedded example set.
+    #[arg(long, global = true, value_name = "DIR")]
+    migrations_dir: Option<PathBuf>,
+
+    /// Deferred-track migrations directory (default: `migrations_deferred` beside --migrations-dir).
+    #[arg(long, global = true, value_name = "DIR")]
+    deferred_dir: Option<PathBuf>,
+
+    /// The table recording applied versions, `table` or `schema.table`, as the service's
+    /// `Migrator::migrations_table` [default: __diesel_schema_migrations].
+    #[arg(
+        long,
+        env = "ROLLOUT_MIGRATIONS_TABLE",
+        global = true,
+        value_name = "TABLE"
+    )]
+    migrations_table: Option<String>,
+
+    /// The table recording every attempt, as the service's `Migrator::attempts_table`
+    /// [default: __diesel_rollout_attempts beside diesel's table, else <TABLE>_attempts].
+    #[arg(
+        long,
+        env = "ROLLOUT_ATTEMPTS_TABLE",
+        global = true,
+        value_name = "TABLE"
+    )]
+    attempts_table: Option<String>,
+
+    /// Refuse applied versions this binary does not know and edited applied migrations.
+    #[arg(long, global = true)]
+    strict: bool,
+
+    /// lock_timeout for required migrations (e.g. 500ms, 5s; 0 turns it off) [default: 5s].
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    lock_timeout: Option<Duration>,
+
+    /// How long a required migration failing on lock_timeout is retried [default: 60s].
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    lock_retry_deadline: Option<Duration>,
+
+    /// How long to wait for another process's migration lock [default: 10min].
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    lock_wait: Option<Duration>,
+
+    /// Print the result as JSON on stdout (every command that reports).
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Less logging (warnings and errors only), and no progress display.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+
+    /// More logging (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// An error for the user, with the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<diesel_rollout::Error> for Failure {
+    fn from(e: diesel_rollout::Error) -> Self {
+        Failure {
+            code: 1,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+fn failure(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 1,
+        message: message.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli);
+    match run(&cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_tracing(cli: &Cli) {
+    let level = if cli.quiet {
+        "warn"
+    } else {
+        match cli.verbose {
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+fn migration_set(cli: &Cli) -> Result<MigrationSet, Failure> {
+    match (&cli.migrations_dir, &cli.deferred_dir) {
+        (None, None) => Ok(MigrationSet::example()),
+        (Some(req), def) => {
+            let def = def.clone().unwrap_or_else(|| sibling_deferred(req));
+            Ok(MigrationSet::from_dirs(req, &def)?)
+        }
+        (None, Some(_)) => Err(usage(
+            "--deferred-dir needs --migrations-dir too (the embedded set is used as a whole)",
+        )),
+    }
+}
+
+/// `migrations_deferred` beside the required directory.
+fn sibling_deferred(required: &std::path::Path) -> PathBuf {
+    required
+        .parent()
+        .unwrap_or_else(|| std::path::Path::new("."))
+        .join("migrations_deferred")
+}
+
+fn database_url(cli: &Cli) -> Result<&str, Failure> {
+    cli.database_url
+        .as_deref()
+        .ok_or_else(|| usage("no database given: pass --database-url URL or set DATABASE_URL"))
+}
+
+fn migrator(cli: &Cli) -> Result<Migrator, Failure> {
+    let mut m = Migrator::new(migration_set(cli)?)
+        .strict(cli.strict)
+        .application_name("rollout");
+    if let Some(t) = &cli.migrations_table {
+        m = m.migrations_table(t);
+    }
+    if let Some(t) = &cli.attempts_table {
+        m = m.attempts_table(t);
+    }
+    if let Some(d) = cli.lock_timeout {
+        m = m.required_lock_timeout(d);
+    }
+    if let Some(d) = cli.lock_retry_deadline {
+        m = m.lock_timeout_retry_deadline(d);
+    }
+    if let Some(d) = cli.lock_wait {
+        m = m.lock_wait_deadline(d);
+    }
+    Ok(m)
+}
+
+/// `250ms`, `5s`, `2min`, `1h`, or a bare number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (e.g. 500ms, 5s, 2min)"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{text}`: use ms, s, min or h"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{text}`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

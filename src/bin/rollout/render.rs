@@ -1,0 +1,325 @@
+//! What the commands print: tables, JSON, the progress of the deferred
+//! track, colour on terminals.
+
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use diesel_rollout::{redact_error, DeferredState, MigrationStatus, Migrator};
+
+/// `applied NAME (N ms)` per migration, or that there was nothing to do.
+pub(crate) fn print_applied(track: &str, report: &diesel_rollout::Report) {
+    if report.applied.is_empty() {
+        print_out(&format!("{track}: nothing to apply\n"));
+        return;
+    }
+    let mut s = String::new();
+    for a in &report.applied {
+        s.push_str(&format!(
+            "applied {} ({} ms)\n",
+            a.dir_name,
+            a.duration.as_millis()
+        ));
+    }
+    print_out(&s);
+}
+
+pub(crate) fn print_json(value: &serde_json::Value) {
+    print_out(&format!("{value:#}\n"));
+}
+
+pub(crate) fn report_json(report: &diesel_rollout::Report) -> serde_json::Value {
+    serde_json::json!({
+        "applied": report.applied.iter().map(|a| serde_json::json!({
+            "version": a.version,
+            "name": a.dir_name,
+            "track": a.track.as_str(),
+            "duration_ms": a.duration.as_millis() as u64,
+            "statements": a.statements,
+        })).collect::<Vec<_>>(),
+        "unknown": report.unknown,
+        "changed": report.changed,
+        "took_lock": report.took_lock,
+        "lock_wait_ms": report.lock_wait.as_millis() as u64,
+    })
+}
+
+/// ANSI colours for a stream, or none: only on a terminal, and never with
+/// NO_COLOR set.
+#[derive(Clone, Copy)]
+pub(crate) struct Colors(bool);
+
+impl Colors {
+    pub(crate) fn for_stdout() -> Self {
+        Colors(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+    }
+
+    pub(crate) fn state(self, state: &str, text: &str) -> String {
+        if !self.0 {
+            return text.to_string();
+        }
+        let code = match state {
+            "applied" => "32",
+            "pending" => "33",
+            "failed" => "31;1",
+            "unknown" => "35",
+            _ => return text.to_string(),
+        };
+        format!("\x1b[{code}m{text}\x1b[0m")
+    }
+}
+
+/// Logs the pool's connection errors without the password (r2d2's own
+/// handler would log libpq's text, which can quote the URL).
+#[derive(Debug)]
+pub(crate) struct RedactingHandler(pub String);
+
+impl diesel::r2d2::HandleError<diesel::r2d2::Error> for RedactingHandler {
+    fn handle_error(&self, error: diesel::r2d2::Error) {
+        tracing::warn!("{}", redact_error(&error.to_string(), &self.0));
+    }
+}
+
+/// What the foreground deferred track shows on stderr: a progress bar for
+/// index builds on a terminal, a line per change otherwise.
+pub(crate) struct Progress {
+    quiet: bool,
+    bar: Option<indicatif::ProgressBar>,
+    last: String,
+}
+
+impl Progress {
+    pub(crate) fn new(quiet: bool) -> Self {
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(100);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {msg}\n  [{bar:40}] {pos:>3}% ({elapsed})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Progress {
+            quiet,
+            bar,
+            last: String::new(),
+        }
+    }
+
+    pub(crate) fn show(&mut self, state: &DeferredState) {
+        if self.quiet {
+            return;
+        }
+        let line = describe(state);
+        if let Some(bar) = &self.bar {
+            if !line.is_empty() {
+                bar.set_message(line);
+            }
+            let percent = match state {
+                DeferredState::Running {
+                    progress: Some(p), ..
+                } => p.percent().unwrap_or(0.0),
+                DeferredState::Running {
+                    statement,
+                    statements,
+                    ..
+                } if *statements > 0 => 100.0 * (*statement as f64 - 1.0) / *statements as f64,
+                _ => 0.0,
+            };
+            bar.set_position(percent.clamp(0.0, 100.0) as u64);
+        } else if !line.is_empty() && line != self.last {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "deferred: {line}");
+            self.last = line;
+        }
+    }
+
+    pub(crate) fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// One line for a deferred state (empty for states not worth showing).
+pub(crate) fn describe(state: &DeferredState) -> String {
+    match state {
+        DeferredState::WaitingForRequired { pending } => {
+            format!("waiting: {pending} required migration(s) are not applied yet")
+        }
+        DeferredState::NotLeader {
+            holder,
+            retry_in: Some(_),
+        } => format!(
+            "{} is applying the deferred track; waiting for it",
+            holder
+                .as_ref()
+                .map_or_else(|| "another session".to_string(), |h| h.to_string())
+        ),
+        DeferredState::Running {
+            name,
+            statement,
+            statements,
+            progress,
+            ..
+        } => {
+            let mut s = format!("applying {name}");
+            if *statements > 0 {
+                s.push_str(&format!(" (statement {statement} of {statements})"));
+            }
+            if let Some(p) = progress {
+                s.push_str(&format!(": building {p}"));
+            }
+            s
+        }
+        DeferredState::Reconnecting { error } => format!("looking again later: {error}"),
+        DeferredState::Retrying {
+            version,
+            error,
+            retry_in,
+            ..
+        } => format!(
+            "{version} failed, retrying in {}s: {error}",
+            retry_in.as_secs()
+        ),
+        _ => String::new(),
+    }
+}
+
+pub(crate) fn print_out(s: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(s.as_bytes());
+    let _ = out.flush();
+}
+
+pub(crate) fn verify_text(m: &Migrator, v: &diesel_rollout::Verification) -> String {
+    let name = |version: &str| {
+        m.migrations()
+            .get(version)
+            .map_or_else(|| version.to_string(), |m| m.dir_name().to_string())
+    };
+    let mut s = String::new();
+    if v.is_complete() {
+        s.push_str("complete: every required migration is applied\n");
+    }
+    for (version, gap) in &v.missing {
+        s.push_str(&format!(
+            "missing: {}{}\n",
+            name(version),
+            if *gap {
+                " (a gap: older than the newest applied migration)"
+            } else {
+                ""
+            }
+        ));
+    }
+    for (version, error) in &v.failed {
+        s.push_str(&format!("failed: {}: {error}\n", name(version)));
+    }
+    for version in &v.unknown {
+        s.push_str(&format!(
+            "unknown: {version} is applied but not known to this binary (not an error)\n"
+        ));
+    }
+    s
+}
+
+pub(crate) fn status_json(rows: &[MigrationStatus]) -> String {
+    let items: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "version": r.version,
+                "track": r.track.map(|t| t.as_str()),
+                "name": r.name,
+                "state": r.state.as_str(),
+                "applied_at": r.applied_at,
+                "error": r.error,
+                "statements_completed": r.statements_completed,
+                "changed": r.changed,
+                "indexes": r.indexes.iter().map(|i| serde_json::json!({
+                    "name": i.name,
+                    "table": i.table,
+                    "state": i.state.as_str(),
+                    "phase": i.progress.as_ref().map(|p| p.phase.clone()),
+                    "percent": i.progress.as_ref().and_then(|p| p.percent()),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    format!("{:#}\n", serde_json::Value::Array(items))
+}
+
+pub(crate) fn status_table(rows: &[MigrationStatus], colors: Colors) -> String {
+    let header = ["VERSION", "TRACK", "NAME", "STATE", "APPLIED AT", "INDEXES"];
+    let cells: Vec<[String; 6]> = rows
+        .iter()
+        .map(|r| {
+            let mut state = r.state.as_str().to_string();
+            if r.changed {
+                state.push_str(" (edited)");
+            }
+            if let Some(n) = r.statements_completed {
+                state.push_str(&format!(" ({n} statements done)"));
+            }
+            [
+                r.version.clone(),
+                r.track.map_or("-", |t| t.as_str()).to_string(),
+                if r.name.is_empty() {
+                    "-".into()
+                } else {
+                    r.name.clone()
+                },
+                state,
+                r.applied_at.clone().unwrap_or_else(|| "-".into()),
+                r.indexes
+                    .iter()
+                    .map(|i| match i.progress.as_ref().and_then(|p| p.percent()) {
+                        Some(p) => format!("{} {} {p:.0}%", i.name, i.state.as_str()),
+                        None => format!("{} {}", i.name, i.state.as_str()),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ]
+        })
+        .collect();
+    let mut width = header.map(str::len);
+    for row in &cells {
+        for (w, c) in width.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    // Pad first, colour after, so escape codes never break the alignment.
+    let line = |cols: [&str; 6], state: Option<&str>| {
+        let mut s = String::new();
+        for (i, c) in cols.iter().enumerate() {
+            let cell = if i + 1 == cols.len() {
+                c.to_string()
+            } else {
+                format!("{c:<w$}  ", w = width[i])
+            };
+            match state {
+                Some(st) if i == 3 => s.push_str(&colors.state(st, &cell)),
+                _ => s.push_str(&cell),
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header, None);
+    for (row, r) in cells.iter().zip(rows) {
+        out.push_str(&line(
+            [&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]],
+            Some(r.state.as_str()),
+        ));
+    }
+    for r in rows.iter().filter(|r| r.error.is_some()) {
+        out.push_str(&format!(
+            "\n{} failed: {}\n",
+            r.version,
+            r.error.as_deref().unwrap_or_default()
+        ));
+    }
+    out
+}
