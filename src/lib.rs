@@ -133,7 +133,7 @@ mod session;
 // Without the runtime, only the embed uses these; the rest is unused.
 #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
 mod source;
-#[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+#[cfg(feature = "runtime")]
 mod url;
 
 #[cfg(any(feature = "cli", feature = "testing"))]
@@ -164,6 +164,7 @@ pub use crate::report::{
 pub use crate::session::connect;
 pub use crate::source::sql::{split_statements, LexError, Statement};
 pub use crate::source::{compare_versions, parse_dir_name, Problem, SourceError, Track};
+#[cfg(feature = "runtime")]
 pub use crate::url::{redact_error, redact_url, with_database};
 
 use std::path::{Path, PathBuf};
