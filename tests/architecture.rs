@@ -5,6 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+/// Files allowed to be longer than [`MAX_LINES`]: the SQL lexer, which is
+/// one state machine with its tests.
+const LONG_FILES: &[&str] = &["source/sql.rs"];
+const MAX_LINES: usize = 700;
+
 fn src() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src")
 }
@@ -139,5 +144,27 @@ fn no_module_depends_on_a_module_that_depends_back_on_it() {
         cycles.is_empty(),
         "import cycles (each module must depend one way):\n{}",
         cycles.join("\n")
+    );
+}
+
+#[test]
+fn no_source_file_is_longer_than_a_few_screens() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let long: Vec<String> = files
+        .iter()
+        .filter(|f| !LONG_FILES.contains(&f.to_string_lossy().as_ref()))
+        .filter_map(|f| {
+            let n = std::fs::read_to_string(src().join(f))
+                .unwrap()
+                .lines()
+                .count();
+            (n > MAX_LINES).then(|| format!("src/{} has {n} lines", f.display()))
+        })
+        .collect();
+    assert!(
+        long.is_empty(),
+        "split these files by concern (at most {MAX_LINES} lines):\n{}",
+        long.join("\n")
     );
 }

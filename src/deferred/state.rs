@@ -23,7 +23,7 @@ pub enum DeferredState {
     /// Trying the deferred lock.
     WaitingForLock,
     /// Another session leads; this replica looks again later (unless
-    /// [`Migrator::deferred_retry`] is off).
+    /// [`Migrator::deferred_retry`](crate::Migrator::deferred_retry) is off).
     NotLeader {
         /// Who holds the lock, when known.
         holder: Option<LockHolder>,
@@ -76,7 +76,7 @@ pub enum DeferredState {
         /// The error.
         error: String,
     },
-    /// Stopped by [`DeferredHandle::stop`] before finishing.
+    /// Stopped by [`DeferredHandle::stop`](crate::DeferredHandle::stop) before finishing.
     Stopped,
 }
 

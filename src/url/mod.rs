@@ -385,6 +385,15 @@ mod tests {
     }
 
     #[test]
+    fn a_misread_password_is_hidden_where_libpq_would_put_it() {
+        // No user info to libpq (a `/` comes first): `12` would be a port.
+        assert_eq!(
+            redact_url("postgres://localhost:12/cd@127.0.0.1/app"),
+            "postgres://localhost:***@127.0.0.1/app"
+        );
+    }
+
+    #[test]
     fn leaves_urls_without_password_alone() {
         for url in [
             "postgres://postgres@127.0.0.1:5432/postgres",

@@ -98,7 +98,7 @@ struct Cli {
     migrations_table: Option<String>,
 
     /// The table recording every attempt, as the service's `Migrator::attempts_table`
-    /// [default: __diesel_rollout_attempts beside diesel's table, else <TABLE>_attempts].
+    /// [default: __diesel_rollout_attempts beside diesel's table, else TABLE_attempts].
     #[arg(
         long,
         env = "ROLLOUT_ATTEMPTS_TABLE",

@@ -1,0 +1,172 @@
+//! Start-up cost: nothing pending, on an open connection and connecting.
+
+use std::fmt::Write as _;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel_migrations::MigrationHarness;
+use diesel_rollout::{MigrationSet, Migrator};
+
+use crate::harness::*;
+
+pub(crate) fn startup(server: &Server, sizes: &Sizes, report: &mut String) {
+    let set = MigrationSet::example();
+    let ours = Migrator::new(set.clone());
+    let (ours_db, ours_url) = server.database();
+    ours.run_required(&ours_url).unwrap();
+    let mut c = PgConnection::establish(&ours_url).unwrap();
+    ours.run_deferred_on(&mut c).unwrap();
+    let (diesel_db, diesel_url) = server.database();
+    PgConnection::establish(&diesel_url)
+        .unwrap()
+        .run_pending_migrations(set.clone())
+        .unwrap();
+
+    let n = sizes.startup_iters;
+    let mut rows = Vec::new();
+    // On an open connection.
+    let mut oc = PgConnection::establish(&ours_url).unwrap();
+    let mut dc = PgConnection::establish(&diesel_url).unwrap();
+    let floor_open = median(
+        (0..n)
+            .map(|_| time(|| oc.batch_execute("SELECT 1").unwrap()).1)
+            .collect(),
+    );
+    let ours_open = median(
+        (0..n)
+            .map(|_| time(|| ours.run_required_on(&mut oc).unwrap()).1)
+            .collect(),
+    );
+    let diesel_open = median(
+        (0..n)
+            .map(|_| time(|| dc.run_pending_migrations(set.clone()).unwrap()).1)
+            .collect(),
+    );
+    let (_, ours_open_stmts) =
+        server.statements(&ours_db, || ours.run_required_on(&mut oc).unwrap());
+    let (_, diesel_open_stmts) = server.statements(&diesel_db, || {
+        dc.run_pending_migrations(set.clone()).unwrap()
+    });
+    let (_, floor_stmts) = server.statements(&ours_db, || oc.batch_execute("SELECT 1").unwrap());
+    rows.push(("`SELECT 1` (floor)", floor_open, floor_stmts));
+    rows.push((
+        "diesel_migrations `run_pending_migrations`",
+        diesel_open,
+        diesel_open_stmts,
+    ));
+    rows.push((
+        "diesel-rollout `run_required_on`",
+        ours_open,
+        ours_open_stmts,
+    ));
+
+    // Connecting included, as a replica starts.
+    let floor_cold = median(
+        (0..n)
+            .map(|_| {
+                time(|| {
+                    PgConnection::establish(&ours_url)
+                        .unwrap()
+                        .batch_execute("SELECT 1")
+                        .unwrap()
+                })
+                .1
+            })
+            .collect(),
+    );
+    let ours_cold = median(
+        (0..n)
+            .map(|_| time(|| ours.run_required(&ours_url).unwrap()).1)
+            .collect(),
+    );
+    let diesel_cold = median(
+        (0..n)
+            .map(|_| {
+                time(|| {
+                    PgConnection::establish(&diesel_url)
+                        .unwrap()
+                        .run_pending_migrations(set.clone())
+                        .unwrap()
+                        .len()
+                })
+                .1
+            })
+            .collect(),
+    );
+    let (_, ours_cold_stmts) =
+        server.statements(&ours_db, || ours.run_required(&ours_url).unwrap());
+    let (_, diesel_cold_stmts) = server.statements(&diesel_db, || {
+        PgConnection::establish(&diesel_url)
+            .unwrap()
+            .run_pending_migrations(set.clone())
+            .unwrap()
+            .len()
+    });
+    let (_, floor_cold_stmts) = server.statements(&ours_db, || {
+        PgConnection::establish(&ours_url)
+            .unwrap()
+            .batch_execute("SELECT 1")
+            .unwrap()
+    });
+
+    writeln!(
+        report,
+        "## 1. Start-up when nothing is pending\n\nThe cost every replica pays on every restart, \
+         with the example set ({} migrations) applied. Median of {n} runs; statements counted \
+         with `pg_stat_statements` (`track = top`, utility statements included).\n",
+        set.migrations().len()
+    )
+    .unwrap();
+    writeln!(
+        report,
+        "| on an open connection | time | vs diesel_migrations | statements |\n|---|---|---|---|"
+    )
+    .unwrap();
+    for (what, d, stmts) in &rows {
+        writeln!(
+            report,
+            "| {what} | {} | {:.2}× | {stmts} |",
+            us(*d),
+            d.as_secs_f64() / diesel_open.as_secs_f64()
+        )
+        .unwrap();
+    }
+    writeln!(
+        report,
+        "\n| connecting included | time | vs diesel_migrations | statements |\n|---|---|---|---|"
+    )
+    .unwrap();
+    for (what, d, stmts) in [
+        ("connect + `SELECT 1` (floor)", floor_cold, floor_cold_stmts),
+        (
+            "connect + diesel_migrations",
+            diesel_cold,
+            diesel_cold_stmts,
+        ),
+        (
+            "diesel-rollout `run_required(url)`",
+            ours_cold,
+            ours_cold_stmts,
+        ),
+    ] {
+        writeln!(
+            report,
+            "| {what} | {} | {:.2}× | {stmts} |",
+            us(d),
+            d.as_secs_f64() / diesel_cold.as_secs_f64()
+        )
+        .unwrap();
+    }
+    writeln!(
+        report,
+        "\ndiesel's harness runs `CREATE TABLE IF NOT EXISTS __diesel_schema_migrations` and reads \
+         the versions on every call; diesel-rollout's fast path is one query (the applied \
+         versions and the checksum each was applied with) and takes no lock. Connecting, \
+         diesel runs two `SET`s of its own for both; `run_required` passes its \
+         `application_name` in the connection URL (no extra round trip) so waiting replicas \
+         can name the holder.\n"
+    )
+    .unwrap();
+    server.drop_database(&ours_db);
+    server.drop_database(&diesel_db);
+}
