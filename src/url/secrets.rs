@@ -113,33 +113,33 @@ fn key_value_secrets(text: &str, out: &mut Vec<String>) {
             j += 1;
         }
         let start = j;
+        let quoted = j < bytes.len() && bytes[j] == b'\'';
+        if quoted {
+            j += 1;
+        }
+        // A value runs to the closing quote, or to white space when bare;
+        // `\` escapes the next character either way.
         let mut value = String::new();
-        if j < bytes.len() && bytes[j] == b'\'' {
-            j += 1;
-            while j < bytes.len() && bytes[j] != b'\'' {
-                if bytes[j] == b'\\' {
-                    j += 1;
-                }
-                if let Some(c) = text.get(j..).and_then(|t| t.chars().next()) {
+        while j < bytes.len()
+            && !(if quoted {
+                bytes[j] == b'\''
+            } else {
+                bytes[j].is_ascii_whitespace()
+            })
+        {
+            if bytes[j] == b'\\' {
+                j += 1;
+            }
+            match text.get(j..).and_then(|t| t.chars().next()) {
+                Some(c) => {
                     value.push(c);
                     j += c.len_utf8();
-                } else {
-                    break;
                 }
+                None => break,
             }
+        }
+        if quoted {
             j += 1;
-        } else {
-            while j < bytes.len() && !bytes[j].is_ascii_whitespace() {
-                if bytes[j] == b'\\' {
-                    j += 1;
-                }
-                if let Some(c) = text.get(j..).and_then(|t| t.chars().next()) {
-                    value.push(c);
-                    j += c.len_utf8();
-                } else {
-                    break;
-                }
-            }
         }
         if is_secret_key(key) {
             out.push(value);
