@@ -4,7 +4,7 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "src/source/mod.rs"]
 mod source;
 

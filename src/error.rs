@@ -34,6 +34,11 @@ pub enum ErrorKind {
     UnknownVersions,
     /// Strict mode: an applied migration's `up.sql` changed since.
     ChecksumMismatch,
+    /// Strict mode: a pending migration is older than one already applied.
+    OutOfOrder,
+    /// `revert`, `redo` or `resolve` refused before changing anything: the
+    /// message names the migration and what to do.
+    RevertRefused,
     /// A partly applied no-transaction migration changed since its last
     /// attempt, so resuming it is unsafe.
     PartialMigrationChanged,

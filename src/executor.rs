@@ -1,6 +1,7 @@
 //! Running one migration's statements on a connection, in or out of a
 //! transaction, recording each attempt and its progress in the ledger. Both
-//! tracks (and `revert`) run migrations through [`apply`] only; the tracks
+//! tracks run migrations through [`apply`], and `revert` through [`revert`],
+//! both one code path; the tracks
 //! keep their own policy (locks, ordering, retries, leadership).
 
 use std::time::{Duration, Instant};
@@ -47,6 +48,106 @@ impl Options<'static> {
     }
 }
 
+/// Which way a migration runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// `up.sql`, recorded as applied.
+    Up,
+    /// `down.sql`, recorded as reverted (the version row goes).
+    Down,
+}
+
+/// The script of a migration that runs, and how it is named and recorded.
+struct Script<'m> {
+    direction: Direction,
+    sql: &'m str,
+    path: String,
+    /// Recorded with the attempt; a resume checks it is still the same file.
+    checksum: String,
+    legacy_checksums: Vec<String>,
+}
+
+impl<'m> Script<'m> {
+    fn of(m: &'m Migration, direction: Direction) -> Result<Self, Error> {
+        Ok(match direction {
+            Direction::Up => Script {
+                direction,
+                sql: m.up_sql(),
+                path: m.up_path().to_string(),
+                checksum: m.checksum().to_string(),
+                legacy_checksums: Vec::new(),
+            },
+            Direction::Down => {
+                let sql = m.down_sql().ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("migration {} has no down.sql", m.dir_name()),
+                    )
+                    .at(m, None)
+                })?;
+                Script {
+                    direction,
+                    sql,
+                    path: m.down_path(),
+                    checksum: crate::source::checksum_of_sql(sql),
+                    legacy_checksums: crate::source::legacy_checksums(sql),
+                }
+            }
+        })
+    }
+
+    fn operation(&self) -> ledger::Operation<'_> {
+        ledger::Operation {
+            name: match self.direction {
+                Direction::Up => "up",
+                Direction::Down => "down",
+            },
+            checksum: &self.checksum,
+        }
+    }
+
+    fn matches(&self, m: &Migration, recorded: &str) -> bool {
+        match self.direction {
+            Direction::Up => m.checksum_matches(recorded),
+            Direction::Down => {
+                recorded == self.checksum || self.legacy_checksums.iter().any(|c| c == recorded)
+            }
+        }
+    }
+
+    fn statements(&self, m: &Migration) -> Result<Vec<sql::Statement>, Error> {
+        sql::split_statements(self.sql).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidSql,
+                format!(
+                    "{}:{}: {} (migration {})",
+                    self.path,
+                    e.line,
+                    e.message,
+                    m.dir_name()
+                ),
+            )
+            .at(m, Some(e.line))
+        })
+    }
+
+    /// `applying` / `reverting`, `applied` / `reverted`.
+    fn verbs(&self) -> (&'static str, &'static str) {
+        match self.direction {
+            Direction::Up => ("applying", "applied"),
+            Direction::Down => ("reverting", "reverted"),
+        }
+    }
+
+    /// `migration X` or `the revert of migration X`.
+    fn what(&self, m: &Migration) -> String {
+        match self.direction {
+            Direction::Up => format!("migration {}", m.dir_name()),
+            Direction::Down => format!("the revert of migration {}", m.dir_name()),
+        }
+    }
+}
+
 /// Applies `m` on `conn`: a transactional migration in one transaction
 /// with its ledger rows; a `run_in_transaction = false` one statement by
 /// statement, with progress recorded after each and resuming after the last
@@ -59,10 +160,36 @@ pub(crate) fn apply(
     row: Option<&LedgerRow>,
     options: &Options<'_>,
 ) -> Result<Applied, Error> {
+    run(conn, tables, m, Direction::Up, row, options)
+}
+
+/// Reverts applied migration `m` with its `down.sql`, the way [`apply`]
+/// applies it (in one transaction with its ledger rows, or statement by
+/// statement with progress recorded and the same resume), removing its
+/// version row. The caller has checked `down.sql` can run.
+pub(crate) fn revert(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    row: Option<&LedgerRow>,
+    options: &Options<'_>,
+) -> Result<Applied, Error> {
+    run(conn, tables, m, Direction::Down, row, options)
+}
+
+fn run(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    direction: Direction,
+    row: Option<&LedgerRow>,
+    options: &Options<'_>,
+) -> Result<Applied, Error> {
+    let script = Script::of(m, direction)?;
     if m.run_in_transaction() {
-        apply_transactional(conn, tables, m)
+        run_transactional(conn, tables, m, &script)
     } else {
-        apply_statements(conn, tables, m, row, options)
+        run_statements(conn, tables, m, &script, row, options)
     }
 }
 
@@ -86,13 +213,15 @@ fn error_line(script: &str, stmt: &sql::Statement, e: &DieselError) -> usize {
     }
 }
 
-fn apply_transactional(
+fn run_transactional(
     conn: &mut PgConnection,
     tables: &Tables,
     m: &Migration,
+    script: &Script<'_>,
 ) -> Result<Applied, Error> {
-    let statements = m.up_statements()?;
+    let statements = script.statements(m)?;
     let total = i32::try_from(statements.len()).unwrap_or(i32::MAX);
+    let (doing, done) = script.verbs();
     let span = tracing::info_span!(
         "migration",
         version = m.version(),
@@ -101,7 +230,7 @@ fn apply_transactional(
         transaction = true
     );
     let _enter = span.enter();
-    tracing::info!(statements = total, "applying {}", m.dir_name());
+    tracing::info!(statements = total, "{doing} {}", m.dir_name());
     let start = Instant::now();
     let mut failed_at = None;
     let mut recorded = false;
@@ -112,7 +241,10 @@ fn apply_transactional(
                 return Err(e);
             }
         }
-        ledger::record_success(c, tables, m, total)?;
+        match script.direction {
+            Direction::Up => ledger::record_success(c, tables, m, total)?,
+            Direction::Down => ledger::record_revert(c, tables, m, &script.checksum, total)?,
+        }
         recorded = true;
         Ok(())
     });
@@ -121,7 +253,7 @@ fn apply_transactional(
         Ok(()) => {
             tracing::info!(
                 duration_ms = elapsed.as_millis() as u64,
-                "applied {}",
+                "{done} {}",
                 m.dir_name()
             );
             Ok(Applied {
@@ -134,7 +266,7 @@ fn apply_transactional(
         }
         Err(e) => {
             let (line, what) = match (failed_at, recorded) {
-                (Some(s), _) => (Some(error_line(m.up_sql(), s, &e)), "its SQL"),
+                (Some(s), _) => (Some(error_line(script.sql, s, &e)), "its SQL"),
                 // Deferred constraints are checked at COMMIT.
                 (None, true) => (None, "COMMIT"),
                 (None, false) => (None, "recording it in the ledger"),
@@ -145,17 +277,23 @@ fn apply_transactional(
                 if let Some(s) = failed_at {
                     pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
                 }
-                if let Err(le) =
-                    ledger::record_failure(conn, tables, m, &pg, total, elapsed.as_secs_f64())
-                {
+                if let Err(le) = ledger::record_failure(
+                    conn,
+                    tables,
+                    m,
+                    script.operation(),
+                    &pg,
+                    total,
+                    elapsed.as_secs_f64(),
+                ) {
                     tracing::warn!(error = %le, "could not record the failed attempt");
                 }
             }
             let at = match line {
-                Some(l) => format!("{}:{l}", m.up_path()),
-                None => m.up_path().to_string(),
+                Some(l) => format!("{}:{l}", script.path),
+                None => script.path.clone(),
             };
-            tracing::error!(error = %pg, line, "migration {} failed", m.dir_name());
+            tracing::error!(error = %pg, line, "{} failed", script.what(m));
             let (kind, outcome) = if is_connection_error(&e) {
                 (
                     ErrorKind::Connection,
@@ -168,13 +306,22 @@ fn apply_transactional(
                     "It ran in a transaction that was rolled back, so none of it is applied",
                 )
             };
+            let next = match script.direction {
+                Direction::Up => {
+                    "migrations before it stay applied. Fix it and deploy again; `rollout \
+                     status` shows where the database stands"
+                }
+                Direction::Down => {
+                    "it stays applied, and migrations reverted before it stay reverted. Fix \
+                     down.sql (or undo it by hand and record that with `rollout resolve \
+                     VERSION --rolled-back`); `rollout status` shows where the database stands"
+                }
+            };
             Err(Error::new(
                 kind,
                 format!(
-                    "migration {} (track {}) failed in {what} at {at}: {pg}. {outcome}; \
-                     migrations before it stay applied. Fix it and deploy again; \
-                     `rollout status` shows where the database stands",
-                    m.dir_name(),
+                    "{} (track {}) failed in {what} at {at}: {pg}. {outcome}; {next}",
+                    script.what(m),
                     m.track()
                 ),
             )
@@ -242,28 +389,41 @@ fn explain_lock_timeout(conn: &mut PgConnection, statement: &str, e: &DieselErro
 
 /// A `run_in_transaction = false` migration: one statement at a time,
 /// progress recorded after each, resuming after the last completed one.
-fn apply_statements(
+fn run_statements(
     conn: &mut PgConnection,
     tables: &Tables,
     m: &Migration,
+    script: &Script<'_>,
     row: Option<&LedgerRow>,
     hooks: &Options<'_>,
 ) -> Result<Applied, Error> {
-    let statements = m.up_statements()?;
+    let statements = script.statements(m)?;
     let total = i32::try_from(statements.len()).unwrap_or(i32::MAX);
+    let (doing, done) = script.verbs();
+    let unfinished = |r: &LedgerRow| match script.direction {
+        Direction::Up => r.failed(),
+        Direction::Down => r.revert_failed(),
+    };
+    let resolve = match script.direction {
+        Direction::Up => "rollout resolve VERSION --applied (or --rolled-back)",
+        Direction::Down => "rollout resolve VERSION --rolled-back (or --applied)",
+    };
     let resume = match row {
-        Some(r) if r.failed() && r.statements_completed.unwrap_or(0) > 0 => {
-            if r.attempt_checksum.as_deref() != Some(m.checksum()) {
+        Some(r) if unfinished(r) && r.statements_completed.unwrap_or(0) > 0 => {
+            if !r
+                .attempt_checksum
+                .as_deref()
+                .is_some_and(|c| script.matches(m, c))
+            {
                 return Err(Error::new(
                     ErrorKind::PartialMigrationChanged,
                     format!(
-                        "no-transaction migration {} was partly applied ({} of its statements \
-                         completed) and its up.sql ({}) changed since, so resuming it is unsafe. \
-                         Restore the up.sql that was partly applied, or repair the database by \
-                         hand and then delete its failed rows from the attempts table",
-                        m.dir_name(),
+                        "{} (no transaction) stopped halfway ({} of its statements completed) \
+                         and {} changed since, so resuming it is unsafe. Restore the file that \
+                         ran, or finish the work by hand and record it with `{resolve}`",
+                        script.what(m),
                         r.statements_completed.unwrap_or(0),
-                        m.up_path()
+                        script.path
                     ),
                 )
                 .at(m, None));
@@ -272,16 +432,16 @@ fn apply_statements(
                 return Err(Error::new(
                     ErrorKind::PartialMigrationChanged,
                     format!(
-                        "no-transaction migration {} was partly applied ({} of {} statements \
-                         completed), and {} splits into {total} statements now: the split \
-                         changed (an upgrade of diesel-rollout splits some SQL differently), so \
-                         resuming could skip or repeat statements. Finish the migration by hand \
-                         with the release that started it, or check which statements ran and \
-                         repair the database, then record the outcome in the attempts table",
-                        m.dir_name(),
+                        "{} (no transaction) stopped halfway ({} of {} statements completed), \
+                         and {} splits into {total} statements now: the split changed (an \
+                         upgrade of diesel-rollout splits some SQL differently), so resuming \
+                         could skip or repeat statements. Finish it with the release that \
+                         started it, or check which statements ran, finish by hand and record \
+                         it with `{resolve}`",
+                        script.what(m),
                         r.statements_completed.unwrap_or(0),
                         r.statements_total.unwrap_or(0),
-                        m.up_path()
+                        script.path
                     ),
                 )
                 .at(m, None));
@@ -303,17 +463,20 @@ fn apply_statements(
             completed = resume,
             statements = total,
             "resuming {} after statement {resume}",
-            m.dir_name()
+            match script.direction {
+                Direction::Up => m.dir_name().to_string(),
+                Direction::Down => format!("the revert of {}", m.dir_name()),
+            }
         );
     } else {
         tracing::info!(
             statements = total,
-            "applying {} statement by statement",
+            "{doing} {} statement by statement",
             m.dir_name()
         );
     }
     let start = Instant::now();
-    let id = ledger::start_attempt(conn, tables, m, resume as i32, total)
+    let id = ledger::start_attempt(conn, tables, m, script.operation(), resume as i32, total)
         .map_err(|e| Error::db("recording the attempt", e))?;
     let dropped = std::cell::RefCell::new(Vec::<String>::new());
     let on_dropped = |name: &str| {
@@ -334,8 +497,8 @@ fn apply_statements(
             return Err(Error::new(
                 ErrorKind::Stopped,
                 format!(
-                    "migration {} stopped before statement {} of {total}: the next run resumes there",
-                    m.dir_name(),
+                    "{} stopped before statement {} of {total}: the next run resumes there",
+                    script.what(m),
                     i + 1
                 ),
             )
@@ -363,7 +526,7 @@ fn apply_statements(
         if let Err(e) = conn.batch_execute(&s.sql) {
             let mut pg = describe_db_error(&e);
             let lock_timeout = is_lock_timeout(&e);
-            let line = error_line(m.up_sql(), s, &e);
+            let line = error_line(script.sql, s, &e);
             if !is_connection_error(&e) {
                 pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
                 if let Err(le) =
@@ -372,7 +535,7 @@ fn apply_statements(
                     tracing::warn!(error = %le, "could not record the failed attempt");
                 }
             }
-            tracing::error!(error = %pg, statement = i + 1, line, "migration {} failed", m.dir_name());
+            tracing::error!(error = %pg, statement = i + 1, line, "{} failed", script.what(m));
             let kind = if is_connection_error(&e) {
                 ErrorKind::Connection
             } else {
@@ -381,13 +544,13 @@ fn apply_statements(
             return Err(Error::new(
                 kind,
                 format!(
-                    "migration {} (track {}, no transaction) failed at {}:{line}, statement {} \
-                     of {total}: {pg}. Statements 1 to {i} completed and stay applied; the next \
+                    "{} (track {}, no transaction) failed at {}:{line}, statement {} of \
+                     {total}: {pg}. Statements 1 to {i} completed and stay {done}; the next \
                      run resumes at statement {}. Fix the cause (or the statement, if it never \
                      ran) and run again; `rollout status` shows where it stopped",
-                    m.dir_name(),
+                    script.what(m),
                     m.track(),
-                    m.up_path(),
+                    script.path,
                     i + 1,
                     i + 1
                 ),
@@ -420,14 +583,17 @@ fn apply_statements(
             .map_err(|e| Error::db("recording progress", e).at(m, Some(s.line)))?;
     }
     conn.transaction::<(), DieselError, _>(|c| {
-        ledger::insert_version(c, tables, m.version())?;
+        match script.direction {
+            Direction::Up => ledger::insert_version(c, tables, m.version())?,
+            Direction::Down => ledger::delete_version(c, tables, m.version())?,
+        }
         ledger::finish_attempt(c, tables, id, "success", None)
     })
-    .map_err(|e| Error::db("recording the migration as applied", e).at(m, None))?;
+    .map_err(|e| Error::db(&format!("recording the migration as {done}"), e).at(m, None))?;
     let elapsed = start.elapsed();
     tracing::info!(
         duration_ms = elapsed.as_millis() as u64,
-        "applied {}",
+        "{done} {}",
         m.dir_name()
     );
     Ok(Applied {

@@ -37,19 +37,32 @@ impl Migrator {
                 Some(r) if r.failed() => State::Failed,
                 _ => State::Pending,
             };
+            // A revert that stopped halfway leaves the migration applied,
+            // with the revert's error and progress shown.
+            let revert_failed = row.is_some_and(|r| r.revert_failed());
+            let unfinished = state == State::Failed || revert_failed;
             out.push(MigrationStatus {
                 version: m.version().to_string(),
                 track: Some(m.track()),
                 name: m.name().to_string(),
                 state,
                 applied_at: row.and_then(|r| r.applied_at.clone()),
-                error: row
-                    .filter(|_| state == State::Failed)
-                    .and_then(|r| r.error.clone()),
+                error: row.filter(|_| unfinished).and_then(|r| {
+                    r.error.clone().map(|e| {
+                        if revert_failed {
+                            format!("revert stopped: {e}")
+                        } else {
+                            e
+                        }
+                    })
+                }),
                 statements_completed: row
-                    .filter(|_| state == State::Failed && !m.run_in_transaction())
+                    .filter(|_| unfinished && !m.run_in_transaction())
                     .and_then(|r| r.statements_completed),
                 changed: a.changed.iter().any(|c| c.version() == m.version()),
+                history: self
+                    .baseline_version()
+                    .is_some_and(|b| compare_versions(m.version(), b).is_le()),
                 indexes,
             });
         }
@@ -64,6 +77,7 @@ impl Migrator {
                 error: None,
                 statements_completed: None,
                 changed: false,
+                history: false,
                 indexes: Vec::new(),
             });
         }
@@ -106,5 +120,21 @@ impl Migrator {
             }
         }
         Ok(v)
+    }
+
+    /// The newest version recorded as applied in the database of `conn`
+    /// (whichever release or tool applied it), `None` when there is none:
+    /// what `rollout baseline` takes when no version is given. Read-only.
+    ///
+    /// # Errors
+    /// When the ledger cannot be read.
+    pub fn newest_applied(&self, conn: &mut PgConnection) -> Result<Option<String>, Error> {
+        let tables = self.ledger()?.resolve(conn)?;
+        let rows = ledger::rows(conn, &tables)?;
+        Ok(rows
+            .into_iter()
+            .filter(|r| r.applied)
+            .map(|r| r.version)
+            .max_by(|a, b| compare_versions(a, b)))
     }
 }

@@ -103,6 +103,8 @@
 //! - `static`: libpq and OpenSSL built from source, for a static `rollout`.
 
 #[cfg(feature = "runtime")]
+mod analysis;
+#[cfg(feature = "runtime")]
 mod catalog;
 #[cfg(feature = "runtime")]
 mod deferred;
@@ -119,6 +121,8 @@ mod lint;
 #[cfg(feature = "runtime")]
 mod lock;
 #[cfg(feature = "runtime")]
+mod locks;
+#[cfg(feature = "runtime")]
 pub mod metrics;
 #[cfg(feature = "runtime")]
 mod migration;
@@ -127,7 +131,11 @@ mod migrator;
 #[cfg(feature = "runtime")]
 mod options;
 #[cfg(feature = "runtime")]
+mod plan;
+#[cfg(feature = "runtime")]
 mod report;
+#[cfg(feature = "runtime")]
+mod revert;
 #[cfg(feature = "runtime")]
 mod session;
 // Without the runtime, only the embed uses these; the rest is unused.
@@ -150,18 +158,25 @@ pub use crate::lint::{lint_dirs, Finding, LintError, LintOptions, Severity, TRAC
 #[cfg(feature = "runtime")]
 pub use crate::lock::{lock_key, LockHolder};
 #[cfg(feature = "runtime")]
+pub use crate::locks::TableLock;
+#[cfg(feature = "runtime")]
 pub use crate::migration::{Migration, MigrationSet};
 #[cfg(feature = "runtime")]
 pub use crate::migrator::Migrator;
 #[cfg(feature = "runtime")]
 pub use crate::options::StopMode;
 #[cfg(feature = "runtime")]
+pub use crate::plan::{Plan, PlanAction, PlanStep, PlannedStatement};
+#[cfg(feature = "runtime")]
 pub use crate::report::{
     Applied, IndexBuildProgress, IndexState, IndexStatus, MigrationStatus, Report, State,
     Verification,
 };
 #[cfg(feature = "runtime")]
+pub use crate::revert::{Resolution, RevertTarget};
+#[cfg(feature = "runtime")]
 pub use crate::session::connect;
+pub use crate::source::baseline::set as set_baseline;
 pub use crate::source::sql::{split_statements, LexError, Statement};
 pub use crate::source::{compare_versions, parse_dir_name, Problem, SourceError, Track};
 #[cfg(feature = "runtime")]
@@ -232,10 +247,7 @@ pub fn try_embed(
     }
     #[cfg(feature = "lint")]
     {
-        println!(
-            "cargo:rerun-if-changed={}",
-            root.join("diesel-guard.toml").display()
-        );
+        // The configuration's rerun line is among `lines` already.
         let findings =
             lint::lint_dirs(&required, &deferred, &LintOptions::default()).map_err(|e| {
                 SourceError {

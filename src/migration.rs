@@ -12,7 +12,7 @@ use diesel::migration::{
 };
 use diesel::pg::Pg;
 
-use crate::error::{Error, ErrorKind, MigrationRef};
+use crate::error::{Error, MigrationRef};
 use crate::source::{self, sql, Track};
 
 /// One migration of a set: its version, track, SQL and metadata.
@@ -30,6 +30,7 @@ pub struct Migration {
     down_sql: Option<Cow<'static, str>>,
     run_in_transaction: bool,
     checksum: Cow<'static, str>,
+    alt_checksums: Cow<'static, [Cow<'static, str>]>,
     requires_deferred: Cow<'static, [Cow<'static, str>]>,
 }
 
@@ -47,6 +48,7 @@ impl Migration {
         down_sql: Option<&'static str>,
         run_in_transaction: bool,
         checksum: &'static str,
+        alt_checksums: &'static [Cow<'static, str>],
         requires_deferred: &'static [Cow<'static, str>],
     ) -> Self {
         Migration {
@@ -62,6 +64,7 @@ impl Migration {
             },
             run_in_transaction,
             checksum: Cow::Borrowed(checksum),
+            alt_checksums: Cow::Borrowed(alt_checksums),
             requires_deferred: Cow::Borrowed(requires_deferred),
         }
     }
@@ -77,6 +80,7 @@ impl Migration {
             down_sql: f.down.map(|(_, s)| s.into()),
             run_in_transaction: f.run_in_transaction,
             checksum: f.checksum.into(),
+            alt_checksums: f.alt_checksums.into_iter().map(Cow::Owned).collect(),
             requires_deferred: f.requires_deferred.into_iter().map(Cow::Owned).collect(),
         }
     }
@@ -111,6 +115,14 @@ impl Migration {
         &self.up_path
     }
 
+    /// The path of `down.sql` (beside `up.sql`), whether or not it exists.
+    pub fn down_path(&self) -> String {
+        match self.up_path.strip_suffix("up.sql") {
+            Some(dir) => format!("{dir}down.sql"),
+            None => format!("{}/../down.sql", self.up_path),
+        }
+    }
+
     /// The SQL of `down.sql`, when there is one.
     pub fn down_sql(&self) -> Option<&str> {
         self.down_sql.as_deref()
@@ -122,32 +134,23 @@ impl Migration {
         self.run_in_transaction
     }
 
-    /// Lower-case hex SHA-256 of `up.sql`.
+    /// Lower-case hex SHA-256 of `up.sql`, line endings read as LF (a CRLF
+    /// checkout hashes the same).
     pub fn checksum(&self) -> &str {
         &self.checksum
+    }
+
+    /// Whether a checksum recorded in the ledger is this `up.sql`'s: this
+    /// release's, or one an earlier release recorded for the same text (its
+    /// raw bytes, from an LF or a CRLF checkout).
+    pub fn checksum_matches(&self, recorded: &str) -> bool {
+        recorded == self.checksum || self.alt_checksums.iter().any(|c| c == recorded)
     }
 
     /// Deferred versions that must be applied before this required
     /// migration runs (`requires_deferred` in its `metadata.toml`).
     pub fn requires_deferred(&self) -> impl Iterator<Item = &str> {
         self.requires_deferred.iter().map(|v| v.as_ref())
-    }
-
-    /// The statements of `up.sql`, as a no-transaction migration sends them.
-    pub(crate) fn up_statements(&self) -> Result<Vec<sql::Statement>, Error> {
-        sql::split_statements(&self.up_sql).map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidSql,
-                format!(
-                    "{}:{}: {} (migration {})",
-                    self.up_path(),
-                    e.line,
-                    e.message,
-                    self.dir_name()
-                ),
-            )
-            .at(self, Some(e.line))
-        })
     }
 }
 
@@ -177,14 +180,22 @@ impl From<&Migration> for MigrationRef {
 #[derive(Debug, Clone)]
 pub struct MigrationSet {
     migrations: Cow<'static, [Migration]>,
+    baseline: Option<Cow<'static, str>>,
 }
 
 impl MigrationSet {
     /// Used by generated code only.
     #[doc(hidden)]
-    pub const fn __embedded(migrations: &'static [Migration]) -> Self {
+    pub const fn __embedded(
+        migrations: &'static [Migration],
+        baseline: Option<&'static str>,
+    ) -> Self {
         MigrationSet {
             migrations: Cow::Borrowed(migrations),
+            baseline: match baseline {
+                Some(b) => Some(Cow::Borrowed(b)),
+                None => None,
+            },
         }
     }
 
@@ -203,10 +214,27 @@ impl MigrationSet {
     /// [`ErrorKind::InvalidMigrationSet`](crate::ErrorKind::InvalidMigrationSet)
     /// naming every problem found.
     pub fn from_dirs(required: &Path, deferred: &Path) -> Result<Self, Error> {
-        let files = source::read_pair(required, deferred).map_err(Error::source_set)?;
+        let set = source::read_pair(required, deferred).map_err(Error::source_set)?;
+        // History's old problems: the build and `rollout lint` show them;
+        // every start need not.
+        for w in &set.warnings {
+            tracing::debug!("{w}");
+        }
         Ok(MigrationSet {
-            migrations: files.into_iter().map(Migration::from_files).collect(),
+            migrations: set
+                .migrations
+                .into_iter()
+                .map(Migration::from_files)
+                .collect(),
+            baseline: set.baseline.map(Cow::Owned),
         })
+    }
+
+    /// The baseline the set was read with (`start_after` of its
+    /// `diesel-guard.toml`): migrations at or below it are history, their
+    /// old problems warnings.
+    pub fn baseline(&self) -> Option<&str> {
+        self.baseline.as_deref()
     }
 
     /// Every migration of both tracks, ordered by version.

@@ -1,6 +1,5 @@
 //! The [`Migrator`] and its options, and the required track's policy: the
-//! fast path, the lock, ordering, retries on `lock_timeout`, and what is
-//! pending on each track.
+//! fast path, the lock, ordering, and retries on `lock_timeout`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -15,7 +14,7 @@ use crate::migration::{normal, Migration, MigrationSet};
 use crate::options::DeferredOptions;
 use crate::report::{Applied, Report};
 use crate::session::{self, set_application_name};
-use crate::source::{compare_versions, Track};
+use crate::source::Track;
 
 /// Applies a [`MigrationSet`] safely with many replicas: the required track
 /// at start-up under a session advisory lock, one migration at a time.
@@ -49,6 +48,7 @@ pub struct Migrator {
     strict: bool,
     application_name: String,
     pool_url: crate::url::PoolRedactor,
+    baseline: Option<String>,
 }
 
 impl Migrator {
@@ -70,6 +70,7 @@ impl Migrator {
             strict: false,
             application_name: "diesel-rollout".into(),
             pool_url: crate::url::PoolRedactor::default(),
+            baseline: None,
         }
     }
 
@@ -162,6 +163,22 @@ impl Migrator {
         self
     }
 
+    /// The baseline: migrations at or below this version are history. Their
+    /// old problems were warnings when the set was embedded, and strict mode
+    /// still applies them when a database lacks them (out of order, with a
+    /// warning). Default: the baseline the set was embedded with
+    /// (`start_after` of its `diesel-guard.toml`), if any.
+    pub fn baseline(mut self, version: impl Into<String>) -> Self {
+        self.baseline = Some(
+            version
+                .into()
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect(),
+        );
+        self
+    }
+
     /// `application_name` of the connections [`Migrator::run_required`] opens, shown
     /// to replicas waiting for the lock. Default `diesel-rollout`.
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
@@ -186,6 +203,11 @@ impl Migrator {
 
     pub(crate) fn pool_redactor(&self) -> crate::url::PoolRedactor {
         self.pool_url.clone()
+    }
+
+    /// The baseline in force (see [`Migrator::baseline`]).
+    pub fn baseline_version(&self) -> Option<&str> {
+        self.baseline.as_deref().or(self.set.baseline())
     }
 
     /// The migration set.
@@ -215,6 +237,27 @@ impl Migrator {
             &ledger.configured,
             track,
         )
+    }
+
+    pub(crate) fn is_strict(&self) -> bool {
+        self.strict
+    }
+
+    /// How this migrator waits for a track's lock.
+    pub(crate) fn wait(&self) -> lock::Wait {
+        lock::Wait {
+            poll: self.lock_poll,
+            report_every: self.lock_report_every,
+            deadline: self.lock_deadline,
+        }
+    }
+
+    /// `lock_timeout` and `statement_timeout` for a track's migrations.
+    pub(crate) fn timeouts(&self, track: Track) -> (Duration, Duration) {
+        match track {
+            Track::Required => (self.lock_timeout, self.statement_timeout),
+            Track::Deferred => (self.deferred_lock_timeout, self.deferred_statement_timeout),
+        }
     }
 
     pub(crate) fn app_name(&self) -> &str {
@@ -453,7 +496,7 @@ impl Migrator {
         // The connection may be the service's (a pooled one): put back what
         // was set before, not the server's defaults.
         let saved = session::Timeouts::set(conn, lock_timeout, statement_timeout)?;
-        let applied = self.apply_pending(conn, tables, &a, track, report);
+        let applied = self.apply_pending(conn, tables, &a.pending, &a.rows, track, report);
         let restored = saved.restore(conn);
         applied?;
         restored
@@ -463,19 +506,20 @@ impl Migrator {
         &self,
         conn: &mut PgConnection,
         tables: &Tables,
-        a: &Analysis<'_>,
+        pending: &[&Migration],
+        rows: &HashMap<&str, &LedgerRow>,
         track: Track,
         report: &mut Report,
     ) -> Result<(), Error> {
-        for &m in &a.pending {
+        for &m in pending {
             for dep in m.requires_deferred() {
-                let applied = a.rows.get(normal(dep)).is_some_and(|r| r.applied);
+                let applied = rows.get(normal(dep)).is_some_and(|r| r.applied);
                 if !applied {
                     let dep_name = self
                         .set
                         .get(dep)
                         .map_or_else(|| dep.to_string(), |d| d.dir_name().to_string());
-                    let state = match a.rows.get(normal(dep)) {
+                    let state = match rows.get(normal(dep)) {
                         Some(r) if r.failed() => "failed",
                         Some(r) if r.outcome.as_deref() == Some("running") => "running",
                         _ => "pending",
@@ -548,143 +592,4 @@ impl Migrator {
             }
         }
     }
-
-    pub(crate) fn analyze<'a>(&'a self, rows: &'a [LedgerRow], track: Track) -> Analysis<'a> {
-        let by_version: HashMap<&str, &LedgerRow> =
-            rows.iter().map(|r| (normal(&r.version), r)).collect();
-        let mut pending = Vec::new();
-        let mut changed = Vec::new();
-        for m in self.set.migrations() {
-            match by_version.get(normal(m.version())) {
-                Some(r)
-                    if r.applied
-                        && r.applied_checksum
-                            .as_deref()
-                            .is_some_and(|c| c != m.checksum()) =>
-                {
-                    changed.push(m)
-                }
-                Some(r) if r.applied => {}
-                _ if m.track() == track => pending.push(m),
-                _ => {}
-            }
-        }
-        let mut unknown: Vec<&str> = rows
-            .iter()
-            .filter(|r| r.applied && self.set.get(&r.version).is_none())
-            .map(|r| r.version.as_str())
-            .collect();
-        unknown.sort_by(|a, b| compare_versions(a, b));
-        Analysis {
-            pending,
-            changed,
-            unknown,
-            rows: by_version,
-        }
-    }
-
-    /// What the deferred track may do now (see [`DeferredPlan`]).
-    pub(crate) fn deferred_plan<'a>(&'a self, rows: &'a [LedgerRow]) -> DeferredPlan<'a> {
-        let deferred = self.analyze(rows, Track::Deferred).pending;
-        let required = self.analyze(rows, Track::Required).pending;
-        let is_pending_deferred =
-            |v: &str| deferred.iter().any(|d| normal(d.version()) == normal(v));
-        // The first required migration that waits for a pending deferred one
-        // blocks itself and, by order, every required migration after it.
-        let blocked_at = required
-            .iter()
-            .position(|r| r.requires_deferred().any(is_pending_deferred));
-        let (waiting_for, blocked) = required.split_at(blocked_at.unwrap_or(required.len()));
-        let runnable = match blocked.first() {
-            None => deferred,
-            Some(b) => deferred
-                .into_iter()
-                .filter(|d| {
-                    compare_versions(d.version(), b.version()) == std::cmp::Ordering::Less
-                        || b.requires_deferred()
-                            .any(|v| normal(v) == normal(d.version()))
-                })
-                .collect(),
-        };
-        DeferredPlan {
-            waiting_for: waiting_for.to_vec(),
-            runnable,
-        }
-    }
-
-    /// Unknown applied versions and changed `up.sql`: warnings, or errors
-    /// in strict mode.
-    pub(crate) fn check_drift(&self, a: &Analysis<'_>, report: &mut Report) -> Result<(), Error> {
-        report.unknown = a.unknown.iter().map(|s| s.to_string()).collect();
-        report.changed = a.changed.iter().map(|m| m.version().to_string()).collect();
-        if !a.unknown.is_empty() {
-            let list = a.unknown.join(", ");
-            if self.strict {
-                return Err(Error::new(
-                    ErrorKind::UnknownVersions,
-                    format!(
-                        "the database has applied migrations this binary does not know: {list}. \
-                         A newer binary applied them. Strict mode refuses to run; deploy the \
-                         newer binary, or turn strict mode off to allow old binaries during a \
-                         rollout"
-                    ),
-                ));
-            }
-            tracing::warn!(
-                versions = %list,
-                "the database has applied migrations this binary does not know \
-                 (a newer binary applied them); carrying on"
-            );
-        }
-        for m in &a.changed {
-            if self.strict {
-                return Err(Error::new(
-                    ErrorKind::ChecksumMismatch,
-                    format!(
-                        "{} of applied migration {} changed since it was applied (its SHA-256 \
-                         is now {}). Applied migrations must not be edited: restore the \
-                         original and add a new migration for the change",
-                        m.up_path(),
-                        m.dir_name(),
-                        m.checksum()
-                    ),
-                )
-                .at(*m, None));
-            }
-            tracing::warn!(
-                version = m.version(),
-                path = m.up_path(),
-                "up.sql of an applied migration changed since it was applied; \
-                 add a new migration instead of editing an applied one"
-            );
-        }
-        Ok(())
-    }
-}
-
-/// What the deferred track may do now. A deferred migration never runs
-/// before a pending required migration older than it, since it may build on
-/// what that one creates, except when the required migration waits for it:
-/// the first pending required migration that names a pending deferred one
-/// in `requires_deferred` is blocked, and so is every required migration
-/// after it (the required track applies in order). Blocked ones never hold
-/// the deferred track back, which would wait for ever.
-pub(crate) struct DeferredPlan<'a> {
-    /// Pending required migrations the deferred track waits for: those
-    /// before the first blocked one.
-    pub waiting_for: Vec<&'a Migration>,
-    /// Pending deferred migrations it may apply once those are applied, in
-    /// version order: those older than the first blocked required
-    /// migration, and those it names.
-    pub runnable: Vec<&'a Migration>,
-}
-
-pub(crate) struct Analysis<'a> {
-    /// Migrations of the track not applied, in version order.
-    pub pending: Vec<&'a Migration>,
-    /// Applied migrations whose `up.sql` changed.
-    pub changed: Vec<&'a Migration>,
-    /// Applied versions the set does not have.
-    pub unknown: Vec<&'a str>,
-    pub rows: HashMap<&'a str, &'a LedgerRow>,
 }

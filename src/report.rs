@@ -30,11 +30,16 @@ pub struct Applied {
 pub struct Report {
     /// Migrations applied by this run, in order.
     pub applied: Vec<Applied>,
+    /// Migrations reverted by this run (`revert`, `redo`), newest first.
+    pub reverted: Vec<Applied>,
     /// Applied versions this binary does not know (a newer binary applied
     /// them). Allowed unless strict mode is on.
     pub unknown: Vec<String>,
     /// Applied versions whose `up.sql` changed since they were applied.
     pub changed: Vec<String>,
+    /// Versions applied although older than one applied before them (a
+    /// branch merged late). Refused in strict mode above the baseline.
+    pub out_of_order: Vec<String>,
     /// Whether the run took the advisory lock (`false` on the fast path,
     /// when nothing was pending).
     pub took_lock: bool,
@@ -91,6 +96,9 @@ pub struct MigrationStatus {
     pub statements_completed: Option<i32>,
     /// `true` when applied and its `up.sql` changed since.
     pub changed: bool,
+    /// `true` at or below the baseline: history, whose old problems are
+    /// warnings.
+    pub history: bool,
     /// For a no-transaction migration: each named index its statements
     /// create (`CREATE INDEX CONCURRENTLY`), and what the catalog says of it.
     pub indexes: Vec<IndexStatus>,

@@ -159,7 +159,9 @@ fn look(
         .unwrap_or(deferred.pending[0]);
     if let Some(r) = deferred.rows.get(normal(first.version())) {
         let gave_up_since = r.outcome.as_deref() == Some("failed")
-            && r.attempt_checksum.as_deref() == Some(first.checksum())
+            && r.attempt_checksum
+                .as_deref()
+                .is_some_and(|c| first.checksum_matches(c))
             && r.finished_epoch
                 .zip(since.server_epoch)
                 .is_some_and(|(f, s)| f >= s);

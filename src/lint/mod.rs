@@ -87,30 +87,35 @@ pub fn lint_dirs(
             read_inputs(dir, track, &mut inputs)?;
         }
     }
-    // What the runtime would refuse, as findings.
-    if let Err(e) = source::read_pair(required, deferred) {
-        for p in e.problems {
-            let path = p.paths.first().cloned().unwrap_or_default();
-            // Reported by its own rule below, with its safe alternative.
-            if p.message.starts_with("`CONCURRENTLY` cannot run") {
-                continue;
-            }
-            findings.push(Finding {
-                path,
-                line: p.line.unwrap_or(1),
-                rule: INVALID_SET.into(),
-                severity: Severity::Error,
-                problem: p.message,
-                safe_alternative: "fix the migration directory as the message says".into(),
-            });
+    // What the runtime would refuse, as findings; what it grandfathers, as
+    // warnings.
+    let (problems, warnings) =
+        match source::read_pair_with(required, deferred, own.baseline.clone()) {
+            Ok(set) => (Vec::new(), set.warnings),
+            Err(e) => (e.problems, Vec::new()),
+        };
+    for (p, severity) in problems
+        .into_iter()
+        .map(|p| (p, Severity::Error))
+        .chain(warnings.into_iter().map(|p| (p, Severity::Warning)))
+    {
+        let path = p.paths.first().cloned().unwrap_or_default();
+        // Reported by its own rule below, with its safe alternative.
+        if severity == Severity::Error && p.message.starts_with("`CONCURRENTLY` cannot run") {
+            continue;
         }
+        findings.push(Finding {
+            path,
+            line: p.line.unwrap_or(1),
+            rule: INVALID_SET.into(),
+            severity,
+            problem: p.message,
+            safe_alternative: "fix the migration directory as the message says".into(),
+        });
     }
     inputs.sort_by(|a, b| compare_versions(&a.version, &b.version));
 
-    let start_after = guard_config
-        .start_after
-        .as_deref()
-        .map(|s| s.chars().filter(char::is_ascii_digit).collect::<String>());
+    let start_after = own.baseline.clone();
     let mut not_null = NotNullChecks::default();
     for input in &inputs {
         let grandfathered = start_after
@@ -148,7 +153,9 @@ pub fn lint_dirs(
             not_null.record(input, &words);
         }
         if let Some((path, down)) = &input.down {
-            if input.metadata.run_in_transaction && !grandfathered {
+            // Reported for history too (a warning there): `revert` would
+            // refuse it.
+            if input.metadata.run_in_transaction {
                 if let Ok(Some(w)) = sql::find_keyword(down, "concurrently") {
                     let silence = Silence::of(down, &input.metadata);
                     if !silence.covers(CONCURRENTLY_IN_TRANSACTIONAL_DOWN, w.line) {
@@ -156,7 +163,11 @@ pub fn lint_dirs(
                             path: path.clone(),
                             line: w.line,
                             rule: CONCURRENTLY_IN_TRANSACTIONAL_DOWN.into(),
-                            severity: Severity::Error,
+                            severity: if grandfathered {
+                                Severity::Warning
+                            } else {
+                                Severity::Error
+                            },
                             problem: "down.sql uses CONCURRENTLY, but this migration runs in a \
                                       transaction, so reverting it fails with \"cannot run inside \
                                       a transaction block\""
@@ -299,6 +310,8 @@ struct OwnConfig {
     disabled: HashSet<String>,
     warn: HashSet<String>,
     enabled: Option<HashSet<String>>,
+    /// `start_after`, as digits: the baseline.
+    baseline: Option<String>,
 }
 
 /// Loads `diesel-guard.toml`, moving the track rules' names out of its
@@ -330,6 +343,13 @@ fn load_config(required: &Path, options: &LintOptions) -> Result<(Config, OwnCon
         }
         (None, None) => Config::default(),
     };
+    // The baseline is applied here, to both diesel-guard's checks and the
+    // track rules, with versions compared as numbers; diesel-guard's own
+    // filter only takes 14-digit timestamps.
+    let baseline = config
+        .start_after
+        .take()
+        .map(|s| s.chars().filter(char::is_ascii_digit).collect::<String>());
     if config.postgres_version.is_none() {
         // Constant defaults stopped rewriting tables in PostgreSQL 11; say
         // so, or every `ADD COLUMN ... DEFAULT 0` is reported.
@@ -371,6 +391,7 @@ fn load_config(required: &Path, options: &LintOptions) -> Result<(Config, OwnCon
             disabled,
             warn,
             enabled: had_enabled.then_some(enabled),
+            baseline,
         },
     ))
 }

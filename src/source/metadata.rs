@@ -24,6 +24,9 @@ impl Default for Metadata {
     }
 }
 
+/// A problem at a line of `metadata.toml` (`None`: the file as a whole).
+pub(crate) type Complaint = (Option<usize>, String);
+
 /// Parses an array of strings (`["a", 'b']`) spanning one or more lines.
 fn parse_string_array<'a>(
     first: &str,
@@ -57,6 +60,21 @@ fn parse_string_array<'a>(
 /// # Errors
 /// `(line, message)` for the first problem.
 pub fn parse_metadata(text: &str) -> Result<Metadata, (Option<usize>, String)> {
+    match parse_lenient(text)? {
+        (m, complaints) if complaints.is_empty() => Ok(m),
+        (_, mut complaints) => Err(complaints.remove(0)),
+    }
+}
+
+/// As [`parse_metadata`], with what a new migration may not have but an old
+/// one may (an unknown key, no `run_in_transaction`) returned as complaints
+/// beside the metadata, read as diesel reads it (no `run_in_transaction`:
+/// `false`; unknown keys ignored).
+///
+/// # Errors
+/// `(line, message)` when the file does not parse.
+pub(crate) fn parse_lenient(text: &str) -> Result<(Metadata, Vec<Complaint>), Complaint> {
+    let mut complaints = Vec::new();
     let mut run_in_transaction = None;
     let mut requires_deferred = None;
     let mut disable_checks = None;
@@ -142,29 +160,37 @@ pub fn parse_metadata(text: &str) -> Result<Metadata, (Option<usize>, String)> {
                     ))?,
                 );
             }
-            other => {
-                return Err((
-                    Some(line_no),
-                    format!(
-                        "unknown key `{other}`: the keys accepted are `run_in_transaction`, \
-                         `requires_deferred` and `disable_checks`; remove it or fix its spelling"
-                    ),
-                ))
-            }
+            other => complaints.push((
+                Some(line_no),
+                format!(
+                    "unknown key `{other}`: the keys accepted are `run_in_transaction`, \
+                     `requires_deferred` and `disable_checks`; remove it or fix its spelling"
+                ),
+            )),
         }
     }
-    let run_in_transaction = run_in_transaction.ok_or((
-        None,
-        "metadata.toml exists but does not set `run_in_transaction`: diesel reads a missing \
-         key as false and diesel-guard as true, so say which you mean, \
-         `run_in_transaction = false` or `run_in_transaction = true`"
-            .to_string(),
-    ))?;
-    Ok(Metadata {
-        run_in_transaction,
-        requires_deferred: requires_deferred.unwrap_or_default(),
-        disable_checks: disable_checks.unwrap_or_default(),
-    })
+    let run_in_transaction = match run_in_transaction {
+        Some(r) => r,
+        None => {
+            complaints.push((
+                None,
+                "metadata.toml exists but does not set `run_in_transaction`: diesel reads a \
+                 missing key as false and diesel-guard as true, so say which you mean, \
+                 `run_in_transaction = false` or `run_in_transaction = true`"
+                    .to_string(),
+            ));
+            // diesel's reading, which applied it.
+            false
+        }
+    };
+    Ok((
+        Metadata {
+            run_in_transaction,
+            requires_deferred: requires_deferred.unwrap_or_default(),
+            disable_checks: disable_checks.unwrap_or_default(),
+        },
+        complaints,
+    ))
 }
 
 fn strip_toml_comment(line: &str) -> &str {

@@ -12,6 +12,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub mod baseline;
 pub mod embed;
 mod metadata;
 pub mod sql;
@@ -68,8 +69,12 @@ pub struct MigrationFiles {
     /// Whether the migration runs in a transaction (`true` when there is no
     /// `metadata.toml`).
     pub run_in_transaction: bool,
-    /// Lower-case hex SHA-256 of `up.sql`.
+    /// Lower-case hex SHA-256 of `up.sql` with line endings as LF (see
+    /// [`checksum_of_sql`]).
     pub checksum: String,
+    /// Other checksums the same `up.sql` was recorded with by earlier
+    /// releases (the raw bytes of this checkout, and of a CRLF checkout).
+    pub alt_checksums: Vec<String>,
     /// Deferred versions (digits only) that must be applied before this
     /// required migration runs (`requires_deferred` in `metadata.toml`).
     pub requires_deferred: Vec<String>,
@@ -121,24 +126,62 @@ impl fmt::Display for SourceError {
 
 impl std::error::Error for SourceError {}
 
+/// A pair of directories read and validated.
+#[derive(Debug, Clone)]
+pub struct ReadSet {
+    /// The migrations of both tracks, ordered by version.
+    pub migrations: Vec<MigrationFiles>,
+    /// Problems of grandfathered migrations (at or below the baseline), which
+    /// would be errors in a newer one.
+    pub warnings: Vec<Problem>,
+    /// The baseline in force: at or below it, migrations are history.
+    pub baseline: Option<String>,
+}
+
 /// Reads and validates a pair of directories: `required` (must exist) and
-/// `deferred` (a missing directory is an empty track). Returns the
-/// migrations of both tracks ordered by version, numerically.
+/// `deferred` (a missing directory is an empty track), with the baseline
+/// of their `diesel-guard.toml` (`start_after`, see [`baseline`]). Returns
+/// the migrations of both tracks ordered by version, numerically.
 ///
 /// # Errors
 /// Every problem found, each naming its paths and the fix: a version used
 /// twice (within a track or across tracks), a version that is not all
 /// digits, a missing or empty `up.sql`, a `metadata.toml` that does not
 /// parse, has unknown keys or lacks `run_in_transaction`, a deferred
-/// migration that would run in a transaction, and `CONCURRENTLY` in a
-/// migration that runs in a transaction.
-pub fn read_pair(required: &Path, deferred: &Path) -> Result<Vec<MigrationFiles>, SourceError> {
+/// migration that would run in a transaction, `CONCURRENTLY` in a migration
+/// that runs in a transaction, `COPY ... FROM STDIN`, and problems of
+/// `down.sql`. In a migration at or below the baseline, the problems that
+/// only matter to a new migration (all of these but a missing `up.sql`, a
+/// bad version or a `metadata.toml` that does not parse) are warnings, and
+/// `down.sql` is not read for them: it matters to `revert` only.
+pub fn read_pair(required: &Path, deferred: &Path) -> Result<ReadSet, SourceError> {
+    let baseline = baseline::read(required).map_err(|p| SourceError { problems: vec![p] })?;
+    read_pair_with(required, deferred, baseline)
+}
+
+/// As [`read_pair`], with the baseline given (`None`: no migration is
+/// grandfathered).
+///
+/// # Errors
+/// As [`read_pair`].
+pub fn read_pair_with(
+    required: &Path,
+    deferred: &Path,
+    baseline: Option<String>,
+) -> Result<ReadSet, SourceError> {
     let mut problems = Vec::new();
+    let mut warnings = Vec::new();
     let mut all = Vec::new();
+    let mut found = Found {
+        out: &mut all,
+        problems: &mut problems,
+        warnings: &mut warnings,
+        baseline: baseline.as_deref(),
+    };
     if required.is_dir() {
-        read_track(required, Track::Required, &mut all, &mut problems);
+        read_track(required, Track::Required, &mut found);
     } else {
-        problems.push(Problem {
+        found.problems.push(Problem {
             paths: vec![required.to_path_buf()],
             line: None,
             message: "the required-track migrations directory does not exist: create it \
@@ -147,9 +190,9 @@ pub fn read_pair(required: &Path, deferred: &Path) -> Result<Vec<MigrationFiles>
         });
     }
     if deferred.is_dir() {
-        read_track(deferred, Track::Deferred, &mut all, &mut problems);
+        read_track(deferred, Track::Deferred, &mut found);
     } else if deferred.exists() {
-        problems.push(Problem {
+        found.problems.push(Problem {
             paths: vec![deferred.to_path_buf()],
             line: None,
             message: "the deferred-track path is not a directory".into(),
@@ -159,10 +202,22 @@ pub fn read_pair(required: &Path, deferred: &Path) -> Result<Vec<MigrationFiles>
     check_dependencies(&all, &mut problems);
     if problems.is_empty() {
         all.sort_by(|a, b| compare_versions(&a.version, &b.version));
-        Ok(all)
+        Ok(ReadSet {
+            migrations: all,
+            warnings,
+            baseline,
+        })
     } else {
         Err(SourceError { problems })
     }
+}
+
+/// Where [`read_track`] puts what it finds.
+struct Found<'a> {
+    out: &'a mut Vec<MigrationFiles>,
+    problems: &'a mut Vec<Problem>,
+    warnings: &'a mut Vec<Problem>,
+    baseline: Option<&'a str>,
 }
 
 /// Orders two all-digit versions numerically (`9` before `10`), whatever
@@ -194,6 +249,29 @@ pub fn parse_dir_name(dir_name: &str) -> Result<(String, String), String> {
     Ok((version, name.to_string()))
 }
 
+/// The checksum of a migration's SQL: the SHA-256 of the text with every
+/// CRLF turned into LF, so a checkout with Windows line endings (git's
+/// `core.autocrlf`) hashes the same as one without. For an LF file it is
+/// the SHA-256 of the file's bytes, as earlier releases recorded it.
+pub fn checksum_of_sql(text: &str) -> String {
+    checksum(text.replace("\r\n", "\n").as_bytes())
+}
+
+/// The checksums an earlier release may have recorded for `text` that
+/// differ from [`checksum_of_sql`]: the SHA-256 of its raw bytes, and of
+/// the CRLF form a Windows checkout would have had.
+pub fn legacy_checksums(text: &str) -> Vec<String> {
+    let lf = text.replace("\r\n", "\n");
+    let main = checksum(lf.as_bytes());
+    let mut out = vec![
+        checksum(text.as_bytes()),
+        checksum(lf.replace('\n', "\r\n").as_bytes()),
+    ];
+    out.retain(|c| *c != main);
+    out.dedup();
+    out
+}
+
 /// Lower-case hex SHA-256 of `bytes`.
 pub fn checksum(bytes: &[u8]) -> String {
     use sha2::Digest;
@@ -205,16 +283,11 @@ pub fn checksum(bytes: &[u8]) -> String {
     out
 }
 
-fn read_track(
-    dir: &Path,
-    track: Track,
-    out: &mut Vec<MigrationFiles>,
-    problems: &mut Vec<Problem>,
-) {
+fn read_track(dir: &Path, track: Track, found: &mut Found<'_>) {
     let mut entries = match list_dir(dir) {
         Ok(e) => e,
         Err(e) => {
-            problems.push(Problem {
+            found.problems.push(Problem {
                 paths: vec![dir.to_path_buf()],
                 line: None,
                 message: format!("cannot read the directory: {e}"),
@@ -227,9 +300,12 @@ fn read_track(
         if !path.is_dir() {
             continue;
         }
-        match read_migration(&path, track) {
-            Ok(m) => out.push(m),
-            Err(mut p) => problems.append(&mut p),
+        match read_migration(&path, track, found.baseline) {
+            Ok((m, mut w)) => {
+                found.out.push(m);
+                found.warnings.append(&mut w);
+            }
+            Err(mut p) => found.problems.append(&mut p),
         }
     }
 }
@@ -255,13 +331,26 @@ fn problem(path: &Path, line: Option<usize>, message: impl Into<String>) -> Prob
     }
 }
 
-fn read_migration(dir: &Path, track: Track) -> Result<MigrationFiles, Vec<Problem>> {
+/// Reads one migration directory: the migration and the warnings of a
+/// grandfathered one, or every problem.
+fn read_migration(
+    dir: &Path,
+    track: Track,
+    baseline: Option<&str>,
+) -> Result<(MigrationFiles, Vec<Problem>), Vec<Problem>> {
     let mut problems = Vec::new();
+    // Problems that only matter to a new migration: warnings at or below
+    // the baseline.
+    let mut new_only = Vec::new();
     let dir_name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let parsed = parse_dir_name(&dir_name).map_err(|m| problem(dir, None, m));
+    let grandfathered = match (&parsed, baseline) {
+        (Ok((version, _)), Some(b)) => compare_versions(version, b).is_le(),
+        _ => false,
+    };
 
     let up_path = dir.join("up.sql");
     let up_sql = match fs::read_to_string(&up_path) {
@@ -293,10 +382,18 @@ fn read_migration(dir: &Path, track: Track) -> Result<MigrationFiles, Vec<Proble
     let meta_path = dir.join("metadata.toml");
     let none = Metadata::default();
     let metadata = match fs::read_to_string(&meta_path) {
-        Ok(text) => parse_metadata(&text).unwrap_or_else(|(line, msg)| {
-            problems.push(problem(&meta_path, line, msg));
-            none
-        }),
+        Ok(text) => match metadata::parse_lenient(&text) {
+            Ok((m, complaints)) => {
+                for (line, msg) in complaints {
+                    new_only.push(problem(&meta_path, line, msg));
+                }
+                m
+            }
+            Err((line, msg)) => {
+                problems.push(problem(&meta_path, line, msg));
+                none
+            }
+        },
         Err(e) if e.kind() == io::ErrorKind::NotFound => none,
         Err(e) => {
             problems.push(problem(&meta_path, None, format!("cannot read: {e}")));
@@ -324,36 +421,56 @@ fn read_migration(dir: &Path, track: Track) -> Result<MigrationFiles, Vec<Proble
     }
 
     if let Some(up) = &up_sql {
-        check_sql(&up_path, up, run_in_transaction, &mut problems, true);
+        check_sql(&up_path, up, run_in_transaction, &mut new_only, true);
     }
-    if let Some((path, text)) = &down {
-        check_sql(path, text, run_in_transaction, &mut problems, false);
+    // down.sql matters to `revert` only: history is not held to it.
+    if let Some((path, text)) = down.as_ref().filter(|_| !grandfathered) {
+        check_sql(path, text, run_in_transaction, &mut new_only, false);
     }
 
     let (version, name) = match parsed {
         Ok(v) => v,
         Err(p) => {
             problems.insert(0, p);
+            problems.append(&mut new_only);
             return Err(problems);
         }
+    };
+    let warnings = if grandfathered {
+        for w in &mut new_only {
+            w.message = format!(
+                "{} (a warning: the migration is at or below the baseline {}, so it is \
+                 history; a newer migration with this problem fails the build)",
+                w.message,
+                baseline.unwrap_or_default()
+            );
+        }
+        new_only
+    } else {
+        problems.append(&mut new_only);
+        Vec::new()
     };
     if !problems.is_empty() {
         return Err(problems);
     }
     let up_sql = up_sql.unwrap_or_default();
-    Ok(MigrationFiles {
-        checksum: checksum(up_sql.as_bytes()),
-        version,
-        dir_name,
-        name,
-        track,
-        dir: dir.to_path_buf(),
-        up_path,
-        up_sql,
-        down,
-        run_in_transaction,
-        requires_deferred: metadata.requires_deferred,
-    })
+    Ok((
+        MigrationFiles {
+            checksum: checksum_of_sql(&up_sql),
+            alt_checksums: legacy_checksums(&up_sql),
+            version,
+            dir_name,
+            name,
+            track,
+            dir: dir.to_path_buf(),
+            up_path,
+            up_sql,
+            down,
+            run_in_transaction,
+            requires_deferred: metadata.requires_deferred,
+        },
+        warnings,
+    ))
 }
 
 /// Checks one SQL file: it lexes, `up.sql` is not empty, and a transactional

@@ -32,6 +32,9 @@ impl Tree {
         d
     }
     fn read(&self) -> Result<Vec<MigrationFiles>, SourceError> {
+        self.read_set().map(|s| s.migrations)
+    }
+    fn read_set(&self) -> Result<ReadSet, SourceError> {
         read_pair(&self.req(), &self.def())
     }
 }
@@ -182,6 +185,7 @@ fn missing_required_dir_is_an_error_missing_deferred_is_empty() {
     fs::create_dir(t.path().join("m")).unwrap();
     assert!(read_pair(&t.path().join("m"), &t.path().join("nope2"))
         .unwrap()
+        .migrations
         .is_empty());
 }
 
@@ -202,7 +206,7 @@ fn generated_code_embeds_every_migration() {
         &[("up.sql", "select 1;"), ("down.sql", "select 2;")],
     );
     t.add(Track::Deferred, "2_b", &[("up.sql", "select 1;"), NO_TX]);
-    let code = generate(&t.read().unwrap(), "crate");
+    let code = generate(&t.read_set().unwrap(), "crate");
     assert_eq!(code.matches("crate::Migration::__embedded(").count(), 2);
     assert!(code.contains("crate::Track::Deferred"));
     assert!(code.contains("1_a/down.sql"));
@@ -230,8 +234,12 @@ fn requires_deferred_is_parsed_and_checked() {
             ),
         ],
     );
-    let set = t.read().unwrap();
-    let m = set.iter().find(|m| m.version == "20240103000000").unwrap();
+    let set = t.read_set().unwrap();
+    let m = set
+        .migrations
+        .iter()
+        .find(|m| m.version == "20240103000000")
+        .unwrap();
     assert_eq!(m.requires_deferred, ["20240102000000"]);
     assert!(generate(&set, "crate").contains("Cow::Borrowed(\"20240102000000\")"));
 
@@ -299,4 +307,91 @@ fn requires_deferred_is_parsed_and_checked() {
         text.contains("4_d/metadata.toml:2: `requires_deferred` must be an array"),
         "{text}"
     );
+}
+
+#[test]
+fn history_at_or_below_the_baseline_warns_where_a_new_migration_fails() {
+    let t = Tree::new();
+    // What old diesel histories hold: CONCURRENTLY in a transactional
+    // down.sql, metadata without the key, an unknown key, an empty up.sql.
+    t.add(
+        Track::Required,
+        "1_old_index",
+        &[
+            ("up.sql", "create index i on t (a);"),
+            ("down.sql", "drop index concurrently i;"),
+        ],
+    );
+    t.add(
+        Track::Required,
+        "2_old_meta",
+        &[
+            ("up.sql", "select 1;"),
+            ("metadata.toml", "# no key\nrun_in_tx = true\n"),
+        ],
+    );
+    t.add(
+        Track::Required,
+        "3_old_empty",
+        &[("up.sql", "-- nothing\n")],
+    );
+    // Newer than the baseline: the same down.sql problem.
+    t.add(
+        Track::Required,
+        "4_new",
+        &[
+            ("up.sql", "create index j on t (a);"),
+            ("down.sql", "drop index concurrently j;"),
+        ],
+    );
+    let err = read_pair_with(&t.req(), &t.def(), None)
+        .unwrap_err()
+        .to_string();
+    for dir in [
+        "1_old_index/down.sql",
+        "2_old_meta",
+        "3_old_empty",
+        "4_new/down.sql",
+    ] {
+        assert!(err.contains(dir), "{dir}: {err}");
+    }
+    let err = read_pair_with(&t.req(), &t.def(), Some("3".into()))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err.matches("\n  - ").count(), 1, "{err}");
+    assert!(err.contains("4_new/down.sql:1: `CONCURRENTLY`"), "{err}");
+    fs::remove_dir_all(t.req().join("4_new")).unwrap();
+    let set = read_pair_with(&t.req(), &t.def(), Some("3".into())).unwrap();
+    assert_eq!(set.migrations.len(), 3);
+    // diesel's reading of a metadata.toml without the key: no transaction.
+    assert!(!set.migrations[1].run_in_transaction);
+    let warnings: Vec<String> = set.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(warnings.len(), 3, "{warnings:?}");
+    assert!(warnings
+        .iter()
+        .all(|w| w.contains("at or below the baseline 3")));
+    assert!(
+        !warnings.iter().any(|w| w.contains("down.sql")),
+        "{warnings:?}"
+    );
+    // The baseline comes from diesel-guard.toml beside the directory.
+    fs::write(
+        t.0.path().join("diesel-guard.toml"),
+        "start_after = \"3\"\n",
+    )
+    .unwrap();
+    assert_eq!(t.read_set().unwrap().baseline.as_deref(), Some("3"));
+}
+
+#[test]
+fn line_endings_do_not_change_a_checksum() {
+    let lf = "create table t (a int);\nselect 1;\n";
+    let crlf = lf.replace('\n', "\r\n");
+    assert_eq!(checksum_of_sql(lf), checksum_of_sql(&crlf));
+    // What an earlier release recorded for an LF file stays valid.
+    assert_eq!(checksum_of_sql(lf), checksum(lf.as_bytes()));
+    assert!(legacy_checksums(lf).is_empty() || legacy_checksums(lf) == [checksum(crlf.as_bytes())]);
+    // And for a CRLF checkout: the raw bytes it hashed.
+    assert!(legacy_checksums(lf).contains(&checksum(crlf.as_bytes())));
+    assert!(legacy_checksums(&crlf).contains(&checksum(crlf.as_bytes())));
 }

@@ -5,7 +5,9 @@
 -- the ledger.
 SELECT m.version,
        (SELECT a.checksum FROM {attempts} a
-        WHERE a.version = m.version AND a.outcome = 'success'
+        WHERE a.version = m.version
+          AND ((a.operation = 'up' AND a.outcome = 'success')
+               OR (a.operation = 'resolve' AND a.outcome = 'applied'))
           AND (a.ledger = {ledger} OR a.ledger IS NULL)
         ORDER BY a.id DESC
         LIMIT 1) AS applied_checksum

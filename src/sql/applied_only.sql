@@ -3,6 +3,7 @@
 SELECT version,
        true AS applied,
        to_char(run_on, 'YYYY-MM-DD HH24:MI:SS') AS applied_at,
+       NULL::text AS operation,
        NULL::text AS outcome,
        NULL::text AS error,
        NULL::integer AS statements_completed,

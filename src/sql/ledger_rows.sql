@@ -1,7 +1,8 @@
--- Per version: applied or not, when, the latest attempt, and the checksum of
--- the latest successful attempt, in one query.
+-- Per version: applied or not, when, the latest attempt (of any operation),
+-- and the checksum of up.sql as last applied (an 'up' that succeeded, or a
+-- resolution as applied), in one query.
 WITH latest AS (
-    SELECT DISTINCT ON (version) version, outcome, error, statements_completed,
+    SELECT DISTINCT ON (version) version, operation, outcome, error, statements_completed,
            statements_total, checksum, finished_at
     FROM {attempts}
     WHERE ledger = {ledger} OR ledger IS NULL
@@ -9,12 +10,14 @@ WITH latest AS (
 ), succeeded AS (
     SELECT DISTINCT ON (version) version, checksum
     FROM {attempts}
-    WHERE outcome = 'success' AND (ledger = {ledger} OR ledger IS NULL)
+    WHERE ((operation = 'up' AND outcome = 'success') OR (operation = 'resolve' AND outcome = 'applied'))
+      AND (ledger = {ledger} OR ledger IS NULL)
     ORDER BY version, id DESC
 )
 SELECT coalesce(m.version, l.version) AS version,
        m.version IS NOT NULL AS applied,
        to_char(m.run_on, 'YYYY-MM-DD HH24:MI:SS') AS applied_at,
+       l.operation,
        l.outcome,
        l.error,
        l.statements_completed,

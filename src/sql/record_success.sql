@@ -4,6 +4,6 @@ WITH applied AS (
     INSERT INTO {migrations} (version) VALUES ($1)
 )
 INSERT INTO {attempts}
-    (ledger, version, name, track, checksum, outcome, started_at, finished_at,
-     statements_completed, statements_total, host, client_pid)
-VALUES ({ledger}, $1, $2, $3, $4, 'success', now(), clock_timestamp(), $5, $5, $6, $7)
+    (ledger, version, name, track, operation, checksum, outcome, started_at, finished_at,
+     statements_completed, statements_total, host, client_pid, os_user)
+VALUES ({ledger}, $1, $2, $3, 'up', $4, 'success', now(), clock_timestamp(), $5, $5, $6, $7, $8)

@@ -8,7 +8,9 @@ use diesel::prelude::*;
 use diesel_rollout::cluster::ThrowawayCluster;
 use diesel_rollout::{connect, redact_url, with_database, ErrorKind, Report, Track};
 
-use crate::render::{print_json, print_out, report_json, status_json, status_table, verify_text, Colors};
+use crate::render::{
+    print_json, print_out, report_json, status_json, status_table, verify_text, Colors,
+};
 #[cfg(feature = "lint")]
 use crate::sibling_deferred;
 use crate::{failure, migrator, usage, Cli, Failure};

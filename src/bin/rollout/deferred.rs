@@ -18,15 +18,15 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
-        let m = migrator(cli)?;
-        let url = database_url(cli)?;
-        // A clear error for an unreachable database before the pool.
-        drop(connect(url)?);
-        let (code, value) = foreground(&m, url, args.wait, false, cli)?;
-        if cli.json {
-            print_json(&value);
-        }
-        Ok(code)
+    let m = migrator(cli)?;
+    let url = database_url(cli)?;
+    // A clear error for an unreachable database before the pool.
+    drop(connect(url)?);
+    let (code, value) = foreground(&m, url, args.wait, false, cli)?;
+    if cli.json {
+        print_json(&value);
+    }
+    Ok(code)
 }
 
 /// Runs the deferred track in the foreground on a pool of two connections

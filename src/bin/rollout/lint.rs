@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use crate::{Cli, Failure};
 #[cfg(feature = "lint")]
 use crate::{failure, render::print_out, sibling_deferred, usage};
+use crate::{Cli, Failure};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {

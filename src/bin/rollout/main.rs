@@ -51,6 +51,19 @@ commands! {
     Lint => lint,
     /// Create a migration directory with the next version.
     New => new,
+    /// Show what `up` would do now, without changing anything: each pending migration, its
+    /// statements and the locks they take. Exits 10 when something is pending, 0 when not.
+    Plan => plan,
+    /// Revert applied migrations with their down.sql, newest first (one by default).
+    Revert => revert,
+    /// Revert the newest applied migrations, then apply them again.
+    Redo => redo,
+    /// Record how a failed or half-applied migration repaired by hand ended.
+    Resolve => resolve,
+    /// Adopt an existing history: migrations at or below VERSION (default: the newest applied
+    /// in the database) are history, their old problems warnings; writes `start_after` to
+    /// diesel-guard.toml.
+    Baseline => baseline,
     /// Apply everything from scratch to a scratch database, verify, and show the status.
     ///
     /// Without a database URL it starts a throwaway PostgreSQL server from the
@@ -67,9 +80,13 @@ Examples:
   rollout verify                                 exit 1 unless every required migration is applied
   rollout deferred --wait                        apply the deferred track, waiting for another leader
   rollout new add_orders --migrations-dir migrations
+  rollout baseline --migrations-dir migrations   adopt a database migrated by diesel
+  rollout plan                                   what `up` would do; exit 10 when something is pending
+  rollout revert --count 2                       revert the two newest applied migrations
 
 Exit codes: 0 success, 1 failure, 2 usage error,
-3 another session holds the deferred lock (`rollout deferred` without --wait).";
+3 another session holds the deferred lock (`rollout deferred` without --wait),
+10 `rollout plan`: something is pending.";
 
 /// Schema migrations for PostgreSQL services deployed by rolling update.
 #[derive(Parser)]

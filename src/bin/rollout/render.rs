@@ -23,6 +23,119 @@ pub(crate) fn print_applied(track: &str, report: &diesel_rollout::Report) {
     print_out(&s);
 }
 
+/// `reverted NAME (N ms)` per migration.
+pub(crate) fn print_reverted(report: &diesel_rollout::Report) {
+    let mut s = String::new();
+    for a in &report.reverted {
+        s.push_str(&format!(
+            "reverted {} ({} ms)\n",
+            a.dir_name,
+            a.duration.as_millis()
+        ));
+    }
+    print_out(&s);
+}
+
+/// The plan as text: a block per pending migration.
+pub(crate) fn plan_text(plan: &diesel_rollout::Plan) -> String {
+    use diesel_rollout::PlanAction;
+    if plan.is_empty() {
+        return "nothing pending: `rollout up` would do nothing\n".into();
+    }
+    let mut out = format!(
+        "{} pending migration(s), in the order `rollout up` would run them:\n",
+        plan.steps.len()
+    );
+    for step in &plan.steps {
+        let mode = if step.transaction {
+            "in a transaction"
+        } else {
+            "statement by statement, no transaction"
+        };
+        out.push_str(&format!("\n{} ({}, {mode})", step.dir_name, step.track));
+        match &step.action {
+            PlanAction::Apply => {}
+            PlanAction::Retry { error } => {
+                out.push_str(&format!("\n  retried: the last attempt failed: {error}"))
+            }
+            PlanAction::Resume { done } => out.push_str(&format!(
+                "\n  resumed at statement {}: {done} done by an earlier attempt",
+                done + 1
+            )),
+            _ => {}
+        }
+        if !step.waits_for.is_empty() {
+            out.push_str(&format!(
+                "\n  waits for deferred {} (requires_deferred)",
+                step.waits_for.join(", ")
+            ));
+        }
+        if step.out_of_order {
+            out.push_str("\n  out of order: older than a migration already applied");
+        }
+        out.push('\n');
+        for s in &step.statements {
+            let locks = s
+                .locks
+                .iter()
+                .map(|l| format!("{} on {}", l.mode, l.table))
+                .collect::<Vec<_>>()
+                .join("; ");
+            out.push_str(&format!(
+                "  {}line {:>4}  {:<60}  {locks}\n",
+                if s.done { "(done) " } else { "" },
+                s.line,
+                truncate(&s.first_line, 60)
+            ));
+        }
+    }
+    out
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut t: String = text.chars().take(max.saturating_sub(1)).collect();
+    t.push('…');
+    t
+}
+
+/// The plan as JSON.
+pub(crate) fn plan_json(plan: &diesel_rollout::Plan) -> serde_json::Value {
+    use diesel_rollout::PlanAction;
+    serde_json::json!({
+        "pending": plan.steps.len(),
+        "steps": plan.steps.iter().map(|step| {
+            let (action, detail) = match &step.action {
+                PlanAction::Apply => ("apply", serde_json::Value::Null),
+                PlanAction::Retry { error } => ("retry", serde_json::json!(error)),
+                PlanAction::Resume { done } => ("resume", serde_json::json!(done)),
+                _ => ("apply", serde_json::Value::Null),
+            };
+            serde_json::json!({
+                "version": step.version,
+                "name": step.dir_name,
+                "track": step.track.as_str(),
+                "transaction": step.transaction,
+                "action": action,
+                "detail": detail,
+                "waits_for": step.waits_for,
+                "out_of_order": step.out_of_order,
+                "statements": step.statements.iter().map(|s| serde_json::json!({
+                    "line": s.line,
+                    "first_line": s.first_line,
+                    "done": s.done,
+                    "locks": s.locks.iter().map(|l| serde_json::json!({
+                        "mode": l.mode,
+                        "table": l.table,
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
 pub(crate) fn print_json(value: &serde_json::Value) {
     print_out(&format!("{value:#}\n"));
 }
@@ -36,8 +149,16 @@ pub(crate) fn report_json(report: &diesel_rollout::Report) -> serde_json::Value 
             "duration_ms": a.duration.as_millis() as u64,
             "statements": a.statements,
         })).collect::<Vec<_>>(),
+        "reverted": report.reverted.iter().map(|a| serde_json::json!({
+            "version": a.version,
+            "name": a.dir_name,
+            "track": a.track.as_str(),
+            "duration_ms": a.duration.as_millis() as u64,
+            "statements": a.statements,
+        })).collect::<Vec<_>>(),
         "unknown": report.unknown,
         "changed": report.changed,
+        "out_of_order": report.out_of_order,
         "took_lock": report.took_lock,
         "lock_wait_ms": report.lock_wait.as_millis() as u64,
     })

@@ -10,13 +10,13 @@ pub(crate) struct Args {}
 
 pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
     let _ = args;
-        let m = migrator(cli)?;
-        let mut conn = connect(database_url(cli)?)?;
-        let rows = m.status(&mut conn)?;
-        if cli.json {
-            print_out(&status_json(&rows));
-        } else {
-            print_out(&status_table(&rows, Colors::for_stdout()));
-        }
-        Ok(0)
+    let m = migrator(cli)?;
+    let mut conn = connect(database_url(cli)?)?;
+    let rows = m.status(&mut conn)?;
+    if cli.json {
+        print_out(&status_json(&rows));
+    } else {
+        print_out(&status_table(&rows, Colors::for_stdout()));
+    }
+    Ok(0)
 }

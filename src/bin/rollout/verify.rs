@@ -10,18 +10,18 @@ pub(crate) struct Args {}
 
 pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
     let _ = args;
-        let m = migrator(cli)?;
-        let mut conn = connect(database_url(cli)?)?;
-        let v = m.verify(&mut conn)?;
-        if cli.json {
-            print_json(&serde_json::json!({
-                "complete": v.is_complete(),
-                "missing": v.missing.iter().map(|(version, gap)| serde_json::json!({"version": version, "gap": gap})).collect::<Vec<_>>(),
-                "failed": v.failed.iter().map(|(version, error)| serde_json::json!({"version": version, "error": error})).collect::<Vec<_>>(),
-                "unknown": v.unknown,
-            }));
-        } else {
-            print_out(&verify_text(&m, &v));
-        }
-        Ok(if v.is_complete() { 0 } else { 1 })
+    let m = migrator(cli)?;
+    let mut conn = connect(database_url(cli)?)?;
+    let v = m.verify(&mut conn)?;
+    if cli.json {
+        print_json(&serde_json::json!({
+            "complete": v.is_complete(),
+            "missing": v.missing.iter().map(|(version, gap)| serde_json::json!({"version": version, "gap": gap})).collect::<Vec<_>>(),
+            "failed": v.failed.iter().map(|(version, error)| serde_json::json!({"version": version, "error": error})).collect::<Vec<_>>(),
+            "unknown": v.unknown,
+        }));
+    } else {
+        print_out(&verify_text(&m, &v));
+    }
+    Ok(if v.is_complete() { 0 } else { 1 })
 }

@@ -1,0 +1,34 @@
+//! `rollout revert`: revert applied migrations with their down.sql, newest
+//! first.
+
+use diesel_rollout::{connect, RevertTarget};
+
+use crate::render::{print_json, print_reverted, report_json};
+use crate::{database_url, migrator, usage, Cli, Failure};
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// How many of the newest applied migrations to revert [default: 1].
+    #[arg(long, value_name = "N", conflicts_with = "to")]
+    count: Option<usize>,
+    /// Revert every applied migration newer than VERSION (VERSION stays applied).
+    #[arg(long, value_name = "VERSION")]
+    to: Option<String>,
+}
+
+pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
+    let target = match (&args.to, args.count) {
+        (Some(v), _) => RevertTarget::To(v.chars().filter(|c| *c != '-').collect()),
+        (None, Some(0)) => return Err(usage("--count must be 1 or more")),
+        (None, n) => RevertTarget::Count(n.unwrap_or(1)),
+    };
+    let m = migrator(cli)?;
+    let mut conn = connect(database_url(cli)?)?;
+    let report = m.revert(&mut conn, target)?;
+    if cli.json {
+        print_json(&report_json(&report));
+    } else {
+        print_reverted(&report);
+    }
+    Ok(0)
+}

@@ -1,0 +1,414 @@
+//! The ledger: diesel's `__diesel_schema_migrations` (what is applied) and
+//! the harness's attempts table (every attempt, its outcome and progress).
+//! All SQL lives in `src/sql/*.sql`; the tables' names and SQL in
+//! `tables.rs`.
+
+mod tables;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_query;
+use diesel::sql_types::{BigInt, Bool, Double, Integer, Nullable, Text};
+use once_cell::sync::Lazy;
+
+use crate::error::{Error, ErrorKind};
+use crate::migration::Migration;
+use crate::source::Track;
+
+pub(crate) use self::tables::{Ledger, Tables, ATTEMPTS_VERSION};
+
+/// One version as the ledger knows it.
+#[derive(Debug, Clone, QueryableByName)]
+pub(crate) struct LedgerRow {
+    #[diesel(sql_type = Text)]
+    pub version: String,
+    #[diesel(sql_type = Bool)]
+    pub applied: bool,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub applied_at: Option<String>,
+    /// What the latest attempt did: `up`, `down` (a revert) or `resolve`.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub operation: Option<String>,
+    /// Outcome of the latest attempt (`running`, `success`, `failed`,
+    /// `retrying`, `interrupted`; a resolution `applied` or `rolled_back`),
+    /// when the harness attempted it.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub outcome: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub error: Option<String>,
+    #[diesel(sql_type = Nullable<Integer>)]
+    pub statements_completed: Option<i32>,
+    /// Statements the latest attempt split `up.sql` into.
+    #[diesel(sql_type = Nullable<Integer>)]
+    pub statements_total: Option<i32>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub attempt_checksum: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub applied_checksum: Option<String>,
+    /// When the latest attempt finished (server clock, Unix seconds).
+    #[diesel(sql_type = Nullable<Double>)]
+    pub finished_epoch: Option<f64>,
+}
+
+impl LedgerRow {
+    /// Not applied, and the latest attempt, to apply it, did not succeed.
+    pub(crate) fn failed(&self) -> bool {
+        !self.applied && self.is("up") && self.unfinished()
+    }
+
+    /// Applied, and the latest attempt, to revert it, did not succeed: a
+    /// no-transaction revert stopped halfway.
+    pub(crate) fn revert_failed(&self) -> bool {
+        self.applied && self.is("down") && self.unfinished()
+    }
+
+    /// The latest attempt was this operation (`up` for rows written before
+    /// operations were recorded).
+    pub(crate) fn is(&self, operation: &str) -> bool {
+        self.operation.as_deref().unwrap_or("up") == operation
+    }
+
+    fn unfinished(&self) -> bool {
+        matches!(
+            self.outcome.as_deref(),
+            Some("failed" | "retrying" | "interrupted")
+        )
+    }
+}
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+/// The name of this machine, recorded with each attempt.
+static HOST: Lazy<String> = Lazy::new(|| {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".to_string())
+});
+
+/// The operating-system user running this process, recorded with each
+/// attempt (who resolved a migration by hand, say).
+static OS_USER: Lazy<Option<String>> = Lazy::new(|| {
+    ["USER", "USERNAME", "LOGNAME"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+});
+
+fn client_pid() -> i32 {
+    i32::try_from(std::process::id()).unwrap_or(-1)
+}
+
+/// The server's clock, Unix seconds.
+pub(crate) fn server_epoch(conn: &mut PgConnection) -> QueryResult<f64> {
+    #[derive(QueryableByName)]
+    struct Now {
+        #[diesel(sql_type = Double)]
+        now: f64,
+    }
+    sql_query("SELECT extract(epoch FROM now())::float8 AS now")
+        .get_result::<Now>(conn)
+        .map(|n| n.now)
+}
+
+/// The fast path's single query: applied versions and their checksums
+/// only. Fails when a ledger table is missing.
+pub(crate) fn rows_fast(conn: &mut PgConnection, t: &Tables) -> QueryResult<Vec<LedgerRow>> {
+    #[derive(QueryableByName)]
+    struct Fast {
+        #[diesel(sql_type = Text)]
+        version: String,
+        #[diesel(sql_type = Nullable<Text>)]
+        applied_checksum: Option<String>,
+    }
+    let rows: Vec<Fast> = sql_query(&t.sql.applied_fast).load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|f| LedgerRow {
+            version: f.version,
+            applied: true,
+            applied_at: None,
+            operation: None,
+            outcome: None,
+            error: None,
+            statements_completed: None,
+            statements_total: None,
+            attempt_checksum: None,
+            applied_checksum: f.applied_checksum,
+            finished_epoch: None,
+        })
+        .collect())
+}
+
+/// The ledger rows, working whichever ledger tables exist (and on a
+/// read-only session). `t` is resolved.
+pub(crate) fn rows(conn: &mut PgConnection, t: &Tables) -> Result<Vec<LedgerRow>, Error> {
+    let query = match (t.migrations_exist, t.attempts_exist) {
+        (true, true) if t.attempts_version < 2 => &t.sql.ledger_rows_v1,
+        (true, true) => &t.sql.ledger_rows,
+        (true, false) => &t.sql.applied_only,
+        (false, _) => return Ok(Vec::new()),
+    };
+    sql_query(query)
+        .load(conn)
+        .map_err(|e| Error::db("reading the migration ledger", e))
+}
+
+/// Creates the ledger tables that are missing, and brings an attempts
+/// table an earlier release created up to this release's layout. Call
+/// under a track's lock, with `t` resolved; `t` then says both tables exist.
+/// The two tracks can get here at once (a deferred leader while the
+/// required track is blocked), so the DDL runs in one transaction under a
+/// transaction-level advisory lock of the ledger, after reading again what
+/// exists.
+pub(crate) fn ensure_tables(
+    conn: &mut PgConnection,
+    ledger: &Ledger,
+    t: &mut Tables,
+) -> Result<(), Error> {
+    if t.migrations_exist && t.attempts_exist && t.attempts_version >= ATTEMPTS_VERSION {
+        return Ok(());
+    }
+    let schema = t.schema.clone().unwrap_or_default();
+    let key = crate::lock::ledger_ddl_key(&schema, &t.migrations_table);
+    let now = conn
+        .transaction(|c| {
+            sql_query("SELECT pg_advisory_xact_lock($1)")
+                .bind::<BigInt, _>(key)
+                .execute(c)?;
+            let mut now = match ledger.resolved(ledger.query_resolution(c)?) {
+                Ok(now) => now,
+                Err(_) => return Ok(None),
+            };
+            if !now.migrations_exist {
+                tracing::info!(table = %now.migrations_table, schema = ?now.schema, "creating the migrations table");
+                c.batch_execute(&now.sql.create_migrations)?;
+                now.migrations_exist = true;
+            }
+            if !now.attempts_exist {
+                tracing::info!(schema = ?now.schema, "creating the attempts table");
+                c.batch_execute(&now.sql.create_attempts)?;
+                now.attempts_exist = true;
+                now.attempts_version = ATTEMPTS_VERSION;
+            }
+            if now.attempts_version < 2 {
+                tracing::info!(
+                    from = now.attempts_version,
+                    to = ATTEMPTS_VERSION,
+                    "upgrading the attempts table an earlier release created"
+                );
+                c.batch_execute(&now.sql.upgrade_attempts_v2)?;
+                now.attempts_version = 2;
+            }
+            Ok(Some(now))
+        })
+        .map_err(|e| Error::db("creating or upgrading the ledger tables", e))?;
+    match now {
+        Some(now) if now.schema == t.schema => {
+            *t = now;
+            Ok(())
+        }
+        _ => Err(Error::new(
+            ErrorKind::Database,
+            format!(
+                "the migrations table `{}` moved to another schema while its tables were \
+                 being created: run again",
+                ledger.configured
+            ),
+        )),
+    }
+}
+
+/// Marks every attempt of `track` still `running` as interrupted: under the
+/// track's lock, none of them is alive. Call under the track's lock.
+pub(crate) fn mark_interrupted(
+    conn: &mut PgConnection,
+    t: &Tables,
+    track: Track,
+) -> Result<usize, Error> {
+    sql_query(&t.sql.mark_interrupted)
+        .bind::<Text, _>(track.as_str())
+        .execute(conn)
+        .map_err(|e| Error::db("marking interrupted attempts", e))
+}
+
+/// Records a started attempt (autocommit) and returns its id.
+pub(crate) fn start_attempt(
+    conn: &mut PgConnection,
+    t: &Tables,
+    m: &Migration,
+    op: Operation<'_>,
+    completed: i32,
+    total: i32,
+) -> QueryResult<i64> {
+    let row: Id = sql_query(&t.sql.start_attempt)
+        .bind::<Text, _>(m.version())
+        .bind::<Text, _>(m.name())
+        .bind::<Text, _>(m.track().as_str())
+        .bind::<Text, _>(op.checksum)
+        .bind::<Integer, _>(completed)
+        .bind::<Integer, _>(total)
+        .bind::<Text, _>(HOST.as_str())
+        .bind::<Integer, _>(client_pid())
+        .bind::<Text, _>(op.name)
+        .bind::<Nullable<Text>, _>(OS_USER.as_deref())
+        .get_result(conn)?;
+    Ok(row.id)
+}
+
+/// What an attempt does to a migration, and the checksum of the script it
+/// runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Operation<'a> {
+    /// `up` or `down`.
+    pub name: &'static str,
+    /// Of up.sql for `up`, of down.sql for `down`.
+    pub checksum: &'a str,
+}
+
+/// Records a transactional revert as done (the version row removed and a
+/// successful `down` attempt, in one statement), inside its transaction.
+pub(crate) fn record_revert(
+    conn: &mut PgConnection,
+    t: &Tables,
+    m: &Migration,
+    down_checksum: &str,
+    statements: i32,
+) -> QueryResult<()> {
+    sql_query(&t.sql.record_revert)
+        .bind::<Text, _>(m.version())
+        .bind::<Text, _>(m.name())
+        .bind::<Text, _>(m.track().as_str())
+        .bind::<Text, _>(down_checksum)
+        .bind::<Integer, _>(statements)
+        .bind::<Text, _>(HOST.as_str())
+        .bind::<Integer, _>(client_pid())
+        .bind::<Nullable<Text>, _>(OS_USER.as_deref())
+        .execute(conn)
+        .map(drop)
+}
+
+/// Removes the version row (the end of a no-transaction revert).
+pub(crate) fn delete_version(
+    conn: &mut PgConnection,
+    t: &Tables,
+    version: &str,
+) -> QueryResult<()> {
+    sql_query(&t.sql.delete_version)
+        .bind::<Text, _>(version)
+        .execute(conn)
+        .map(drop)
+}
+
+/// Records a migration's outcome decided by hand: `applied` adds its
+/// version row, `rolled_back` removes it; the attempt says who and why.
+pub(crate) fn record_resolution(
+    conn: &mut PgConnection,
+    t: &Tables,
+    m: &Migration,
+    outcome: &str,
+    note: &str,
+) -> QueryResult<()> {
+    sql_query(&t.sql.record_resolution)
+        .bind::<Text, _>(m.version())
+        .bind::<Text, _>(m.name())
+        .bind::<Text, _>(m.track().as_str())
+        .bind::<Text, _>(m.checksum())
+        .bind::<Text, _>(outcome)
+        .bind::<Text, _>(note)
+        .bind::<Text, _>(HOST.as_str())
+        .bind::<Integer, _>(client_pid())
+        .bind::<Nullable<Text>, _>(OS_USER.as_deref())
+        .execute(conn)
+        .map(drop)
+}
+
+/// Records statements completed by an attempt.
+pub(crate) fn progress(conn: &mut PgConnection, t: &Tables, id: i64, done: i32) -> QueryResult<()> {
+    sql_query(&t.sql.progress)
+        .bind::<BigInt, _>(id)
+        .bind::<Integer, _>(done)
+        .execute(conn)
+        .map(drop)
+}
+
+/// Closes an attempt as `success` or `failed`.
+pub(crate) fn finish_attempt(
+    conn: &mut PgConnection,
+    t: &Tables,
+    id: i64,
+    outcome: &str,
+    error: Option<&str>,
+) -> QueryResult<()> {
+    sql_query(&t.sql.finish_attempt)
+        .bind::<BigInt, _>(id)
+        .bind::<Text, _>(outcome)
+        .bind::<Nullable<Text>, _>(error)
+        .execute(conn)
+        .map(drop)
+}
+
+/// Records the version as applied (inside the migration's transaction for
+/// a transactional one).
+pub(crate) fn insert_version(
+    conn: &mut PgConnection,
+    t: &Tables,
+    version: &str,
+) -> QueryResult<()> {
+    sql_query(&t.sql.insert_version)
+        .bind::<Text, _>(version)
+        .execute(conn)
+        .map(drop)
+}
+
+/// Records a transactional migration as applied (its version row and a
+/// successful attempt, in one statement), inside its transaction.
+pub(crate) fn record_success(
+    conn: &mut PgConnection,
+    t: &Tables,
+    m: &Migration,
+    statements: i32,
+) -> QueryResult<()> {
+    sql_query(&t.sql.record_success)
+        .bind::<Text, _>(m.version())
+        .bind::<Text, _>(m.name())
+        .bind::<Text, _>(m.track().as_str())
+        .bind::<Text, _>(m.checksum())
+        .bind::<Integer, _>(statements)
+        .bind::<Text, _>(HOST.as_str())
+        .bind::<Integer, _>(client_pid())
+        .bind::<Nullable<Text>, _>(OS_USER.as_deref())
+        .execute(conn)
+        .map(drop)
+}
+
+/// Records a failed transactional attempt, after its rollback.
+pub(crate) fn record_failure(
+    conn: &mut PgConnection,
+    t: &Tables,
+    m: &Migration,
+    op: Operation<'_>,
+    error: &str,
+    statements: i32,
+    elapsed_secs: f64,
+) -> QueryResult<()> {
+    sql_query(&t.sql.record_failure)
+        .bind::<Text, _>(m.version())
+        .bind::<Text, _>(m.name())
+        .bind::<Text, _>(m.track().as_str())
+        .bind::<Text, _>(op.checksum)
+        .bind::<Text, _>(error)
+        .bind::<Integer, _>(statements)
+        .bind::<Text, _>(HOST.as_str())
+        .bind::<Integer, _>(client_pid())
+        .bind::<Double, _>(elapsed_secs)
+        .bind::<Text, _>(op.name)
+        .bind::<Nullable<Text>, _>(OS_USER.as_deref())
+        .execute(conn)
+        .map(drop)
+}

@@ -1,0 +1,27 @@
+-- ledger_rows.sql for an attempts table of layout 1 (read before the lock
+-- upgrades it, or on a read-only server): no ledger, operation or os_user.
+WITH latest AS (
+    SELECT DISTINCT ON (version) version, outcome, error, statements_completed,
+           statements_total, checksum, finished_at
+    FROM {attempts}
+    ORDER BY version, id DESC
+), succeeded AS (
+    SELECT DISTINCT ON (version) version, checksum
+    FROM {attempts}
+    WHERE outcome = 'success'
+    ORDER BY version, id DESC
+)
+SELECT coalesce(m.version, l.version) AS version,
+       m.version IS NOT NULL AS applied,
+       to_char(m.run_on, 'YYYY-MM-DD HH24:MI:SS') AS applied_at,
+       CASE WHEN l.version IS NULL THEN NULL ELSE 'up' END AS operation,
+       l.outcome,
+       l.error,
+       l.statements_completed,
+       l.statements_total,
+       l.checksum AS attempt_checksum,
+       s.checksum AS applied_checksum,
+       extract(epoch FROM l.finished_at)::float8 AS finished_epoch
+FROM {migrations} m
+FULL JOIN latest l ON l.version = m.version
+LEFT JOIN succeeded s ON s.version = coalesce(m.version, l.version)

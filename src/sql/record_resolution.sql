@@ -1,0 +1,15 @@
+-- A migration's outcome recorded by hand (`rollout resolve`): the version row
+-- added or removed, and who did it, in one statement. $5: 'applied' or
+-- 'rolled_back'; $6: why.
+WITH added AS (
+    INSERT INTO {migrations} (version)
+    SELECT $1 WHERE $5 = 'applied'
+    ON CONFLICT (version) DO NOTHING
+), removed AS (
+    DELETE FROM {migrations} WHERE version = $1 AND $5 = 'rolled_back'
+)
+INSERT INTO {attempts}
+    (ledger, version, name, track, operation, checksum, outcome, started_at, finished_at, error,
+     statements_completed, statements_total, host, client_pid, os_user)
+VALUES ({ledger}, $1, $2, $3, 'resolve', $4, $5, clock_timestamp(), clock_timestamp(), $6,
+        0, 0, $7, $8, $9)
