@@ -178,7 +178,10 @@ pub use crate::revert::{Resolution, RevertTarget};
 pub use crate::session::connect;
 pub use crate::source::baseline::set as set_baseline;
 pub use crate::source::sql::{split_statements, LexError, Statement};
-pub use crate::source::{compare_versions, parse_dir_name, Problem, SourceError, Track};
+pub use crate::source::{
+    checksum as checksum_of_bytes, checksum_of_sql, compare_versions, parse_dir_name, Problem,
+    SourceError, Track,
+};
 #[cfg(feature = "runtime")]
 pub use crate::url::{redact_error, redact_url, with_database};
 

@@ -199,6 +199,15 @@ impl MigrationSet {
         }
     }
 
+    /// A set without migrations: for what needs only the ledger (the newest
+    /// applied version, say).
+    pub fn empty() -> Self {
+        MigrationSet {
+            migrations: Cow::Borrowed(&[]),
+            baseline: None,
+        }
+    }
+
     /// The example set embedded in this crate (`migrations/` and
     /// `migrations_deferred/` of the repository): a small multi-tenant task
     /// tracker. `rollout` uses it when no directory is given.

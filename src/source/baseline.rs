@@ -129,6 +129,10 @@ pub fn write(path: &Path, version: &str) -> io::Result<()> {
         }
     }
     if !replaced {
+        if out.is_empty() {
+            // diesel-guard requires the framework in its file.
+            out.push("framework = \"diesel\"".to_string());
+        }
         if out.last().is_some_and(|l| !l.trim().is_empty()) {
             out.push(String::new());
         }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use diesel_rollout::{connect, set_baseline, MigrationSet};
 
 use crate::render::{print_json, print_out};
-use crate::{failure, migrator, sibling_deferred, usage, Cli, Failure};
+use crate::{failure, migrator_for, sibling_deferred, usage, Cli, Failure};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -45,7 +45,8 @@ pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
                      (--database-url or DATABASE_URL) whose newest applied migration is it",
                 )
             })?;
-            let m = migrator(cli)?;
+            // The set may not be valid yet: that is what the baseline is for.
+            let m = migrator_for(cli, MigrationSet::empty());
             let mut conn = connect(url)?;
             m.newest_applied(&mut conn)?.ok_or_else(|| {
                 failure(

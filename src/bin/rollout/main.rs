@@ -246,7 +246,12 @@ fn database_url(cli: &Cli) -> Result<&str, Failure> {
 }
 
 fn migrator(cli: &Cli) -> Result<Migrator, Failure> {
-    let mut m = Migrator::new(migration_set(cli)?)
+    Ok(migrator_for(cli, migration_set(cli)?))
+}
+
+/// A migrator for `set` with the options the command line gives.
+fn migrator_for(cli: &Cli, set: MigrationSet) -> Migrator {
+    let mut m = Migrator::new(set)
         .strict(cli.strict)
         .application_name("rollout");
     if let Some(t) = &cli.migrations_table {
@@ -264,7 +269,7 @@ fn migrator(cli: &Cli) -> Result<Migrator, Failure> {
     if let Some(d) = cli.lock_wait {
         m = m.lock_wait_deadline(d);
     }
-    Ok(m)
+    m
 }
 
 /// `250ms`, `5s`, `2min`, `1h`, or a bare number of seconds.
