@@ -232,22 +232,13 @@ fn run_transactional(
     let _enter = span.enter();
     tracing::info!(statements = total, "{doing} {}", m.dir_name());
     let start = Instant::now();
-    let mut failed_at = None;
-    let mut recorded = false;
-    let result = conn.transaction::<(), DieselError, _>(|c| {
-        for s in &statements {
-            if let Err(e) = c.batch_execute(&s.sql) {
-                failed_at = Some(s);
-                return Err(e);
-            }
-        }
-        match script.direction {
-            Direction::Up => ledger::record_success(c, tables, m, total)?,
-            Direction::Down => ledger::record_revert(c, tables, m, &script.checksum, total)?,
-        }
-        recorded = true;
-        Ok(())
-    });
+    let (result, failed_at, recorded, failed_line) = if in_transaction(conn) {
+        // Inside the caller's transaction: a savepoint per migration, as
+        // diesel nests them, statement by statement.
+        run_nested(conn, tables, m, script, &statements, total)
+    } else {
+        run_whole(conn, tables, m, script, &statements, total)
+    };
     let elapsed = start.elapsed();
     match result {
         Ok(()) => {
@@ -266,7 +257,10 @@ fn run_transactional(
         }
         Err(e) => {
             let (line, what) = match (failed_at, recorded) {
-                (Some(s), _) => (Some(error_line(script.sql, s, &e)), "its SQL"),
+                (Some(s), _) => (
+                    Some(failed_line.unwrap_or_else(|| error_line(script.sql, s, &e))),
+                    "its SQL",
+                ),
                 // Deferred constraints are checked at COMMIT.
                 (None, true) => (None, "COMMIT"),
                 (None, false) => (None, "recording it in the ledger"),
@@ -329,6 +323,144 @@ fn run_transactional(
             .lock_timeout(lock_timeout))
         }
     }
+}
+
+/// Whether the caller's connection is inside a transaction diesel opened.
+fn in_transaction(conn: &mut PgConnection) -> bool {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    AnsiTransactionManager::transaction_manager_status_mut(conn)
+        .transaction_depth()
+        .ok()
+        .flatten()
+        .is_some()
+}
+
+/// The migration's SQL and its ledger rows in one transaction, sent in one
+/// round trip (`BEGIN; script; ledger; COMMIT`). On failure (after a
+/// `ROLLBACK`) the statement that failed is found from PostgreSQL's error
+/// position, or else by running the statements again one at a time in a
+/// transaction that is rolled back: nothing of that costs the success path.
+/// Returns the result, the statement that failed, and whether the ledger
+/// rows were written (a failure then is at `COMMIT`).
+fn run_whole<'s>(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    script: &Script<'_>,
+    statements: &'s [sql::Statement],
+    total: i32,
+) -> Outcome<'s> {
+    const PREFIX: &str = "BEGIN;\n";
+    let ledger_sql = match script.direction {
+        Direction::Up => ledger::record_success_sql(tables, m, total),
+        Direction::Down => ledger::record_revert_sql(tables, m, &script.checksum, total),
+    };
+    let batch = format!("{PREFIX}{}\n;\n{ledger_sql};\nCOMMIT", script.sql);
+    let Err(e) = conn.batch_execute(&batch) else {
+        return (Ok(()), None, true, None);
+    };
+    if is_connection_error(&e) {
+        return (Err(e), None, false, None);
+    }
+    let _ = conn.batch_execute("ROLLBACK");
+    // PostgreSQL's position counts characters of the whole batch.
+    let position = match &e {
+        DieselError::DatabaseError(_, info) => info.statement_position(),
+        _ => None,
+    }
+    .and_then(|p| usize::try_from(p).ok())
+    .filter(|p| *p > PREFIX.len());
+    let script_chars = script.sql.chars().count();
+    if let Some(p) = position {
+        let char_offset = p - 1 - PREFIX.len();
+        if char_offset < script_chars {
+            let byte = script
+                .sql
+                .char_indices()
+                .nth(char_offset)
+                .map_or(script.sql.len(), |(b, _)| b);
+            let at = statements
+                .iter()
+                .rev()
+                .find(|s| s.offset <= byte)
+                .or(statements.first());
+            return (
+                Err(e),
+                at,
+                false,
+                Some(sql::line_of_offset(script.sql, byte)),
+            );
+        }
+        // In the ledger statement.
+        return (Err(e), None, false, None);
+    }
+    // No position: find the statement by running them again, rolled back.
+    let (mut at, mut line) = (None, None);
+    if conn.batch_execute("BEGIN").is_ok() {
+        for s in statements {
+            if let Err(again) = conn.batch_execute(&s.sql) {
+                at = Some(s);
+                line = Some(error_line(script.sql, s, &again));
+                break;
+            }
+        }
+        let _ = conn.batch_execute("ROLLBACK");
+    }
+    let recorded = at.is_none() && is_deferred_check(&e);
+    (Err(e), at, recorded, line)
+}
+
+/// How a transactional run ended: the result, the statement that failed,
+/// whether the ledger rows were written (a failure then is at `COMMIT`),
+/// and the line of `up.sql` it failed at, when known.
+type Outcome<'s> = (
+    Result<(), DieselError>,
+    Option<&'s sql::Statement>,
+    bool,
+    Option<usize>,
+);
+
+/// Whether an error is one PostgreSQL raises at `COMMIT` (a deferred
+/// constraint), which running the statements again does not reproduce.
+fn is_deferred_check(e: &DieselError) -> bool {
+    matches!(
+        e,
+        DieselError::DatabaseError(
+            diesel::result::DatabaseErrorKind::UniqueViolation
+                | diesel::result::DatabaseErrorKind::ForeignKeyViolation
+                | diesel::result::DatabaseErrorKind::CheckViolation,
+            _
+        )
+    )
+}
+
+/// As [`run_whole`], inside the caller's transaction: a savepoint, and the
+/// statements one at a time.
+fn run_nested<'s>(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    script: &Script<'_>,
+    statements: &'s [sql::Statement],
+    total: i32,
+) -> Outcome<'s> {
+    let mut failed_at = None;
+    let mut recorded = false;
+    let result = conn.transaction::<(), DieselError, _>(|c| {
+        for s in statements {
+            if let Err(e) = c.batch_execute(&s.sql) {
+                failed_at = Some(s);
+                return Err(e);
+            }
+        }
+        match script.direction {
+            Direction::Up => ledger::record_success(c, tables, m, total)?,
+            Direction::Down => ledger::record_revert(c, tables, m, &script.checksum, total)?,
+        }
+        recorded = true;
+        Ok(())
+    });
+    (result, failed_at, recorded, None)
 }
 
 /// Whether PostgreSQL cancelled the statement on `lock_timeout`.
@@ -584,7 +716,7 @@ fn run_statements(
     }
     conn.transaction::<(), DieselError, _>(|c| {
         match script.direction {
-            Direction::Up => ledger::insert_version(c, tables, m.version())?,
+            Direction::Up => ledger::insert_version(c, tables, m)?,
             Direction::Down => ledger::delete_version(c, tables, m.version())?,
         }
         ledger::finish_attempt(c, tables, id, "success", None)

@@ -404,3 +404,30 @@ fn diesel_harness_sees_the_same_history_and_runs_no_transaction_migrations() {
         "0011 is deferred, so still pending"
     );
 }
+
+/// A transactional migration is sent whole; when PostgreSQL's error has no
+/// position (a constraint violation), the failing statement is still
+/// named, and nothing of the migration is left.
+#[test]
+fn a_failure_without_a_position_still_names_its_line() {
+    let db = TestDb::new();
+    let set = support::TempSet::new();
+    set.required(
+        "1_fill",
+        "CREATE TABLE t (a INT NOT NULL);\nINSERT INTO t VALUES (1);\n\n-- the bad row\nINSERT INTO t VALUES (NULL);\n",
+    );
+    let err = set.migrator().run_required(&db.url).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::MigrationFailed);
+    assert_eq!(err.migration().unwrap().line, Some(5), "{err}");
+    assert!(err.to_string().contains("1_fill/up.sql:5"), "{err}");
+    assert!(err.to_string().contains("null value"), "{err}");
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM pg_class WHERE relname = 't'"),
+        0,
+        "rolled back whole"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM __diesel_rollout_attempts WHERE outcome = 'failed'"),
+        1
+    );
+}

@@ -171,7 +171,11 @@ pub(crate) fn ensure_tables(
     ledger: &Ledger,
     t: &mut Tables,
 ) -> Result<(), Error> {
-    if t.migrations_exist && t.attempts_exist && t.attempts_version >= ATTEMPTS_VERSION {
+    if t.migrations_exist
+        && t.migrations_checksum
+        && t.attempts_exist
+        && t.attempts_version >= ATTEMPTS_VERSION
+    {
         return Ok(());
     }
     let schema = t.schema.clone().unwrap_or_default();
@@ -189,6 +193,7 @@ pub(crate) fn ensure_tables(
                 tracing::info!(table = %now.migrations_table, schema = ?now.schema, "creating the migrations table");
                 c.batch_execute(&now.sql.create_migrations)?;
                 now.migrations_exist = true;
+                now.set_migrations_checksum(true);
             }
             if !now.attempts_exist {
                 tracing::info!(schema = ?now.schema, "creating the attempts table");
@@ -204,6 +209,14 @@ pub(crate) fn ensure_tables(
                 );
                 c.batch_execute(&now.sql.upgrade_attempts_v2)?;
                 now.attempts_version = 2;
+            }
+            if !now.migrations_checksum {
+                tracing::info!(table = %now.migrations_table, "adding the checksum column to the migrations table");
+                c.batch_execute(&now.sql.add_checksum_column)?;
+                if now.attempts_exist && now.attempts_version >= 2 {
+                    c.batch_execute(&now.sql.backfill_checksums)?;
+                }
+                now.set_migrations_checksum(true);
             }
             Ok(Some(now))
         })
@@ -358,10 +371,11 @@ pub(crate) fn finish_attempt(
 pub(crate) fn insert_version(
     conn: &mut PgConnection,
     t: &Tables,
-    version: &str,
+    m: &Migration,
 ) -> QueryResult<()> {
     sql_query(&t.sql.insert_version)
-        .bind::<Text, _>(version)
+        .bind::<Text, _>(m.version())
+        .bind::<Text, _>(m.checksum())
         .execute(conn)
         .map(drop)
 }
@@ -385,6 +399,62 @@ pub(crate) fn record_success(
         .bind::<Nullable<Text>, _>(OS_USER.as_deref())
         .execute(conn)
         .map(drop)
+}
+
+/// A value for SQL sent whole (no parameters): an escape string, read the
+/// same whatever `standard_conforming_strings` a migration left set.
+fn literal(value: &str) -> String {
+    format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// `sql` with its parameters `$1`, `$2`, ... replaced by `values`.
+fn inline(sql: &str, values: &[String]) -> String {
+    let mut out = sql.to_string();
+    // Highest first, so `$1` never eats the start of `$10`.
+    for (i, v) in values.iter().enumerate().rev() {
+        out = out.replace(&format!("${}", i + 1), v);
+    }
+    out
+}
+
+/// What [`record_success`] runs, as text to send in the same round trip as
+/// the migration's SQL.
+pub(crate) fn record_success_sql(t: &Tables, m: &Migration, statements: i32) -> String {
+    inline(
+        &t.sql.record_success,
+        &[
+            literal(m.version()),
+            literal(m.name()),
+            literal(m.track().as_str()),
+            literal(m.checksum()),
+            statements.to_string(),
+            literal(HOST.as_str()),
+            client_pid().to_string(),
+            OS_USER.as_deref().map_or("NULL".into(), literal),
+        ],
+    )
+}
+
+/// What [`record_revert`] runs, as text (see [`record_success_sql`]).
+pub(crate) fn record_revert_sql(
+    t: &Tables,
+    m: &Migration,
+    down_checksum: &str,
+    statements: i32,
+) -> String {
+    inline(
+        &t.sql.record_revert,
+        &[
+            literal(m.version()),
+            literal(m.name()),
+            literal(m.track().as_str()),
+            literal(down_checksum),
+            statements.to_string(),
+            literal(HOST.as_str()),
+            client_pid().to_string(),
+            OS_USER.as_deref().map_or("NULL".into(), literal),
+        ],
+    )
 }
 
 /// Records a failed transactional attempt, after its rollback.
@@ -411,4 +481,21 @@ pub(crate) fn record_failure(
         .bind::<Nullable<Text>, _>(OS_USER.as_deref())
         .execute(conn)
         .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_sent_whole_are_escaped_and_placed() {
+        assert_eq!(literal("it's a \\ test"), "E'it\\'s a \\\\ test'");
+        assert_eq!(
+            inline(
+                "VALUES ($1, $10, $2)",
+                &(1..=10).map(|i| i.to_string()).collect::<Vec<_>>()
+            ),
+            "VALUES (1, 10, 2)"
+        );
+    }
 }

@@ -64,6 +64,8 @@ pub(crate) struct Tables {
     pub migrations_table: String,
     /// Whether each table exists (unknown on the fast path: `true`).
     pub migrations_exist: bool,
+    /// Whether the migrations table has the `checksum` column.
+    pub migrations_checksum: bool,
     pub attempts_exist: bool,
     /// The attempts table's layout version (see `ATTEMPTS_VERSION`).
     pub attempts_version: u32,
@@ -75,6 +77,8 @@ pub(crate) struct Sql {
     pub create_migrations: String,
     pub create_attempts: String,
     pub upgrade_attempts_v2: String,
+    pub add_checksum_column: String,
+    pub backfill_checksums: String,
     pub ledger_rows: String,
     pub ledger_rows_v1: String,
     pub applied_fast: String,
@@ -171,6 +175,8 @@ impl Ledger {
         self.tables(None, true, true, ATTEMPTS_VERSION)
     }
 
+    /// The SQL that writes and reads the ledger, for `t`'s tables.
+
     /// Where the ledger lives in the database `conn` is connected to: the
     /// migrations table's schema when it is configured, else the schema
     /// where PostgreSQL finds the table on `search_path` (`to_regclass`), as
@@ -232,7 +238,9 @@ impl Ledger {
                 .unwrap_or(1),
             None => 1,
         };
-        Ok(self.tables(Some(&schema), r.migrations_exist, r.attempts_exist, version))
+        let mut t = self.tables(Some(&schema), r.migrations_exist, r.attempts_exist, version);
+        t.set_migrations_checksum(r.migrations_checksum);
+        Ok(t)
     }
 
     fn tables(
@@ -263,7 +271,8 @@ impl Ledger {
             "true".to_string()
         };
         let r = |t: &str| {
-            t.replace("{migrations}", &m)
+            t.replace("{migrations_checksum}", "m.checksum")
+                .replace("{migrations}", &m)
                 .replace("{attempts}", &a)
                 .replace("{ledger}", &ledger)
                 .replace("{attempts_beside}", &beside)
@@ -276,12 +285,15 @@ impl Ledger {
                 .or_else(|| schema.map(str::to_string)),
             migrations_table: self.migrations.table.clone(),
             migrations_exist,
+            migrations_checksum: true,
             attempts_exist,
             attempts_version,
             sql: Sql {
                 create_migrations: r(include_str!("../sql/create_migrations_table.sql")),
                 create_attempts: r(include_str!("../sql/create_attempts_table.sql")),
                 upgrade_attempts_v2: r(include_str!("../sql/upgrade_attempts_v2.sql")),
+                add_checksum_column: r(include_str!("../sql/add_checksum_column.sql")),
+                backfill_checksums: r(include_str!("../sql/backfill_checksums.sql")),
                 ledger_rows: r(include_str!("../sql/ledger_rows.sql")),
                 ledger_rows_v1: r(include_str!("../sql/ledger_rows_v1.sql")),
                 applied_fast: r(include_str!("../sql/applied_fast.sql")),
@@ -301,6 +313,22 @@ impl Ledger {
     }
 }
 
+impl Tables {
+    /// Records whether the migrations table has its `checksum` column; the
+    /// queries that read it fall back to the attempts without it.
+    pub(crate) fn set_migrations_checksum(&mut self, present: bool) {
+        if self.migrations_checksum != present {
+            self.migrations_checksum = present;
+            if !present {
+                self.sql.ledger_rows = self
+                    .sql
+                    .ledger_rows
+                    .replace("coalesce(m.checksum, ", "coalesce(NULL::text, ");
+            }
+        }
+    }
+}
+
 /// What `resolve_ledger.sql` finds.
 #[derive(QueryableByName)]
 pub(crate) struct Resolution {
@@ -308,6 +336,8 @@ pub(crate) struct Resolution {
     schema: Option<String>,
     #[diesel(sql_type = Bool)]
     migrations_exist: bool,
+    #[diesel(sql_type = Bool)]
+    migrations_checksum: bool,
     #[diesel(sql_type = Bool)]
     attempts_schema_exists: bool,
     #[diesel(sql_type = Bool)]

@@ -499,6 +499,22 @@ fn check_sql(
              file on the database server",
         ));
     }
+    if run_in_transaction {
+        if let Some(s) = statements
+            .iter()
+            .find(|s| sql::is_transaction_control(&s.sql))
+        {
+            problems.push(problem(
+                path,
+                Some(s.line),
+                "a transaction control statement (`BEGIN`, `COMMIT`, `ROLLBACK`...) in a \
+                 migration that runs in its own transaction would end that transaction early \
+                 and leave the rest, and the ledger row, outside it: remove it (the runner \
+                 opens and commits the transaction), or give the migration \
+                 `run_in_transaction = false`",
+            ));
+        }
+    }
     if is_up && statements.is_empty() {
         problems.push(problem(
             path,

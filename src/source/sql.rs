@@ -233,6 +233,29 @@ pub fn is_client_copy(statement: &str) -> bool {
         })
 }
 
+/// Whether a statement begins or ends a transaction (`BEGIN`, `START
+/// TRANSACTION`, `COMMIT`, `END`, `ROLLBACK`, `ABORT`, `COMMIT PREPARED`...);
+/// `ROLLBACK TO SAVEPOINT` and `SAVEPOINT` do not.
+#[must_use]
+pub fn is_transaction_control(statement: &str) -> bool {
+    let Ok(t) = tokens(statement) else {
+        return false;
+    };
+    let word = |i: usize, w: &str| {
+        t.get(i)
+            .is_some_and(|t| t.kind == TokenKind::Word && t.text.eq_ignore_ascii_case(w))
+    };
+    word(0, "begin")
+        || word(0, "commit")
+        || word(0, "end")
+        || word(0, "abort")
+        || (word(0, "start") && word(1, "transaction"))
+        || (word(0, "rollback")
+            && !word(1, "to")
+            && !(word(1, "transaction") && word(2, "to"))
+            && !(word(1, "work") && word(2, "to")))
+}
+
 /// 1-based line number of a byte offset (helper, used to map a server error
 /// position to a line). Offsets past the end count as the end of the script;
 /// `\r\n` is one line break.
@@ -941,6 +964,33 @@ mod tests {
             sqls("SELECT E'a' '\\'; SELECT 4"),
             vec!["SELECT E'a' '\\'", "SELECT 4"]
         );
+    }
+
+    #[test]
+    fn transaction_control_is_recognised() {
+        for s in [
+            "BEGIN",
+            "begin transaction isolation level serializable",
+            "COMMIT",
+            "end",
+            "ROLLBACK",
+            "abort",
+            "START TRANSACTION",
+            "COMMIT PREPARED 'x'",
+        ] {
+            assert!(is_transaction_control(s), "{s}");
+        }
+        for s in [
+            "ROLLBACK TO SAVEPOINT a",
+            "rollback to a",
+            "SAVEPOINT a",
+            "RELEASE a",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END",
+            "DO $$ BEGIN PERFORM 1; END $$",
+            "SELECT 'begin'",
+        ] {
+            assert!(!is_transaction_control(s), "{s}");
+        }
     }
 
     #[test]

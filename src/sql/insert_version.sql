@@ -1,1 +1,1 @@
-INSERT INTO {migrations} (version) VALUES ($1)
+INSERT INTO {migrations} (version, checksum) VALUES ($1, $2)

@@ -23,7 +23,7 @@ SELECT coalesce(m.version, l.version) AS version,
        l.statements_completed,
        l.statements_total,
        l.checksum AS attempt_checksum,
-       s.checksum AS applied_checksum,
+       coalesce({migrations_checksum}, s.checksum) AS applied_checksum,
        extract(epoch FROM l.finished_at)::float8 AS finished_epoch
 FROM {migrations} m
 FULL JOIN latest l ON l.version = m.version

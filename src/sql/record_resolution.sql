@@ -2,9 +2,9 @@
 -- added or removed, and who did it, in one statement. $5: 'applied' or
 -- 'rolled_back'; $6: why.
 WITH added AS (
-    INSERT INTO {migrations} (version)
-    SELECT $1 WHERE $5 = 'applied'
-    ON CONFLICT (version) DO NOTHING
+    INSERT INTO {migrations} (version, checksum)
+    SELECT $1, $4 WHERE $5 = 'applied'
+    ON CONFLICT (version) DO UPDATE SET checksum = excluded.checksum
 ), removed AS (
     DELETE FROM {migrations} WHERE version = $1 AND $5 = 'rolled_back'
 )

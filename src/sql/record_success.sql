@@ -1,7 +1,7 @@
 -- Inside the migration's own transaction, in one statement: the version row
 -- diesel reads, and the attempt (now() is when the transaction started).
 WITH applied AS (
-    INSERT INTO {migrations} (version) VALUES ($1)
+    INSERT INTO {migrations} (version, checksum) VALUES ($1, $4)
 )
 INSERT INTO {attempts}
     (ledger, version, name, track, operation, checksum, outcome, started_at, finished_at,

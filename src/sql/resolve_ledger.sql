@@ -17,6 +17,9 @@ WITH found AS (
 )
 SELECT n.nspname::text AS schema,
        EXISTS (SELECT 1 FROM found) AS migrations_exist,
+       EXISTS (SELECT 1 FROM pg_attribute
+               WHERE attrelid = to_regclass($1) AND attname = 'checksum' AND NOT attisdropped)
+           AS migrations_checksum,
        (SELECT nsp FROM attempts) IS NOT NULL AS attempts_schema_exists,
        a.oid IS NOT NULL AS attempts_exist,
        obj_description(a.oid, 'pg_class') AS attempts_comment
