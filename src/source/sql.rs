@@ -245,15 +245,15 @@ pub fn is_transaction_control(statement: &str) -> bool {
         t.get(i)
             .is_some_and(|t| t.kind == TokenKind::Word && t.text.eq_ignore_ascii_case(w))
     };
+    // `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name` stays inside.
+    let to_savepoint = word(1, "to")
+        || ((word(1, "transaction") || word(1, "work")) && word(2, "to"));
     word(0, "begin")
         || word(0, "commit")
         || word(0, "end")
         || word(0, "abort")
         || (word(0, "start") && word(1, "transaction"))
-        || (word(0, "rollback")
-            && !word(1, "to")
-            && !(word(1, "transaction") && word(2, "to"))
-            && !(word(1, "work") && word(2, "to")))
+        || (word(0, "rollback") && !to_savepoint)
 }
 
 /// 1-based line number of a byte offset (helper, used to map a server error
