@@ -175,7 +175,6 @@ impl Ledger {
         self.tables(None, true, true, ATTEMPTS_VERSION)
     }
 
-    /// The SQL that writes and reads the ledger, for `t`'s tables.
 
     /// Where the ledger lives in the database `conn` is connected to: the
     /// migrations table's schema when it is configured, else the schema
