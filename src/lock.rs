@@ -123,13 +123,53 @@ pub(crate) fn try_lock_all(conn: &mut PgConnection, keys: &[i64]) -> Result<bool
     Ok(true)
 }
 
-/// Releases every key; `Ok(false)` when one of them was not held.
+/// Releases every key and wakes the sessions waiting for the first (see
+/// [`channel`]), in one round trip; `Ok(false)` when one of them was not
+/// held.
 pub(crate) fn unlock_all(conn: &mut PgConnection, keys: &[i64]) -> Result<bool, Error> {
-    let mut all = true;
-    for &key in keys.iter().rev() {
-        all &= unlock(conn, key)?;
+    #[derive(QueryableByName)]
+    struct Released {
+        #[diesel(sql_type = Bool)]
+        flag: bool,
     }
-    Ok(all)
+    sql_query(include_str!("sql/unlock_notify.sql"))
+        .bind::<diesel::sql_types::Array<BigInt>, _>(keys)
+        .bind::<Text, _>(channel(keys[0]))
+        .get_result::<Released>(conn)
+        .map(|r| r.flag)
+        .map_err(|e| Error::db("releasing the advisory lock", e))
+}
+
+/// The `LISTEN` channel of a lock: the holder notifies it when it lets go,
+/// so a waiting replica tries again at once instead of at its next poll.
+pub(crate) fn channel(key: i64) -> String {
+    format!("diesel_rollout_{:016x}", key as u64)
+}
+
+/// Waits up to `d` for a notification on `channel`, reading what the
+/// server already sent without a round trip (an idle session in `LISTEN`
+/// holds no snapshot). Returns `true` when one came.
+fn notified_within(conn: &mut PgConnection, channel: &str, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    loop {
+        let mut woken = false;
+        for n in conn.notifications_iter() {
+            match n {
+                Ok(n) if n.channel == channel => woken = true,
+                Ok(_) => {}
+                // A broken connection shows on the next query.
+                Err(_) => return false,
+            }
+        }
+        if woken {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= until {
+            return false;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(5)));
+    }
 }
 
 /// Who holds one of the keys, if anyone (the first key first).
@@ -233,8 +273,18 @@ impl<'c> LockGuard<'c> {
         let mut last_report = None::<Instant>;
         let mut attempt = 0u32;
         let key = keys[0];
+        let channel = channel(key);
+        // Listening from the first miss on: the holder wakes us when it lets go.
+        let mut listening = false;
+        let stop_listening = |conn: &mut PgConnection, listening: bool| {
+            if listening {
+                let _ = conn.batch_execute(&format!("UNLISTEN \"{channel}\""));
+                conn.notifications_iter().for_each(drop);
+            }
+        };
         loop {
             if try_lock_all(conn, &keys)? {
+                stop_listening(conn, listening);
                 let guard = LockGuard {
                     conn,
                     keys,
@@ -243,7 +293,16 @@ impl<'c> LockGuard<'c> {
                 return guard.confirm().map(|g| (Some(g), start.elapsed()));
             }
             if attempt > 0 && !still_needed(conn) {
+                stop_listening(conn, listening);
                 return Ok((None, start.elapsed()));
+            }
+            if !listening {
+                conn.batch_execute(&format!("LISTEN \"{channel}\""))
+                    .map_err(|e| Error::db("listening for the lock's release", e))?;
+                listening = true;
+                // It may have been released before we listened: look again.
+                attempt = attempt.saturating_add(1);
+                continue;
             }
             let waited = start.elapsed();
             if last_report.is_none_or(|t: Instant| t.elapsed() >= wait.report_every) {
@@ -263,6 +322,7 @@ impl<'c> LockGuard<'c> {
                 last_report = Some(Instant::now());
             }
             if waited >= wait.deadline {
+                stop_listening(conn, listening);
                 let who = holder(conn, &keys)?
                     .map(|h| format!(", held by {h}"))
                     .unwrap_or_default();
@@ -277,11 +337,13 @@ impl<'c> LockGuard<'c> {
                     ),
                 ));
             }
-            // Poll quickly at first, then at the configured interval, with
-            // jitter so a stampede of replicas does not poll in lockstep.
+            // Woken by the release, or else polling: quickly at first, then
+            // at the configured interval, with jitter so a stampede of
+            // replicas does not poll in lockstep (a holder that died sends
+            // no notification).
             attempt = attempt.saturating_add(1);
             let base = wait.poll.min(Duration::from_millis(25) * attempt);
-            std::thread::sleep(base + jitter(base / 2));
+            notified_within(conn, &channel, base + jitter(base / 2));
         }
     }
 

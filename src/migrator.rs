@@ -355,6 +355,7 @@ impl Migrator {
         match ledger::rows_fast(conn, &ledger.unresolved()) {
             Ok(rows) => {
                 let a = self.analyze(&rows, track);
+                report.deferred_pending = self.analyze(&rows, Track::Deferred).pending.len();
                 if a.pending.is_empty() {
                     self.check_drift(&a, &mut report)?;
                     tracing::debug!(track = %track, "nothing pending");
@@ -463,6 +464,7 @@ impl Migrator {
         }
         let rows = ledger::rows(conn, tables)?;
         let a = self.analyze(&rows, track);
+        report.deferred_pending = self.analyze(&rows, Track::Deferred).pending.len();
         self.check_drift(&a, report)?;
         let mut a = a;
         if track == Track::Deferred {

@@ -40,6 +40,10 @@ pub struct Report {
     /// Versions applied although older than one applied before them (a
     /// branch merged late). Refused in strict mode above the baseline.
     pub out_of_order: Vec<String>,
+    /// Deferred migrations pending when the run read the ledger (the
+    /// required track never applies them): zero means the deferred track
+    /// has nothing to do.
+    pub deferred_pending: usize,
     /// Whether the run took the advisory lock (`false` on the fast path,
     /// when nothing was pending).
     pub took_lock: bool,

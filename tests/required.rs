@@ -431,3 +431,55 @@ fn a_failure_without_a_position_still_names_its_line() {
         1
     );
 }
+
+/// The holder wakes waiting replicas when it lets go (a notification on
+/// the lock's channel), and a waiter leaves no `LISTEN` behind on its
+/// connection.
+#[test]
+fn releasing_the_lock_wakes_waiters_and_waiters_stop_listening() {
+    let db = TestDb::new();
+    let set = support::TempSet::new();
+    set.required(
+        "1_slow",
+        "SELECT pg_sleep(0.5);\nCREATE TABLE a (id BIGINT PRIMARY KEY);\n",
+    );
+    let m = set.migrator();
+    let mut listener = db.conn();
+    let key = m
+        .lock_keys(&mut listener, diesel_rollout::Track::Required)
+        .unwrap()[0];
+    let channel = format!("diesel_rollout_{:016x}", key as u64);
+    listener
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .unwrap();
+    // A waiter on a connection of its own, started while the holder works.
+    let holder = {
+        let (m, url) = (m.clone(), db.url.clone());
+        std::thread::spawn(move || m.run_required(&url))
+    };
+    std::thread::sleep(Duration::from_millis(150));
+    let mut waiter_conn = db.conn();
+    let report = m.run_required_on(&mut waiter_conn).unwrap();
+    assert!(
+        report.applied.is_empty() && report.lock_wait > Duration::ZERO,
+        "{report:?}"
+    );
+    assert_eq!(holder.join().unwrap().unwrap().applied.len(), 1);
+    diesel::sql_query("SELECT 1")
+        .execute(&mut listener)
+        .unwrap();
+    let woken = listener
+        .notifications_iter()
+        .filter_map(Result::ok)
+        .filter(|n| n.channel == channel)
+        .count();
+    assert!(woken >= 1, "the release notified the lock's channel");
+    assert_eq!(
+        support::count_on(
+            &mut waiter_conn,
+            "SELECT count(*) AS n FROM pg_listening_channels()"
+        ),
+        0,
+        "the waiter's connection listens to nothing any more"
+    );
+}

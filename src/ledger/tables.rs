@@ -175,7 +175,6 @@ impl Ledger {
         self.tables(None, true, true, ATTEMPTS_VERSION)
     }
 
-
     /// Where the ledger lives in the database `conn` is connected to: the
     /// migrations table's schema when it is configured, else the schema
     /// where PostgreSQL finds the table on `search_path` (`to_regclass`), as

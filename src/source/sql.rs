@@ -246,8 +246,8 @@ pub fn is_transaction_control(statement: &str) -> bool {
             .is_some_and(|t| t.kind == TokenKind::Word && t.text.eq_ignore_ascii_case(w))
     };
     // `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name` stays inside.
-    let to_savepoint = word(1, "to")
-        || ((word(1, "transaction") || word(1, "work")) && word(2, "to"));
+    let to_savepoint =
+        word(1, "to") || ((word(1, "transaction") || word(1, "work")) && word(2, "to"));
     word(0, "begin")
         || word(0, "commit")
         || word(0, "end")

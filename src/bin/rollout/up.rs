@@ -4,7 +4,7 @@
 
 use diesel_rollout::ErrorKind;
 
-use crate::render::{print_applied, print_json, report_json};
+use crate::render::{print_applied, print_json, print_out, report_json};
 use crate::{database_url, migrator, Cli, Failure};
 
 #[derive(clap::Args)]
@@ -35,6 +35,7 @@ pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
         if !cli.json {
             print_applied("required", &report);
         }
+        let report_deferred_pending = report.deferred_pending;
         required.push(report_json(&report));
         if args.required_only {
             if cli.json {
@@ -42,7 +43,15 @@ pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
             }
             return Ok(0);
         }
-        let (code, value) = crate::deferred::foreground(&m, url, true, blocked.is_some(), cli)?;
+        // Nothing deferred pending: no pool, no thread, no second look.
+        let (code, value) = if blocked.is_none() && report_deferred_pending == 0 {
+            if !cli.json {
+                print_out("deferred: nothing to apply\n");
+            }
+            (0, serde_json::json!({ "state": "done", "applied": [] }))
+        } else {
+            crate::deferred::foreground(&m, url, true, blocked.is_some(), cli)?
+        };
         let progress = value["applied"].as_array().is_some_and(|a| !a.is_empty());
         deferred_runs.push(value);
         // Go on while the deferred track applied something, or while
