@@ -1035,3 +1035,67 @@ fn rollout_up_goes_on_when_another_leader_applies_what_it_waits_for() {
     );
     assert!(set.migrator().verify(&mut db.conn()).unwrap().is_complete());
 }
+
+/// The splitter against PostgreSQL itself: random scripts built from
+/// statements each inserting one row (strings with `;`, escape strings and
+/// their continuation, dollar quotes, comments ended by `\n` or `\r`,
+/// quoted identifiers, `DO` blocks), run whole by the server, then split and
+/// run one statement at a time: the same rows, as many statements as the
+/// server executed.
+#[test]
+fn the_splitter_counts_the_statements_postgresql_runs() {
+    let db = TestDb::new();
+    let mut c = db.conn();
+    c.batch_execute("CREATE TABLE log (v text)").unwrap();
+    let pieces = [
+        "INSERT INTO log VALUES ('a;b')",
+        "INSERT INTO log VALUES (E'it\\'s;')",
+        "INSERT INTO log VALUES ($$x;y$$)",
+        "INSERT INTO log VALUES ($tag$ $$ ; $tag$)",
+        "INSERT INTO log VALUES ('multi'\n 'line;')",
+        "INSERT INTO log VALUES (E'a' -- c;\n '\\'; b')",
+        "INSERT INTO log /* ; /* nested; */ */ VALUES ('c')",
+        "INSERT INTO log SELECT ';' FROM (SELECT 1) AS \"x;y\"",
+        "INSERT INTO log VALUES (U&'\\0041;')",
+        "DO $$ BEGIN INSERT INTO log VALUES ('do;'); END $$",
+        "INSERT INTO log VALUES ('e' || ';' || (SELECT 'f;'))",
+        "-- note;\rINSERT INTO log VALUES ('after a carriage return')",
+    ];
+    let separators = [";\n", ";", ";\r\n", "; -- c;\n", ";/* x; */\n", ";;\n"];
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    for round in 0..150 {
+        let count = 1 + next(6);
+        let mut script = String::new();
+        for _ in 0..count {
+            script.push_str(pieces[next(pieces.len())]);
+            script.push_str(separators[next(separators.len())]);
+        }
+        c.batch_execute("TRUNCATE log").unwrap();
+        c.batch_execute(&script)
+            .unwrap_or_else(|e| panic!("round {round}: the server refused {script:?}: {e}"));
+        let whole = db.texts("SELECT v AS t FROM log ORDER BY v");
+        assert_eq!(whole.len(), count, "round {round}: {script:?}");
+        let statements = diesel_rollout::split_statements(&script).unwrap();
+        assert_eq!(
+            statements.len(),
+            count,
+            "round {round}: {script:?} -> {statements:#?}"
+        );
+        c.batch_execute("TRUNCATE log").unwrap();
+        for s in &statements {
+            c.batch_execute(&s.sql)
+                .unwrap_or_else(|e| panic!("round {round}: {:?}: {e}", s.sql));
+        }
+        assert_eq!(
+            db.texts("SELECT v AS t FROM log ORDER BY v"),
+            whole,
+            "round {round}: {script:?}"
+        );
+    }
+}

@@ -9,7 +9,7 @@ use crate::harness::*;
 pub(crate) fn build_cost(sizes: &Sizes, report: &mut String) {
     let n = sizes.build_migrations;
     if n == 0 {
-        writeln!(report, "## 5. Build cost\n\nSkipped at this size.\n").unwrap();
+        writeln!(report, "## 6. Build cost\n\nSkipped at this size.\n").unwrap();
         return;
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -46,7 +46,7 @@ pub(crate) fn build_cost(sizes: &Sizes, report: &mut String) {
     ];
     writeln!(
         report,
-        "## 5. Build cost of {n} embedded migrations\n\nA crate embedding {n} migrations, \
+        "## 6. Build cost of {n} embedded migrations\n\nA crate embedding {n} migrations, \
          release profile, dependencies already built: \"build\" is `cargo build` of the crate \
          itself after its code and migrations changed. \"Rebuild\" is whether adding one \
          migration directory, and nothing else, makes `cargo build` embed it.\n\n| harness | \

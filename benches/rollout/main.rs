@@ -16,6 +16,7 @@
 
 mod build_cost;
 mod harness;
+mod history;
 mod many;
 mod stampede;
 mod startup;
@@ -29,6 +30,7 @@ use diesel_rollout::cluster::ThrowawayCluster;
 
 use build_cost::build_cost;
 use harness::*;
+use history::history;
 use many::many;
 use stampede::{child, stampede};
 use startup::startup;
@@ -108,27 +110,32 @@ fn main() {
     };
     flush(&report);
     if run(1) {
-        eprintln!("1/5 start-up with nothing pending");
+        eprintln!("1/6 start-up with nothing pending");
         startup(&server, &sizes, &mut report);
         flush(&report);
     }
     if run(2) {
-        eprintln!("2/5 many migrations from empty");
+        eprintln!("2/6 many migrations from empty");
         many(&server, &sizes, &mut report);
         flush(&report);
     }
     if run(3) {
-        eprintln!("3/5 stampede");
-        stampede(&server, &sizes, &mut report);
+        eprintln!("3/6 a realistic history from empty");
+        history(&server, &sizes, &mut report);
         flush(&report);
     }
     if run(4) {
-        eprintln!("4/5 traffic during an index build");
-        traffic(&server, &sizes, &mut report, write.then_some(png.as_path()));
+        eprintln!("4/6 stampede");
+        stampede(&server, &sizes, &mut report);
         flush(&report);
     }
     if run(5) {
-        eprintln!("5/5 build cost");
+        eprintln!("5/6 traffic during an index build");
+        traffic(&server, &sizes, &mut report, write.then_some(png.as_path()));
+        flush(&report);
+    }
+    if run(6) {
+        eprintln!("6/6 build cost");
         build_cost(&sizes, &mut report);
         flush(&report);
     }

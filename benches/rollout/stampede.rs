@@ -55,7 +55,7 @@ pub(crate) fn stampede(server: &Server, sizes: &Sizes, report: &mut String) {
     let n = sizes.stampede;
     writeln!(
         report,
-        "## 3. Stampede: {n} processes start at once\n\nTime until every process is ready \
+        "## 4. Stampede: {n} processes start at once\n\nTime until every process is ready \
          (exited), median of {} runs; how many applied the pending migration (a `pg_sleep(2)` \
          and an insert), and how many failed.\n\n| case | harness | all ready after | applied \
          it | failed |\n|---|---|---|---|---|",

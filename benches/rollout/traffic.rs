@@ -166,7 +166,7 @@ pub(crate) fn traffic(server: &Server, sizes: &Sizes, report: &mut String, png: 
 
     writeln!(
         report,
-        "## 4. Traffic during an index build (the headline)\n\nA table of {} rows; {} \
+        "## 5. Traffic during an index build (the headline)\n\nA table of {} rows; {} \
          connections write to it without pause (alternating single-row `INSERT` and `UPDATE`) \
          while a new release adds the index `{index}`, either as a deferred `CREATE INDEX \
          CONCURRENTLY` through this harness or as a plain `CREATE INDEX` in a required \
