@@ -654,7 +654,91 @@ fn an_attempts_table_of_the_first_release_is_upgraded_in_place() {
     );
     assert_eq!(
         db.texts("SELECT obj_description('__diesel_rollout_attempts'::regclass, 'pg_class') AS t"),
-        ["diesel-rollout attempts v2"]
+        ["diesel-rollout attempts v3"]
+    );
+}
+
+/// An attempts table an earlier release of this series created under the
+/// comment "v2", before `operation`, `os_user` and `db_user` existed: status,
+/// up and revert work on it, it is upgraded to layout 3, and its old rows do
+/// not claim the upgrading role ran them.
+#[test]
+fn an_attempts_table_commented_v2_without_operation_is_upgraded() {
+    let db = TestDb::new();
+    db.conn()
+        .batch_execute(
+            "CREATE TABLE __diesel_schema_migrations (version VARCHAR(50) PRIMARY KEY NOT NULL, \
+             run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP);
+             CREATE TABLE __diesel_rollout_attempts (
+                id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, ledger TEXT,
+                version VARCHAR(50) NOT NULL, name TEXT NOT NULL,
+                track TEXT NOT NULL CHECK (track IN ('required', 'deferred')),
+                checksum TEXT NOT NULL,
+                started_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+                finished_at TIMESTAMPTZ,
+                outcome TEXT NOT NULL CONSTRAINT diesel_rollout_outcome
+                    CHECK (outcome IN ('running', 'success', 'failed', 'retrying', 'interrupted')),
+                error TEXT, statements_completed INTEGER NOT NULL DEFAULT 0,
+                statements_total INTEGER NOT NULL, host TEXT, client_pid INTEGER,
+                backend_pid INTEGER NOT NULL DEFAULT pg_backend_pid(),
+                application_name TEXT NOT NULL DEFAULT current_setting('application_name'));
+             CREATE INDEX ON __diesel_rollout_attempts (version, id);
+             COMMENT ON TABLE __diesel_rollout_attempts IS 'diesel-rollout attempts v2';
+             CREATE TABLE things (val int);
+             INSERT INTO __diesel_schema_migrations (version) VALUES ('1');",
+        )
+        .unwrap();
+    let set = TempSet::new();
+    set.required("1_things", "CREATE TABLE things (val int);\n");
+    let more = set.required("2_more", "CREATE TABLE more (val int);\n");
+    std::fs::write(more.join("down.sql"), "DROP TABLE more;\n").unwrap();
+    let checksum = set
+        .migrator()
+        .migrations()
+        .get("1")
+        .unwrap()
+        .checksum()
+        .to_string();
+    db.conn()
+        .batch_execute(&format!(
+            "INSERT INTO __diesel_rollout_attempts (ledger, version, name, track, checksum, \
+             finished_at, outcome, statements_completed, statements_total) \
+             VALUES ('public.__diesel_schema_migrations', '1', 'things', 'required', \
+             '{checksum}', now(), 'success', 1, 1)"
+        ))
+        .unwrap();
+    let m = set.migrator();
+    let status = m.status(&mut db.conn()).unwrap();
+    assert_eq!(
+        status[0].state,
+        diesel_rollout::State::Applied,
+        "{status:?}"
+    );
+    assert_eq!(
+        status[1].state,
+        diesel_rollout::State::Pending,
+        "{status:?}"
+    );
+    assert_eq!(m.run_required(&db.url).unwrap().applied.len(), 1);
+    let report = m
+        .revert(&mut db.conn(), diesel_rollout::RevertTarget::Count(1))
+        .unwrap();
+    assert_eq!(report.reverted.len(), 1);
+    assert_eq!(
+        db.texts("SELECT obj_description('__diesel_rollout_attempts'::regclass, 'pg_class') AS t"),
+        ["diesel-rollout attempts v3"]
+    );
+    let user = db.texts("SELECT current_user::text AS t").remove(0);
+    assert_eq!(
+        db.texts(
+            "SELECT concat_ws(' ', version, operation, outcome, coalesce(db_user, '-')) AS t \
+             FROM __diesel_rollout_attempts ORDER BY id"
+        ),
+        [
+            "1 up success -".to_string(),
+            format!("2 up success {user}"),
+            format!("2 down success {user}"),
+        ]
     );
 }
 

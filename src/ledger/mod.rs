@@ -149,7 +149,7 @@ pub(crate) fn rows_fast(conn: &mut PgConnection, t: &Tables) -> QueryResult<Vec<
 /// read-only session). `t` is resolved.
 pub(crate) fn rows(conn: &mut PgConnection, t: &Tables) -> Result<Vec<LedgerRow>, Error> {
     let query = match (t.migrations_exist, t.attempts_exist) {
-        (true, true) if t.attempts_version < 2 => &t.sql.ledger_rows_v1,
+        (true, true) if t.attempts_version < ATTEMPTS_VERSION => &t.sql.ledger_rows_v1,
         (true, true) => &t.sql.ledger_rows,
         (true, false) => &t.sql.applied_only,
         (false, _) => return Ok(Vec::new()),
@@ -201,19 +201,19 @@ pub(crate) fn ensure_tables(
                 now.attempts_exist = true;
                 now.attempts_version = ATTEMPTS_VERSION;
             }
-            if now.attempts_version < 2 {
+            if now.attempts_version < ATTEMPTS_VERSION {
                 tracing::info!(
                     from = now.attempts_version,
                     to = ATTEMPTS_VERSION,
                     "upgrading the attempts table an earlier release created"
                 );
-                c.batch_execute(&now.sql.upgrade_attempts_v2)?;
-                now.attempts_version = 2;
+                c.batch_execute(&now.sql.upgrade_attempts)?;
+                now.attempts_version = ATTEMPTS_VERSION;
             }
             if !now.migrations_checksum {
                 tracing::info!(table = %now.migrations_table, "adding the checksum column to the migrations table");
                 c.batch_execute(&now.sql.add_checksum_column)?;
-                if now.attempts_exist && now.attempts_version >= 2 {
+                if now.attempts_exist && now.attempts_version >= ATTEMPTS_VERSION {
                     c.batch_execute(&now.sql.backfill_checksums)?;
                 }
                 now.set_migrations_checksum(true);

@@ -76,7 +76,7 @@ pub(crate) struct Tables {
 pub(crate) struct Sql {
     pub create_migrations: String,
     pub create_attempts: String,
-    pub upgrade_attempts_v2: String,
+    pub upgrade_attempts: String,
     pub add_checksum_column: String,
     pub backfill_checksums: String,
     pub ledger_rows: String,
@@ -97,8 +97,10 @@ pub(crate) struct Sql {
 
 /// The layout of the attempts table this release writes. 1: the first
 /// (no `retrying` outcome); 2: `retrying`, and the version in the table's
-/// comment.
-pub(crate) const ATTEMPTS_VERSION: u32 = 2;
+/// comment (tables commented "v2" differ: some lack `ledger`, all lack
+/// `operation`, `os_user` and `db_user`); 3: every column of
+/// `create_attempts_table.sql`.
+pub(crate) const ATTEMPTS_VERSION: u32 = 3;
 
 /// Quotes a table name (`name` or `schema.name`) as an SQL identifier.
 ///
@@ -289,7 +291,7 @@ impl Ledger {
             sql: Sql {
                 create_migrations: r(include_str!("../sql/create_migrations_table.sql")),
                 create_attempts: r(include_str!("../sql/create_attempts_table.sql")),
-                upgrade_attempts_v2: r(include_str!("../sql/upgrade_attempts_v2.sql")),
+                upgrade_attempts: r(include_str!("../sql/upgrade_attempts.sql")),
                 add_checksum_column: r(include_str!("../sql/add_checksum_column.sql")),
                 backfill_checksums: r(include_str!("../sql/backfill_checksums.sql")),
                 ledger_rows: r(include_str!("../sql/ledger_rows.sql")),

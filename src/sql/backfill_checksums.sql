@@ -1,4 +1,4 @@
--- After add_checksum_column.sql, when an attempts table of layout 2 exists.
+-- After add_checksum_column.sql, when an attempts table of layout 3 exists.
 UPDATE {migrations} m
 SET checksum = s.checksum
 FROM (

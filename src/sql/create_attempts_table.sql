@@ -35,4 +35,4 @@ CREATE TABLE {attempts} (
     db_user              TEXT DEFAULT current_user
 );
 CREATE INDEX ON {attempts} (version, id);
-COMMENT ON TABLE {attempts} IS 'diesel-rollout attempts v2';
+COMMENT ON TABLE {attempts} IS 'diesel-rollout attempts v3';

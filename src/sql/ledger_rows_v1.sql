@@ -1,5 +1,5 @@
--- ledger_rows.sql for an attempts table of layout 1 (read before the lock
--- upgrades it, or on a read-only server): no ledger, operation or os_user.
+-- ledger_rows.sql for an attempts table of an earlier layout (read before the
+-- lock upgrades it, or on a read-only server): only the columns layout 1 has.
 WITH latest AS (
     SELECT DISTINCT ON (version) version, outcome, error, statements_completed,
            statements_total, checksum, finished_at
