@@ -37,9 +37,18 @@ impl Migrator {
             .map(|r| r.version.as_str())
             .collect();
         unknown.sort_by(|a, b| compare_versions(a, b));
+        // Out of order within the track: the tracks interleave by design
+        // (every deferred migration older than the newest required one
+        // runs after it).
         let newest = rows
             .iter()
-            .filter(|r| r.applied)
+            .filter(|r| {
+                r.applied
+                    && self
+                        .migrations()
+                        .get(&r.version)
+                        .is_some_and(|m| m.track() == track)
+            })
             .map(|r| r.version.as_str())
             .max_by(|a, b| compare_versions(a, b));
         let out_of_order = pending

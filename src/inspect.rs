@@ -119,6 +119,28 @@ impl Migrator {
                 }
             }
         }
+        // A revert that stopped halfway left an applied migration partly
+        // undone (either track): the schema matches neither side.
+        for m in self.migrations().migrations() {
+            if let Some(r) = a
+                .rows
+                .get(normal(m.version()))
+                .filter(|r| r.revert_failed())
+            {
+                v.failed.push((
+                    m.version().to_string(),
+                    format!(
+                        "its revert stopped halfway ({} of its down.sql statements done): {}. \
+                         Run the revert again (`rollout revert`), or finish it by hand and record \
+                         it with `rollout resolve {} --rolled-back`",
+                        r.statements_completed.unwrap_or(0),
+                        r.error.as_deref().unwrap_or("interrupted"),
+                        m.version()
+                    ),
+                ));
+            }
+        }
+        v.failed.sort_by(|(a, _), (b, _)| compare_versions(a, b));
         Ok(v)
     }
 

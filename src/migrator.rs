@@ -504,7 +504,7 @@ impl Migrator {
         restored
     }
 
-    fn apply_pending(
+    pub(crate) fn apply_pending(
         &self,
         conn: &mut PgConnection,
         tables: &Tables,

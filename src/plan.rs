@@ -17,12 +17,25 @@ use crate::source::{sql, Track};
 pub struct Plan {
     /// The pending migrations, in the order `up` would run them.
     pub steps: Vec<PlanStep>,
+    /// What stops `up` or leaves the database incomplete beyond the steps:
+    /// strict mode's refusal, a revert that stopped halfway.
+    pub problems: Vec<String>,
 }
 
 impl Plan {
     /// `true` when nothing is pending.
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
+    }
+
+    /// `true` when `up` would refuse, or the database stays incomplete
+    /// after it: a problem, or a step `up` refuses.
+    pub fn has_problems(&self) -> bool {
+        !self.problems.is_empty()
+            || self
+                .steps
+                .iter()
+                .any(|s| matches!(s.action, PlanAction::Refused { .. }))
     }
 }
 
@@ -68,6 +81,12 @@ pub enum PlanAction {
         /// Statements already done (the next one is `done + 1`).
         done: usize,
     },
+    /// `up` refuses to run it (a half-done migration whose `up.sql` or
+    /// statement split changed since): nothing after it runs either.
+    Refused {
+        /// Why, and what to do.
+        reason: String,
+    },
 }
 
 /// One statement of a planned migration.
@@ -90,13 +109,21 @@ impl Migrator {
     /// both tracks, in the order `up` would run them (required migrations
     /// first, a deferred one a required one waits for before it), with its
     /// statements, the lock each takes, and whether it would be retried or
-    /// resumed. Works on a read-only session.
+    /// resumed. Works on a read-only session. An attempt still marked
+    /// running counts as one that stopped (`up` resumes it once it holds
+    /// the lock, unless its process finishes it first).
     ///
     /// # Errors
     /// When the ledger cannot be read.
     pub fn plan(&self, conn: &mut PgConnection) -> Result<Plan, Error> {
         let tables = self.ledger()?.resolve(conn)?;
-        let rows = ledger::rows(conn, &tables)?;
+        let mut rows = ledger::rows(conn, &tables)?;
+        for r in &mut rows {
+            if r.outcome.as_deref() == Some("running") {
+                r.outcome = Some("interrupted".into());
+            }
+        }
+        let rows = rows;
         let required = self.analyze(&rows, Track::Required);
         let deferred = self.analyze(&rows, Track::Deferred);
         let plan = self.deferred_plan(&rows);
@@ -121,9 +148,10 @@ impl Migrator {
             let row = rows
                 .iter()
                 .find(|r| normal(&r.version) == normal(m.version()));
+            let statements = sql::split_statements(m.up_sql()).unwrap_or_default();
             let action = match row {
                 Some(r) if r.failed() && !m.run_in_transaction() => match r.statements_completed {
-                    Some(n) if n > 0 => PlanAction::Resume { done: n as usize },
+                    Some(n) if n > 0 => resume_or_refusal(m, r, n, statements.len()),
                     _ => PlanAction::Retry {
                         error: r.error.clone().unwrap_or_default(),
                     },
@@ -137,8 +165,7 @@ impl Migrator {
                 PlanAction::Resume { done } => done,
                 _ => 0,
             };
-            let statements = sql::split_statements(m.up_sql())
-                .unwrap_or_default()
+            let statements = statements
                 .into_iter()
                 .enumerate()
                 .map(|(i, s)| PlannedStatement {
@@ -167,6 +194,64 @@ impl Migrator {
                 statements,
             });
         }
-        Ok(Plan { steps })
+        let mut problems = Vec::new();
+        let mut scratch = crate::report::Report::default();
+        for a in [&required, &deferred] {
+            if let Err(e) = self.check_drift(a, &mut scratch) {
+                problems.push(format!("`up` refuses: {e}"));
+                break;
+            }
+        }
+        for m in self.migrations().migrations() {
+            let row = rows
+                .iter()
+                .find(|r| normal(&r.version) == normal(m.version()));
+            if let Some(r) = row.filter(|r| r.revert_failed()) {
+                problems.push(format!(
+                    "the revert of {} stopped halfway ({} of its down.sql statements done): \
+                     `up` leaves it as it is. Run the revert again (`rollout revert`), or \
+                     finish it by hand and record it with `rollout resolve {} --rolled-back`",
+                    m.dir_name(),
+                    r.statements_completed.unwrap_or(0),
+                    m.version()
+                ));
+            }
+        }
+        Ok(Plan { steps, problems })
+    }
+}
+
+/// A no-transaction migration that stopped after `done` statements: `up`
+/// resumes it, unless its `up.sql` or its split changed since.
+fn resume_or_refusal(m: &Migration, r: &ledger::LedgerRow, done: i32, total: usize) -> PlanAction {
+    let path = m.up_path();
+    if !r
+        .attempt_checksum
+        .as_deref()
+        .is_some_and(|c| m.checksum_matches(c))
+    {
+        return PlanAction::Refused {
+            reason: format!(
+                "it stopped halfway ({done} statements done) and {path} changed since, so \
+                 `up` refuses to resume it: restore the file that ran, or finish the work by \
+                 hand and record it with `rollout resolve {} --applied` (or --rolled-back)",
+                m.version()
+            ),
+        };
+    }
+    if r.statements_total.is_some_and(|n| n as usize != total) {
+        return PlanAction::Refused {
+            reason: format!(
+                "it stopped halfway ({done} of {} statements done) and {path} splits into \
+                 {total} statements now, so `up` refuses to resume it: finish it with the \
+                 release that started it, or by hand and record it with `rollout resolve {} \
+                 --applied`",
+                r.statements_total.unwrap_or(0),
+                m.version()
+            ),
+        };
+    }
+    PlanAction::Resume {
+        done: usize::try_from(done).unwrap_or(0),
     }
 }

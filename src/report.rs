@@ -115,7 +115,8 @@ pub struct Verification {
     /// Required migrations known to the binary and not applied, with `true`
     /// when the version is below the newest applied one (a gap).
     pub missing: Vec<(String, bool)>,
-    /// Required migrations whose latest attempt failed, with its error.
+    /// Required migrations whose latest attempt failed, and migrations of
+    /// either track whose revert stopped halfway, with the error.
     pub failed: Vec<(String, String)>,
     /// Applied versions unknown to the binary (not a failure).
     pub unknown: Vec<String>,

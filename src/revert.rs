@@ -38,20 +38,27 @@ pub enum Resolution {
     RolledBack,
 }
 
+/// What runs under the locks: the migrator, the connection holding them,
+/// the resolved ledger, its rows read under the lock, and the report it
+/// fills as work is done (so an error still reports that work).
+type Locked<'a, T> = dyn FnOnce(&Migrator, &mut PgConnection, &Tables, &[LedgerRow], &mut Report) -> Result<T, Error>
+    + 'a;
+
 impl Migrator {
     /// Reverts applied migrations, newest first, each with its `down.sql`:
     /// in its own transaction with its ledger rows, or, for `run_in_transaction
     /// = false`, statement by statement with progress recorded (a retry
     /// resumes where it stopped), each recorded in the attempts table. Runs
     /// under the required track's lock, and under the deferred track's too
-    /// when a deferred migration is among them. The diesel CLI sees the
+    /// when the set has deferred migrations. The diesel CLI sees the
     /// result: a reverted version is gone from `__diesel_schema_migrations`.
     ///
     /// Nothing is reverted unless every migration to revert can be:
     ///
     /// # Errors
     /// [`ErrorKind::RevertRefused`], naming the migration and what to do,
-    /// when one has no `down.sql` (or one without statements), a `down.sql`
+    /// when [`RevertTarget::To`] names a version that is not applied, when
+    /// one has no `down.sql` (or one without statements), a `down.sql`
     /// that cannot run (`CONCURRENTLY` in a transactional migration, `COPY
     /// FROM STDIN`, an unterminated string), when an applied version to
     /// revert is not known to this binary (a newer release applied it), or
@@ -60,75 +67,71 @@ impl Migrator {
     /// stops the revert there ([`ErrorKind::MigrationFailed`]); the error's
     /// report lists what was reverted before it.
     pub fn revert(&self, conn: &mut PgConnection, target: RevertTarget) -> Result<Report, Error> {
-        let mut report = Report::default();
-        let result = self.with_lock(conn, &mut report, |m, conn, tables, rows| {
-            let targets = m.revert_targets(rows, &target)?;
-            m.revert_on(conn, tables, rows, &targets)
-        });
-        match result {
-            Ok(reverted) => {
-                report.reverted = reverted;
-                Ok(report)
-            }
-            Err((e, reverted)) => {
-                report.reverted = reverted;
-                Err(e.with_report(report))
-            }
-        }
+        let deferred = self.has_deferred();
+        self.locked(
+            conn,
+            deferred,
+            Box::new(move |m, conn, tables, rows, report| {
+                let targets = m.revert_targets(rows, &target)?;
+                m.revert_on(conn, tables, rows, &targets, report)
+            }),
+        )
     }
 
     /// Reverts the newest `count` applied migrations, then applies them again
-    /// in version order, under one hold of the lock (see
-    /// [`Migrator::revert`]).
+    /// in version order the way `up` applies them (`requires_deferred`,
+    /// lock-timeout retries, strict mode's checks), under one hold of the
+    /// lock (see [`Migrator::revert`]).
     ///
     /// # Errors
-    /// As [`Migrator::revert`], and a failing `up.sql` as `up` reports it.
+    /// As [`Migrator::revert`]; strict mode's refusals (before anything is
+    /// reverted); a failing `up.sql` as `up` reports it, with the report
+    /// listing what was reverted and what was applied again.
     pub fn redo(&self, conn: &mut PgConnection, count: usize) -> Result<Report, Error> {
-        let mut report = Report::default();
-        let result = self.with_lock(conn, &mut report, |m, conn, tables, rows| {
-            let targets = m.revert_targets(rows, &RevertTarget::Count(count))?;
-            let reverted = m.revert_on(conn, tables, rows, &targets)?;
-            let mut again = Vec::new();
-            for v in targets.iter().rev() {
-                let Some(mig) = m.migrations().get(v) else {
-                    continue;
-                };
-                let (lt, st) = m.timeouts(mig.track());
-                let saved = session::Timeouts::set(conn, lt, st).map_err(|e| (e, Vec::new()))?;
-                let applied = executor::apply(conn, tables, mig, None, &executor::Options::plain());
-                let restored = saved.restore(conn);
-                match applied {
-                    Ok(a) => again.push(a),
-                    Err(e) => return Err((e, reverted)),
+        let deferred = self.has_deferred();
+        self.locked(
+            conn,
+            deferred,
+            Box::new(move |m, conn, tables, rows, report| {
+                let targets = m.revert_targets(rows, &RevertTarget::Count(count))?;
+                m.check_drift_after_revert(rows, &targets, report)?;
+                m.revert_on(conn, tables, rows, &targets, report)?;
+                for v in targets.iter().rev() {
+                    let Some(mig) = m.migrations().get(v) else {
+                        continue;
+                    };
+                    // Read again: a migration applied just before may be the
+                    // deferred one this one requires.
+                    let rows = ledger::rows(conn, tables)?;
+                    let by_version = rows.iter().map(|r| (normal(&r.version), r)).collect();
+                    let (lt, st) = m.timeouts(mig.track());
+                    let saved = session::Timeouts::set(conn, lt, st)?;
+                    let applied =
+                        m.apply_pending(conn, tables, &[mig], &by_version, mig.track(), report);
+                    let restored = saved.restore(conn);
+                    applied?;
+                    restored?;
                 }
-                restored.map_err(|e| (e, Vec::new()))?;
-            }
-            Ok((reverted, again))
-        });
-        match result {
-            Ok((reverted, again)) => {
-                report.reverted = reverted;
-                report.applied = again;
-                Ok(report)
-            }
-            Err((e, reverted)) => {
-                report.reverted = reverted;
-                Err(e.with_report(report))
-            }
-        }
+                Ok(())
+            }),
+        )
     }
 
-    /// Records how a migration repaired by hand ended, replacing any
-    /// hand-written change to the ledger: [`Resolution::Applied`] records it
-    /// as applied (its version row, and its checksum), [`Resolution::RolledBack`]
-    /// as not applied, so the next `up` starts it from the first statement.
-    /// The attempts table records who (operating-system user, database role,
-    /// host) did it and when, with `note`. Under the required lock (and the
-    /// deferred one for a deferred migration).
+    /// Records how a migration whose latest attempt did not finish (it
+    /// failed, or its process died, applying or reverting it) ended once
+    /// repaired by hand, replacing any hand-written change to the ledger:
+    /// [`Resolution::Applied`] records it as applied (its version row, and
+    /// its checksum), [`Resolution::RolledBack`] as not applied, so the next
+    /// `up` starts it from the first statement. The attempts table records
+    /// who (operating-system user, database role, host) did it and when,
+    /// with `note`. Under the required lock (and the deferred one for a
+    /// deferred migration).
     ///
     /// # Errors
     /// [`ErrorKind::RevertRefused`] when the version is not known to this
-    /// binary, or another session leads the deferred track.
+    /// binary, when its latest attempt finished (an applied migration is
+    /// reverted with [`Migrator::revert`], a pending one applied by `up`),
+    /// or when another session leads the deferred track.
     pub fn resolve(
         &self,
         conn: &mut PgConnection,
@@ -136,33 +139,74 @@ impl Migrator {
         resolution: Resolution,
         note: &str,
     ) -> Result<Report, Error> {
+        self.resolve_with(conn, version, resolution, note, false)
+    }
+
+    /// As [`Migrator::resolve`], whatever state the migration is in.
+    ///
+    /// # Warning
+    /// Recording an applied migration as rolled back makes the next `up`
+    /// run it again over the changes it already made; recording a pending
+    /// one as applied means it never runs. Use it only when the database
+    /// is known to match what is recorded (for example, a migration
+    /// applied by hand, outside any tool).
+    ///
+    /// # Errors
+    /// As [`Migrator::resolve`], but for the state check.
+    pub fn dangerous_resolve_any_state(
+        &self,
+        conn: &mut PgConnection,
+        version: &str,
+        resolution: Resolution,
+        note: &str,
+    ) -> Result<Report, Error> {
+        self.resolve_with(conn, version, resolution, note, true)
+    }
+
+    fn resolve_with(
+        &self,
+        conn: &mut PgConnection,
+        version: &str,
+        resolution: Resolution,
+        note: &str,
+        any_state: bool,
+    ) -> Result<Report, Error> {
         let m = self.migrations().get(version).ok_or_else(|| {
             refused(format!(
                 "version {version} is not a migration this binary knows: resolve it with the \
                  release that has it (`rollout status` lists the versions it knows)"
             ))
         })?;
-        let mut report = Report::default();
-        let result = self.with_lock_for(conn, &mut report, m.track(), |_, conn, tables, _| {
-            let outcome = match resolution {
-                Resolution::Applied => "applied",
-                Resolution::RolledBack => "rolled_back",
-            };
-            let note = if note.is_empty() {
-                format!("resolved by hand as {}", outcome.replace('_', " "))
-            } else {
-                note.to_string()
-            };
-            ledger::record_resolution(conn, tables, m, outcome, &note).map_err(|e| {
-                (
-                    Error::db("recording the resolution", e).at(m, None),
-                    Vec::new(),
-                )
-            })?;
-            tracing::info!(version = m.version(), outcome, "resolved {}", m.dir_name());
-            Ok(())
-        });
-        result.map(|()| report).map_err(|(e, _)| e)
+        let deferred = m.track() == Track::Deferred;
+        self.locked(
+            conn,
+            deferred,
+            Box::new(move |_, conn, tables, rows, _| {
+                let row = rows
+                    .iter()
+                    .find(|r| normal(&r.version) == normal(m.version()));
+                if !any_state {
+                    check_resolvable(m, row)?;
+                }
+                let outcome = match resolution {
+                    Resolution::Applied => "applied",
+                    Resolution::RolledBack => "rolled_back",
+                };
+                let note = if note.is_empty() {
+                    format!("resolved by hand as {}", outcome.replace('_', " "))
+                } else {
+                    note.to_string()
+                };
+                ledger::record_resolution(conn, tables, m, outcome, &note)
+                    .map_err(|e| Error::db("recording the resolution", e).at(m, None))?;
+                tracing::info!(version = m.version(), outcome, "resolved {}", m.dir_name());
+                Ok(())
+            }),
+        )
+    }
+
+    fn has_deferred(&self) -> bool {
+        self.migrations().track(Track::Deferred).next().is_some()
     }
 
     /// The applied versions `target` names, newest first, each known to
@@ -171,7 +215,7 @@ impl Migrator {
         &self,
         rows: &[LedgerRow],
         target: &RevertTarget,
-    ) -> Result<Vec<String>, (Error, Vec<crate::Applied>)> {
+    ) -> Result<Vec<String>, Error> {
         let mut applied: Vec<&str> = rows
             .iter()
             .filter(|r| r.applied)
@@ -180,42 +224,78 @@ impl Migrator {
         applied.sort_by(|a, b| compare_versions(b, a));
         let chosen: Vec<&str> = match target {
             RevertTarget::Count(n) => applied.into_iter().take(*n).collect(),
-            RevertTarget::To(v) => applied
-                .into_iter()
-                .take_while(|a| compare_versions(a, v).is_gt())
-                .collect(),
+            RevertTarget::To(v) => {
+                // The version to stay at must be one that is applied: a
+                // typo or a shortened version would otherwise compare below
+                // every real one and revert everything.
+                if !applied.iter().any(|a| normal(a) == normal(v)) {
+                    return Err(refused(format!(
+                        "version {v} is not an applied migration: --to names the applied \
+                         migration to go back to, which stays applied (`rollout status` lists \
+                         the applied versions); --count N reverts the newest N"
+                    )));
+                }
+                applied
+                    .into_iter()
+                    .take_while(|a| normal(a) != normal(v))
+                    .collect()
+            }
         };
         if chosen.is_empty() {
-            return Err((
-                refused("nothing to revert: no applied migration matches".to_string()),
-                Vec::new(),
+            return Err(refused(
+                "nothing to revert: no applied migration matches".to_string(),
             ));
         }
         for v in &chosen {
             let Some(m) = self.migrations().get(v) else {
-                return Err((
-                    refused(format!(
-                        "version {v} is applied, but this binary does not know it (a newer \
-                         release applied it): revert it with that release's `rollout revert`, \
-                         or undo it by hand and record that with `rollout resolve {v} \
-                         --rolled-back` using that release"
-                    )),
-                    Vec::new(),
-                ));
+                return Err(refused(format!(
+                    "version {v} is applied, but this binary does not know it (a newer \
+                     release applied it): revert it with that release's `rollout revert`, \
+                     or undo it by hand and record that with `rollout resolve {v} \
+                     --rolled-back` using that release"
+                )));
             };
-            check_down(m).map_err(|e| (e, Vec::new()))?;
+            check_down(m)?;
         }
         Ok(chosen.into_iter().map(str::to_string).collect())
     }
 
-    /// Reverts `targets` (newest first) on a connection holding the locks.
+    /// Strict mode's checks as `up` will make them once `targets` are
+    /// reverted, so a redo that `up` would refuse reverts nothing.
+    fn check_drift_after_revert(
+        &self,
+        rows: &[LedgerRow],
+        targets: &[String],
+        report: &mut Report,
+    ) -> Result<(), Error> {
+        let after: Vec<LedgerRow> = rows
+            .iter()
+            .cloned()
+            .map(|mut r| {
+                if targets.iter().any(|t| normal(t) == normal(&r.version)) {
+                    r.applied = false;
+                    r.applied_checksum = None;
+                }
+                r
+            })
+            .collect();
+        for track in [Track::Required, Track::Deferred] {
+            let a = self.analyze(&after, track);
+            self.check_drift(&a, report)?;
+        }
+        Ok(())
+    }
+
+    /// Reverts `targets` (newest first) on a connection holding the locks,
+    /// each reverted one added to `report` as it is done.
     fn revert_on(
         &self,
         conn: &mut PgConnection,
         tables: &Tables,
         rows: &[LedgerRow],
         targets: &[String],
-    ) -> Result<Vec<crate::Applied>, (Error, Vec<crate::Applied>)> {
+        report: &mut Report,
+    ) -> Result<(), Error> {
         // Every refusal before anything changes.
         for v in targets {
             let Some(m) = self.migrations().get(v) else {
@@ -223,28 +303,24 @@ impl Migrator {
             };
             if m.track() == Track::Deferred {
                 let builds = catalog::builds_in_progress(conn)
-                    .map_err(|e| (Error::db("reading index builds in progress", e), Vec::new()))?;
+                    .map_err(|e| Error::db("reading index builds in progress", e))?;
                 let indexes = catalog::migration_indexes(conn, m, &builds)
-                    .map_err(|e| (Error::db("reading the migration's indexes", e), Vec::new()))?;
+                    .map_err(|e| Error::db("reading the migration's indexes", e))?;
                 if let Some(i) = indexes
                     .iter()
                     .find(|i| i.state == crate::IndexState::Building)
                 {
-                    return Err((
-                        refused(format!(
-                            "deferred migration {} has index {} being built by another session \
-                             now: wait for the build (`rollout status` shows its progress), \
-                             then revert",
-                            m.dir_name(),
-                            i.name
-                        ))
-                        .at(m, None),
-                        Vec::new(),
-                    ));
+                    return Err(refused(format!(
+                        "deferred migration {} has index {} being built by another session \
+                         now: wait for the build (`rollout status` shows its progress), \
+                         then revert",
+                        m.dir_name(),
+                        i.name
+                    ))
+                    .at(m, None));
                 }
             }
         }
-        let mut reverted = Vec::new();
         for v in targets {
             let Some(m) = self.migrations().get(v) else {
                 continue;
@@ -253,119 +329,126 @@ impl Migrator {
                 .iter()
                 .find(|r| normal(&r.version) == normal(m.version()));
             let (lt, st) = self.timeouts(m.track());
-            let saved = session::Timeouts::set(conn, lt, st).map_err(|e| (e, Vec::new()))?;
+            let saved = session::Timeouts::set(conn, lt, st)?;
             let result = executor::revert(conn, tables, m, row, &executor::Options::plain());
             let restored = saved.restore(conn);
-            match result {
-                Ok(done) => reverted.push(done),
-                Err(e) => return Err((e, reverted)),
-            }
-            restored.map_err(|e| (e, Vec::new()))?;
+            report.reverted.push(result?);
+            restored?;
         }
-        Ok(reverted)
+        Ok(())
     }
 
-    /// Runs `f` under the required lock (and the deferred one when
-    /// `targets_deferred` says a deferred migration may be touched).
-    fn with_lock<T>(
-        &self,
-        conn: &mut PgConnection,
-        report: &mut Report,
-        f: impl FnOnce(
-            &Migrator,
-            &mut PgConnection,
-            &Tables,
-            &[LedgerRow],
-        ) -> Result<T, (Error, Vec<crate::Applied>)>,
-    ) -> Result<T, (Error, Vec<crate::Applied>)> {
-        let deferred = self.migrations().track(Track::Deferred).next().is_some();
-        self.locked(conn, report, deferred, f)
-    }
-
-    fn with_lock_for<T>(
-        &self,
-        conn: &mut PgConnection,
-        report: &mut Report,
-        track: Track,
-        f: impl FnOnce(
-            &Migrator,
-            &mut PgConnection,
-            &Tables,
-            &[LedgerRow],
-        ) -> Result<T, (Error, Vec<crate::Applied>)>,
-    ) -> Result<T, (Error, Vec<crate::Applied>)> {
-        self.locked(conn, report, track == Track::Deferred, f)
-    }
-
+    /// Runs `f` under the required lock, and the deferred one too when
+    /// `deferred_too`; both are released whatever `f` returns. The report
+    /// holds what was done even on an error.
     fn locked<T>(
         &self,
         conn: &mut PgConnection,
-        report: &mut Report,
         deferred_too: bool,
-        f: impl FnOnce(
-            &Migrator,
-            &mut PgConnection,
-            &Tables,
-            &[LedgerRow],
-        ) -> Result<T, (Error, Vec<crate::Applied>)>,
-    ) -> Result<T, (Error, Vec<crate::Applied>)> {
-        let plain = |e: Error| (e, Vec::new());
-        let ledger: Ledger = self.ledger().map_err(plain)?;
-        let tables = ledger.resolve(conn).map_err(plain)?;
+        f: Box<Locked<'_, T>>,
+    ) -> Result<Report, Error> {
+        let mut report = Report::default();
+        let result = self.locked_inner(conn, deferred_too, f, &mut report);
+        match result {
+            Ok(_) => Ok(report),
+            Err(e) => Err(e.with_report(report)),
+        }
+    }
+
+    fn locked_inner<T>(
+        &self,
+        conn: &mut PgConnection,
+        deferred_too: bool,
+        f: Box<Locked<'_, T>>,
+        report: &mut Report,
+    ) -> Result<T, Error> {
+        let ledger: Ledger = self.ledger()?;
+        let tables = ledger.resolve(conn)?;
         let keys = self.keys(&ledger, &tables, Track::Required);
         let deferred_keys = self.keys(&ledger, &tables, Track::Deferred);
         let (guard, waited) =
-            LockGuard::acquire(conn, keys, Track::Required, self.wait(), &mut |_| true)
-                .map_err(plain)?;
+            LockGuard::acquire(conn, keys, Track::Required, self.wait(), &mut |_| true)?;
         report.took_lock = true;
         report.lock_wait = waited;
         let Some(mut guard) = guard else {
-            return Err(plain(Error::new(
+            return Err(Error::new(
                 ErrorKind::LockTimeout,
                 "the required lock was not taken",
-            )));
+            ));
         };
         let result = (|| {
             let conn: &mut PgConnection = &mut guard;
-            let mut tables = ledger.resolve(conn).map_err(plain)?;
-            ledger::ensure_tables(conn, &ledger, &mut tables).map_err(plain)?;
-            let held_deferred = if deferred_too {
-                if !lock::try_lock_all(conn, &deferred_keys).map_err(plain)? {
-                    let who = lock::holder(conn, &deferred_keys)
-                        .ok()
-                        .flatten()
-                        .map_or_else(|| "another session".to_string(), |h| h.to_string());
-                    return Err(plain(refused(format!(
-                        "{who} leads the deferred track now, and what it runs must not change \
-                         under it: wait for it to finish (`rollout deferred --wait`), then \
-                         run this again"
-                    ))));
-                }
-                ledger::mark_interrupted(conn, &tables, Track::Deferred).map_err(plain)?;
-                true
-            } else {
-                false
-            };
-            ledger::mark_interrupted(conn, &tables, Track::Required).map_err(plain)?;
-            let rows = ledger::rows(conn, &tables).map_err(plain)?;
-            let result = f(self, conn, &tables, &rows);
-            if held_deferred && !matches!(lock::unlock_all(conn, &deferred_keys), Ok(true)) {
+            let mut tables = ledger.resolve(conn)?;
+            ledger::ensure_tables(conn, &ledger, &mut tables)?;
+            if !deferred_too {
+                ledger::mark_interrupted(conn, &tables, Track::Required)?;
+                let rows = ledger::rows(conn, &tables)?;
+                return f(self, conn, &tables, &rows, report);
+            }
+            if !lock::try_lock_all(conn, &deferred_keys)? {
+                let who = lock::holder(conn, &deferred_keys)
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| "another session".to_string(), |h| h.to_string());
+                return Err(refused(format!(
+                    "{who} leads the deferred track now, and what it runs must not change \
+                     under it: wait for it to finish (`rollout deferred --wait`), then \
+                     run this again"
+                )));
+            }
+            // Everything from here releases the deferred lock on the way
+            // out, error or not.
+            let result = (|| {
+                ledger::mark_interrupted(conn, &tables, Track::Deferred)?;
+                ledger::mark_interrupted(conn, &tables, Track::Required)?;
+                let rows = ledger::rows(conn, &tables)?;
+                f(self, conn, &tables, &rows, report)
+            })();
+            if !matches!(lock::unlock_all(conn, &deferred_keys), Ok(true)) {
                 tracing::warn!("could not release the deferred lock; dropping the connection");
-                return Err(plain(
+                let unlock =
                     Error::new(ErrorKind::Unlock, "the deferred lock could not be released")
-                        .unusable(),
-                ));
+                        .unusable();
+                return Err(match result {
+                    Ok(_) => unlock,
+                    Err(e) => e.unusable(),
+                });
             }
             result
         })();
         let released = guard.release();
         match (result, released) {
             (Ok(t), Ok(())) => Ok(t),
-            (Ok(_), Err(e)) => Err(plain(e)),
+            (Ok(_), Err(e)) => Err(e),
             (Err(e), Ok(())) => Err(e),
-            (Err((e, done)), Err(_)) => Err((e.unusable(), done)),
+            (Err(e), Err(_)) => Err(e.unusable()),
         }
     }
+}
+
+/// Whether `row`'s latest attempt left something to resolve: it failed,
+/// is waiting for a retry, or its process died, applying or reverting.
+fn check_resolvable(m: &Migration, row: Option<&LedgerRow>) -> Result<(), Error> {
+    if row.is_some_and(LedgerRow::unfinished) {
+        return Ok(());
+    }
+    let v = m.version();
+    let message = match row {
+        Some(r) if r.applied => format!(
+            "migration {} is applied and its latest attempt finished: there is nothing to \
+             resolve. To undo it, revert it (`rollout revert --count N` or `--to VERSION`); if \
+             its changes were already undone by hand, `rollout resolve {v} --rolled-back \
+             --force` records that, and the next `up` runs it again",
+            m.dir_name()
+        ),
+        _ => format!(
+            "migration {} is pending and no attempt of it failed: there is nothing to resolve. \
+             `rollout up` applies it; if it was applied by hand, `rollout resolve {v} --applied \
+             --force` records that, and `up` never runs it",
+            m.dir_name()
+        ),
+    };
+    Err(refused(message).at(m, None))
 }
 
 fn refused(message: String) -> Error {

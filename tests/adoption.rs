@@ -260,14 +260,44 @@ fn a_history_applied_by_diesel_is_adopted_in_one_step() {
         )),
         ["rolled_back dropped half by hand postgres"]
     );
+    // Recorded as rolled back, it is pending with nothing left to
+    // resolve: a second resolve is refused unless forced (as for a
+    // migration applied by hand, outside any tool).
     let out = rollout(
         &db,
         &dir,
         &["resolve", &history::version(N + 3), "--applied"],
     );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("is pending and no attempt of it failed"),
+        "{}",
+        text(&out)
+    );
+    assert!(!diesel_applied(&db).contains(&history::version(N + 3)));
+    let out = rollout(
+        &db,
+        &dir,
+        &["resolve", &history::version(N + 3), "--applied", "--force"],
+    );
     assert!(out.status.success(), "{}", text(&out));
     assert!(diesel_applied(&db).contains(&history::version(N + 3)));
     assert!(rollout(&db, &dir, &["verify"]).status.success());
+
+    // A healthy applied migration is not resolved as rolled back: the next
+    // `up` would run it again over its own changes.
+    let healthy = history::version(N + 1);
+    let out = rollout(&db, &dir, &["resolve", &healthy, "--rolled-back"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("is applied and its latest attempt finished"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("rollout revert"), "{}", text(&out));
+    assert!(diesel_applied(&db).contains(&healthy));
+    let out = rollout(&db, &dir, &["plan"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
 
 /// Each refusal of `revert` names the migration and what to do, and
@@ -309,6 +339,20 @@ fn revert_refuses_what_it_cannot_undo_naming_the_migration_and_the_next_step() {
         "{text}"
     );
     assert!(text.contains("rollout resolve 2 --rolled-back"), "{text}");
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM __diesel_schema_migrations"),
+        2
+    );
+
+    // --to a version that is not applied (a typo, a shortened version)
+    // reverts nothing, rather than everything.
+    for v in ["0", "2025", "3"] {
+        let text = refused(RevertTarget::To(v.into()));
+        assert!(
+            text.contains(&format!("version {v} is not an applied migration")),
+            "{text}"
+        );
+    }
     assert_eq!(
         db.count("SELECT count(*) AS n FROM __diesel_schema_migrations"),
         2

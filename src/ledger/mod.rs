@@ -68,7 +68,9 @@ impl LedgerRow {
         self.operation.as_deref().unwrap_or("up") == operation
     }
 
-    fn unfinished(&self) -> bool {
+    /// The latest attempt, of any operation, did not finish: it failed, is
+    /// to be retried, or its process died.
+    pub(crate) fn unfinished(&self) -> bool {
         matches!(
             self.outcome.as_deref(),
             Some("failed" | "retrying" | "interrupted")

@@ -33,6 +33,12 @@ pub fn config_path(required: &Path) -> Option<PathBuf> {
 pub fn set(required: &Path, version: &str) -> io::Result<PathBuf> {
     let path = config_path_for_writing(required);
     write(&path, version)?;
+    // A build script embedding these migrations watches the directory, not
+    // a config file that did not exist: a newer mtime makes cargo embed
+    // the baseline at the next build. Best effort.
+    if let Ok(dir) = fs::File::open(required) {
+        let _ = dir.set_modified(std::time::SystemTime::now());
+    }
     Ok(path)
 }
 

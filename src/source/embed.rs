@@ -67,18 +67,17 @@ fn absolute(path: &Path) -> String {
 
 /// The lines a build script prints so that cargo re-runs it when anything
 /// in either directory changes, including a new migration directory, and
-/// when the baseline's `diesel-guard.toml` changes or appears (a missing
-/// file named in `rerun-if-changed` would re-run the script on every build:
-/// its directory is named instead).
+/// when the baseline's `diesel-guard.toml` changes. A `diesel-guard.toml`
+/// that does not exist yet is not named (cargo would re-run the script on
+/// every build for a missing file, and naming its directory, the crate's,
+/// would have cargo scan `target/` too): [`set_baseline`](crate::set_baseline)
+/// touches the migrations directory when it writes the file, and one
+/// created by hand is picked up at the next change under the migrations
+/// directory (or `touch migrations`).
 pub fn rerun_if_changed(required: &Path, deferred: &Path) -> Vec<String> {
     let mut lines = Vec::new();
-    match baseline::config_path(required) {
-        Some(config) => lines.push(format!("cargo:rerun-if-changed={}", config.display())),
-        None => {
-            if let Some(parent) = required.parent().filter(|p| !p.as_os_str().is_empty()) {
-                lines.push(format!("cargo:rerun-if-changed={}", parent.display()));
-            }
-        }
+    if let Some(config) = baseline::config_path(required) {
+        lines.push(format!("cargo:rerun-if-changed={}", config.display()));
     }
     for dir in [required, deferred] {
         lines.push(format!("cargo:rerun-if-changed={}", dir.display()));

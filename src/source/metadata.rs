@@ -59,6 +59,7 @@ fn parse_string_array<'a>(
 ///
 /// # Errors
 /// `(line, message)` for the first problem.
+#[cfg(feature = "lint")]
 pub fn parse_metadata(text: &str) -> Result<Metadata, (Option<usize>, String)> {
     match parse_lenient(text)? {
         (m, complaints) if complaints.is_empty() => Ok(m),

@@ -19,7 +19,9 @@ pub mod sql;
 #[cfg(test)]
 mod tests;
 
-pub use self::metadata::{parse_metadata, Metadata};
+#[cfg(feature = "lint")]
+pub use self::metadata::parse_metadata;
+pub use self::metadata::Metadata;
 
 /// Which of the two tracks a migration belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

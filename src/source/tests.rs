@@ -395,3 +395,33 @@ fn line_endings_do_not_change_a_checksum() {
     assert!(legacy_checksums(lf).contains(&checksum(crlf.as_bytes())));
     assert!(legacy_checksums(&crlf).contains(&checksum(crlf.as_bytes())));
 }
+
+/// Without a `diesel-guard.toml`, the build script watches the migration
+/// directories only (naming the crate's directory would have cargo scan
+/// `target/` and re-run it on every build); writing a baseline touches the
+/// required directory, so the next build embeds it, and names the file.
+#[test]
+fn the_build_script_watches_the_migrations_and_a_new_baseline() {
+    let t = Tree::new();
+    t.add(Track::Required, "1_a", &[("up.sql", "select 1;")]);
+    let watched = |lines: &[String]| -> Vec<std::path::PathBuf> {
+        lines
+            .iter()
+            .map(|l| l.strip_prefix("cargo:rerun-if-changed=").unwrap().into())
+            .collect()
+    };
+    let lines = rerun_if_changed(&t.req(), &t.def());
+    for p in watched(&lines) {
+        assert!(p.starts_with(t.req()) || p.starts_with(t.def()), "{p:?}");
+    }
+    let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+    std::fs::File::open(t.req())
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let config = crate::source::baseline::set(&t.req(), "1").unwrap();
+    let mtime = std::fs::metadata(t.req()).unwrap().modified().unwrap();
+    assert!(mtime > old);
+    let lines = rerun_if_changed(&t.req(), &t.def());
+    assert!(watched(&lines).contains(&config), "{lines:?}");
+}

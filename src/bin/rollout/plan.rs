@@ -1,5 +1,6 @@
 //! `rollout plan`: what `up` would do now, without changing anything. Exits
-//! 10 when something is pending, so a pipeline can gate on it.
+//! 10 when something is pending, so a pipeline can gate on it, and 1 when
+//! `up` would refuse or leave the database incomplete.
 
 use diesel_rollout::connect;
 
@@ -22,5 +23,11 @@ pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
     } else {
         print_out(&plan_text(&plan));
     }
-    Ok(if plan.is_empty() { 0 } else { PENDING })
+    Ok(if plan.has_problems() {
+        1
+    } else if plan.is_empty() {
+        0
+    } else {
+        PENDING
+    })
 }

@@ -39,13 +39,17 @@ pub(crate) fn print_reverted(report: &diesel_rollout::Report) {
 /// The plan as text: a block per pending migration.
 pub(crate) fn plan_text(plan: &diesel_rollout::Plan) -> String {
     use diesel_rollout::PlanAction;
-    if plan.is_empty() {
-        return "nothing pending: `rollout up` would do nothing\n".into();
+    let mut out = if plan.is_empty() {
+        "nothing pending: `rollout up` would do nothing\n".to_string()
+    } else {
+        format!(
+            "{} pending migration(s), in the order `rollout up` would run them:\n",
+            plan.steps.len()
+        )
+    };
+    for p in &plan.problems {
+        out.push_str(&format!("\nproblem: {p}\n"));
     }
-    let mut out = format!(
-        "{} pending migration(s), in the order `rollout up` would run them:\n",
-        plan.steps.len()
-    );
     for step in &plan.steps {
         let mode = if step.transaction {
             "in a transaction"
@@ -62,6 +66,7 @@ pub(crate) fn plan_text(plan: &diesel_rollout::Plan) -> String {
                 "\n  resumed at statement {}: {done} done by an earlier attempt",
                 done + 1
             )),
+            PlanAction::Refused { reason } => out.push_str(&format!("\n  refused: {reason}")),
             _ => {}
         }
         if !step.waits_for.is_empty() {
@@ -106,11 +111,13 @@ pub(crate) fn plan_json(plan: &diesel_rollout::Plan) -> serde_json::Value {
     use diesel_rollout::PlanAction;
     serde_json::json!({
         "pending": plan.steps.len(),
+        "problems": plan.problems,
         "steps": plan.steps.iter().map(|step| {
             let (action, detail) = match &step.action {
                 PlanAction::Apply => ("apply", serde_json::Value::Null),
                 PlanAction::Retry { error } => ("retry", serde_json::json!(error)),
                 PlanAction::Resume { done } => ("resume", serde_json::json!(done)),
+                PlanAction::Refused { reason } => ("refused", serde_json::json!(reason)),
                 _ => ("apply", serde_json::Value::Null),
             };
             serde_json::json!({

@@ -15,6 +15,9 @@ pub(crate) struct Args {
     /// Its changes are not in the database: record it as not applied, so `up` runs it from the start.
     #[arg(long)]
     rolled_back: bool,
+    /// Resolve even when the latest attempt finished (dangerous: an applied migration recorded as rolled back runs again on the next `up`; a pending one recorded as applied never runs).
+    #[arg(long)]
+    force: bool,
     /// Why, recorded with who and when.
     #[arg(long, value_name = "TEXT", default_value = "")]
     note: String,
@@ -29,7 +32,11 @@ pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
     let version: String = args.version.chars().filter(|c| *c != '-').collect();
     let m = migrator(cli)?;
     let mut conn = connect(database_url(cli)?)?;
-    m.resolve(&mut conn, &version, resolution, &args.note)?;
+    if args.force {
+        m.dangerous_resolve_any_state(&mut conn, &version, resolution, &args.note)?;
+    } else {
+        m.resolve(&mut conn, &version, resolution, &args.note)?;
+    }
     let name = m
         .migrations()
         .get(&version)

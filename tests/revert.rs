@@ -1,0 +1,297 @@
+//! Revert, redo, resolve and plan where they meet the rest of the harness:
+//! the out-of-order check across the two tracks, the deferred lock on every
+//! error path, a revert that stops halfway, what `plan` predicts against
+//! what `up` does, and `redo` applying the way `up` applies.
+
+mod support;
+
+use diesel::connection::SimpleConnection;
+use diesel_rollout::{ErrorKind, PlanAction, RevertTarget};
+use support::{TempSet, TestDb};
+
+fn down(dir: &std::path::Path, sql: &str) {
+    std::fs::write(dir.join("down.sql"), sql).unwrap();
+}
+
+/// The tracks interleave by design: a deferred migration older than the
+/// newest required one is the normal order, not a branch merged late.
+#[test]
+fn deferred_migrations_behind_required_ones_are_in_order() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("10_things", "CREATE TABLE things (id BIGINT, v INT);\n");
+    set.deferred(
+        "20_things_v",
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS things_v ON things (v);\n",
+    );
+    set.required("30_more", "CREATE TABLE more (id BIGINT);\n");
+    let m = set.migrator().strict(true);
+    let report = m.run_required(&db.url).unwrap();
+    assert_eq!(report.applied.len(), 2);
+    let plan = m.plan(&mut db.conn()).unwrap();
+    assert_eq!(plan.steps.len(), 1);
+    assert!(!plan.steps[0].out_of_order, "{plan:?}");
+    assert!(!plan.has_problems(), "{plan:?}");
+    let report = m.run_deferred_on(&mut db.conn()).unwrap();
+    assert_eq!(report.applied.len(), 1);
+    assert!(report.out_of_order.is_empty(), "{report:?}");
+
+    // Within a track the check still holds: a late required migration.
+    set.required("25_late", "CREATE TABLE late (id BIGINT);\n");
+    let m = set.migrator().strict(true);
+    let err = m.run_required(&db.url).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutOfOrder, "{err}");
+    let plan = m.plan(&mut db.conn()).unwrap();
+    assert!(plan.steps[0].out_of_order);
+    assert!(plan.has_problems(), "{plan:?}");
+}
+
+/// Every way out of a revert that holds the deferred lock releases it: here
+/// the session is read-only, so recording anything fails after both locks
+/// are taken.
+#[test]
+fn a_revert_that_fails_under_the_deferred_lock_releases_it() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    let one = set.required("1_things", "CREATE TABLE things (id BIGINT);\n");
+    down(&one, "DROP TABLE things;\n");
+    set.deferred(
+        "2_index",
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS things_id ON things (id);\n",
+    );
+    let m = set.migrator();
+    m.run_required(&db.url).unwrap();
+    m.run_deferred_on(&mut db.conn()).unwrap();
+    let mut conn = db.conn();
+    conn.batch_execute("SET default_transaction_read_only = on")
+        .unwrap();
+    let err = m.revert(&mut conn, RevertTarget::Count(1)).unwrap_err();
+    assert!(err.to_string().contains("read-only"), "{err}");
+    assert_eq!(
+        support::count_on(
+            &mut conn,
+            "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' \
+             AND pid = pg_backend_pid()"
+        ),
+        0,
+        "the session still holds an advisory lock after {err}"
+    );
+    assert_eq!(db.advisory_locks(), 0);
+}
+
+/// A no-transaction revert that stops halfway leaves the schema between
+/// the two sides: `verify` fails and `plan` exits 1, both naming it; the
+/// revert run again resumes where it stopped.
+#[test]
+fn a_revert_stopped_halfway_fails_verify_and_plan_until_it_is_finished() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    let one = set.required_no_tx(
+        "1_tables",
+        "CREATE TABLE t1 (id int);\nCREATE TABLE t2 (id int);\nCREATE TABLE t3 (id int);\n",
+    );
+    down(
+        &one,
+        "DROP TABLE t3;\nSELECT revert_gate();\nDROP TABLE t2;\nDROP TABLE t1;\n",
+    );
+    let m = set.migrator();
+    m.run_required(&db.url).unwrap();
+    let err = m
+        .revert(&mut db.conn(), RevertTarget::Count(1))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::MigrationFailed, "{err}");
+    let v = m.verify(&mut db.conn()).unwrap();
+    assert!(!v.is_complete(), "{v:?}");
+    assert!(v.failed[0].1.contains("revert stopped halfway"), "{v:?}");
+    let out = db
+        .rollout()
+        .args(["verify", "--migrations-dir"])
+        .arg(set.required_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let out = db
+        .rollout()
+        .args(["plan", "--migrations-dir"])
+        .arg(set.required_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("the revert of 1_tables stopped halfway (1 of"),
+        "{text}"
+    );
+    db.conn()
+        .batch_execute("CREATE FUNCTION revert_gate() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+        .unwrap();
+    let report = m.revert(&mut db.conn(), RevertTarget::Count(1)).unwrap();
+    assert_eq!(report.reverted.len(), 1);
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM pg_tables WHERE tablename IN ('t1', 't2', 't3')"),
+        0
+    );
+    m.run_required(&db.url).unwrap();
+    assert!(m.verify(&mut db.conn()).unwrap().is_complete());
+}
+
+/// `plan` says what `up` will do: an attempt left running by a process that
+/// died is resumed, not applied from the start; a half-done migration whose
+/// up.sql changed is refused (exit 1), as `up` refuses it; strict mode's
+/// refusal is a problem.
+#[test]
+fn plan_predicts_resumes_and_refusals_as_up_makes_them() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("1_base", "CREATE TABLE base (id int);\n");
+    let two = set.required_no_tx(
+        "2_steps",
+        "CREATE TABLE s1 (id int);\nSELECT plan_gate();\nCREATE TABLE s3 (id int);\n",
+    );
+    let m = set.migrator();
+    m.run_required(&db.url).unwrap_err();
+    let resume = |plan: &diesel_rollout::Plan| plan.steps[0].action.clone();
+    assert_eq!(
+        resume(&m.plan(&mut db.conn()).unwrap()),
+        PlanAction::Resume { done: 1 }
+    );
+    // The process died mid-attempt: its row still says running.
+    db.conn()
+        .batch_execute(
+            "UPDATE __diesel_rollout_attempts SET outcome = 'running', finished_at = NULL \
+             WHERE version = '2'",
+        )
+        .unwrap();
+    assert_eq!(
+        resume(&m.plan(&mut db.conn()).unwrap()),
+        PlanAction::Resume { done: 1 }
+    );
+
+    // up.sql changed since: up refuses to resume, and plan says so.
+    std::fs::write(
+        two.join("up.sql"),
+        "CREATE TABLE s1 (id int);\nSELECT plan_gate();\nCREATE TABLE s3 (id bigint);\n",
+    )
+    .unwrap();
+    let m = set.migrator();
+    let plan = m.plan(&mut db.conn()).unwrap();
+    let PlanAction::Refused { reason } = resume(&plan) else {
+        panic!("{plan:?}");
+    };
+    assert!(reason.contains("2_steps/up.sql changed since"), "{reason}");
+    assert!(plan.has_problems());
+    let out = db
+        .rollout()
+        .args(["plan", "--migrations-dir"])
+        .arg(set.required_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = m.run_required(&db.url).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PartialMigrationChanged, "{err}");
+
+    // Strict mode refuses a changed applied migration: a problem too.
+    std::fs::write(
+        two.join("up.sql"),
+        "CREATE TABLE s1 (id int);\nSELECT plan_gate();\nCREATE TABLE s3 (id int);\n",
+    )
+    .unwrap();
+    std::fs::write(
+        set.required_dir().join("1_base/up.sql"),
+        "CREATE TABLE base (id bigint);\n",
+    )
+    .unwrap();
+    let plan = set.migrator().strict(true).plan(&mut db.conn()).unwrap();
+    assert!(
+        plan.problems.iter().any(|p| p.contains("`up` refuses")),
+        "{plan:?}"
+    );
+    assert!(set.migrator().strict(true).run_required(&db.url).is_err());
+    assert!(!set.migrator().plan(&mut db.conn()).unwrap().has_problems());
+}
+
+/// `redo` applies again the way `up` applies: strict mode refuses before
+/// anything is reverted, a required migration finds the deferred one it
+/// requires applied just before it, and a failure reports both what was
+/// reverted and what was applied again.
+#[test]
+fn redo_applies_again_the_way_up_does() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    let one = set.required("1_things", "CREATE TABLE things (id BIGINT, v INT);\n");
+    down(&one, "DROP TABLE things;\n");
+    let two = set.deferred(
+        "2_things_v",
+        "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS things_v ON things (v);\n",
+    );
+    down(&two, "DROP INDEX CONCURRENTLY IF EXISTS things_v;\n");
+    let three = set.required_with(
+        "3_constraint",
+        "ALTER TABLE things ADD CONSTRAINT things_v_key UNIQUE USING INDEX things_v;\n",
+        "run_in_transaction = true\nrequires_deferred = [\"2\"]\n",
+    );
+    down(
+        &three,
+        "ALTER TABLE things DROP CONSTRAINT things_v_key;\n\
+         CREATE UNIQUE INDEX things_v ON things (v);\n",
+    );
+    let m = set.migrator();
+    let report = m.run_required(&db.url).unwrap_err();
+    assert_eq!(report.kind(), ErrorKind::DeferredDependency);
+    m.run_deferred_on(&mut db.conn()).unwrap();
+    m.run_required(&db.url).unwrap();
+
+    // Redo both: 3 and 2 reverted, then 2 and 3 applied again, in order.
+    let report = m.redo(&mut db.conn(), 2).unwrap();
+    let versions =
+        |a: &[diesel_rollout::Applied]| a.iter().map(|x| x.version.clone()).collect::<Vec<_>>();
+    assert_eq!(versions(&report.reverted), ["3", "2"]);
+    assert_eq!(versions(&report.applied), ["2", "3"]);
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM pg_constraint WHERE conname = 'things_v_key'"),
+        1
+    );
+
+    // Strict mode with a changed applied migration: refused, nothing
+    // reverted.
+    std::fs::write(
+        one.join("up.sql"),
+        "CREATE TABLE things (id BIGINT, v BIGINT);\n",
+    )
+    .unwrap();
+    let err = set
+        .migrator()
+        .strict(true)
+        .redo(&mut db.conn(), 1)
+        .unwrap_err();
+    assert!(err.to_string().contains("1_things"), "{err}");
+    assert!(err.report().unwrap().reverted.is_empty());
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM __diesel_schema_migrations"),
+        3
+    );
+    std::fs::write(
+        one.join("up.sql"),
+        "CREATE TABLE things (id BIGINT, v INT);\n",
+    )
+    .unwrap();
+
+    // A down.sql that leaves its table behind: 4 comes back, 5 fails; the
+    // report says both.
+    let four = set.required("4_extra", "CREATE TABLE extra (id int);\n");
+    down(&four, "DROP TABLE extra;\n");
+    let five = set.required("5_more", "CREATE TABLE more (id int);\n");
+    down(&five, "SELECT 1;\n");
+    let m = set.migrator();
+    m.run_required(&db.url).unwrap();
+    let err = m.redo(&mut db.conn(), 2).unwrap_err();
+    let report = err.report().unwrap();
+    assert_eq!(versions(&report.reverted), ["5", "4"]);
+    assert_eq!(versions(&report.applied), ["4"], "{err}");
+    assert_eq!(err.kind(), ErrorKind::MigrationFailed, "{err}");
+    assert!(err.to_string().contains("\"more\" already exists"), "{err}");
+    let status = m.status(&mut db.conn()).unwrap();
+    let state = |v: &str| status.iter().find(|s| s.version == v).unwrap().state;
+    assert_eq!(state("4"), diesel_rollout::State::Applied);
+    assert_eq!(state("5"), diesel_rollout::State::Failed);
+}
