@@ -36,7 +36,31 @@ fn deferred_migrations_behind_required_ones_are_in_order() {
     assert_eq!(report.applied.len(), 1);
     assert!(report.out_of_order.is_empty(), "{report:?}");
 
-    // Within a track the check still holds: a late required migration.
+    // Within a track the check still holds: a late deferred migration is
+    // refused by strict mode's background leader as by `run_deferred_on`...
+    set.deferred(
+        "15_late_index",
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS more_id ON more (id);\n",
+    );
+    let m = set.migrator().strict(true);
+    let pool = diesel::r2d2::Pool::builder()
+        .max_size(2)
+        .build(diesel::r2d2::ConnectionManager::new(&db.url))
+        .unwrap();
+    let state = m.run_deferred(pool);
+    let diesel_rollout::DeferredState::Failed { version, error } = state else {
+        panic!("{state:?}");
+    };
+    assert_eq!(version.as_deref(), Some("15"), "{error}");
+    assert!(
+        error.contains("15_late_index is pending but older"),
+        "{error}"
+    );
+    let err = m.run_deferred_on(&mut db.conn()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutOfOrder, "{err}");
+    std::fs::remove_dir_all(set.deferred_dir().join("15_late_index")).unwrap();
+
+    // ... and a late required migration.
     set.required("25_late", "CREATE TABLE late (id BIGINT);\n");
     let m = set.migrator().strict(true);
     let err = m.run_required(&db.url).unwrap_err();

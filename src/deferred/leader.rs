@@ -149,6 +149,15 @@ fn look(
             applied: std::mem::take(applied),
         });
     }
+    // Strict mode refuses what `up` refuses: a changed applied migration,
+    // a deferred migration older than one applied on this track.
+    if let Err(e) = m.check_drift(&deferred, &mut crate::report::Report::default()) {
+        tracing::error!(error = %e, "deferred track: strict mode refuses to run");
+        return Look::Finished(DeferredState::Failed {
+            version: e.migration().map(|r| r.version.clone()),
+            error: e.to_string(),
+        });
+    }
     // A leader (this replica or another) gave up on the next migration since
     // this track started: do not run the same failing build again on every
     // replica. The next start tries again.
