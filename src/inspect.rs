@@ -37,9 +37,10 @@ impl Migrator {
                 Some(r) if r.failed() => State::Failed,
                 _ => State::Pending,
             };
-            // A revert that stopped halfway leaves the migration applied,
-            // with the revert's error and progress shown.
-            let revert_failed = row.is_some_and(|r| r.revert_failed());
+            // A revert that failed leaves the migration applied, with the
+            // revert's error (and, halfway through, its progress) shown.
+            let half_done = row.is_some_and(|r| r.revert_half_done(m.run_in_transaction()));
+            let revert_failed = half_done || row.is_some_and(|r| r.revert_failed());
             let unfinished = state == State::Failed || revert_failed;
             out.push(MigrationStatus {
                 version: m.version().to_string(),
@@ -47,17 +48,18 @@ impl Migrator {
                 name: m.name().to_string(),
                 state,
                 applied_at: row.and_then(|r| r.applied_at.clone()),
-                error: row.filter(|_| unfinished).and_then(|r| {
-                    r.error.clone().map(|e| {
-                        if revert_failed {
-                            format!("revert stopped: {e}")
-                        } else {
-                            e
-                        }
-                    })
+                error: row.filter(|_| unfinished).map(|r| {
+                    let e = r.error.clone().unwrap_or_else(|| "interrupted".into());
+                    if half_done {
+                        format!("revert stopped halfway: {e}")
+                    } else if revert_failed {
+                        format!("revert failed, nothing undone: {e}")
+                    } else {
+                        e
+                    }
                 }),
                 statements_completed: row
-                    .filter(|_| unfinished && !m.run_in_transaction())
+                    .filter(|_| (state == State::Failed || half_done) && !m.run_in_transaction())
                     .and_then(|r| r.statements_completed),
                 changed: a.changed.iter().any(|c| c.version() == m.version()),
                 history: self
@@ -125,7 +127,7 @@ impl Migrator {
             if let Some(r) = a
                 .rows
                 .get(normal(m.version()))
-                .filter(|r| r.revert_failed())
+                .filter(|r| r.revert_half_done(m.run_in_transaction()))
             {
                 v.failed.push((
                     m.version().to_string(),

@@ -441,17 +441,7 @@ impl Migrator {
         // Resolved again under the lock: the lock key came from the first
         // resolution, and the ledger must not have moved since.
         let mut tables = ledger.resolve(conn)?;
-        if tables.schema != resolved.schema {
-            return Err(Error::new(
-                ErrorKind::Database,
-                format!(
-                    "the migrations table `{}` resolved to schema {:?}, then to {:?} while \
-                     taking the lock (a schema or ledger table was created or dropped \
-                     meanwhile): run again",
-                    ledger.configured, resolved.schema, tables.schema
-                ),
-            ));
-        }
+        same_schema(ledger, resolved, &tables)?;
         ledger::ensure_tables(conn, ledger, &mut tables)?;
         let tables = &tables;
         let n = ledger::mark_interrupted(conn, tables, track)?;
@@ -594,4 +584,20 @@ impl Migrator {
             }
         }
     }
+}
+
+/// The ledger resolved again under the lock is where it was when the lock's
+/// keys were derived from it.
+pub(crate) fn same_schema(ledger: &Ledger, before: &Tables, now: &Tables) -> Result<(), Error> {
+    if now.schema == before.schema {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Database,
+        format!(
+            "the migrations table `{}` resolved to schema {:?}, then to {:?} while taking the \
+             lock (a schema or ledger table was created or dropped meanwhile): run again",
+            ledger.configured, before.schema, now.schema
+        ),
+    ))
 }

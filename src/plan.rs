@@ -206,7 +206,7 @@ impl Migrator {
             let row = rows
                 .iter()
                 .find(|r| normal(&r.version) == normal(m.version()));
-            if let Some(r) = row.filter(|r| r.revert_failed()) {
+            if let Some(r) = row.filter(|r| r.revert_half_done(m.run_in_transaction())) {
                 problems.push(format!(
                     "the revert of {} stopped halfway ({} of its down.sql statements done): \
                      `up` leaves it as it is. Run the revert again (`rollout revert`), or \

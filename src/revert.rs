@@ -242,9 +242,39 @@ impl Migrator {
             }
         };
         if chosen.is_empty() {
-            return Err(refused(
-                "nothing to revert: no applied migration matches".to_string(),
-            ));
+            return Err(refused(match target {
+                RevertTarget::To(v) => format!(
+                    "nothing to revert: {v} is the newest applied migration (`rollout status` \
+                     lists them; --to names the one to go back to, which stays applied)"
+                ),
+                RevertTarget::Count(_) => {
+                    "nothing to revert: no migration is applied (`rollout status`)".to_string()
+                }
+            }));
+        }
+        // A newer migration that stopped halfway resumes after the
+        // statements it recorded: reverting what it builds on would leave
+        // those statements' work undone while the resume skips them.
+        let oldest = chosen.last().copied().unwrap_or_default();
+        for m in self.migrations().migrations() {
+            let half = rows
+                .iter()
+                .find(|r| normal(&r.version) == normal(m.version()))
+                .filter(|r| {
+                    r.failed() && !m.run_in_transaction() && r.statements_completed.unwrap_or(0) > 0
+                });
+            if let (Some(r), true) = (half, compare_versions(m.version(), oldest).is_gt()) {
+                return Err(refused(format!(
+                    "migration {} stopped halfway ({} statements done) and is newer than {oldest}, \
+                     which this would revert: its resume would skip work the revert undoes. \
+                     Finish it first (`rollout up`, then revert it too), or undo its statements \
+                     by hand and record that with `rollout resolve {} --rolled-back`",
+                    m.dir_name(),
+                    r.statements_completed.unwrap_or(0),
+                    m.version()
+                ))
+                .at(m, None));
+            }
         }
         for v in &chosen {
             let Some(m) = self.migrations().get(v) else {
@@ -378,7 +408,9 @@ impl Migrator {
         };
         let result = (|| {
             let conn: &mut PgConnection = &mut guard;
+            let resolved = tables;
             let mut tables = ledger.resolve(conn)?;
+            crate::migrator::same_schema(&ledger, &resolved, &tables)?;
             ledger::ensure_tables(conn, &ledger, &mut tables)?;
             if !deferred_too {
                 ledger::mark_interrupted(conn, &tables, Track::Required)?;

@@ -319,3 +319,118 @@ fn redo_applies_again_the_way_up_does() {
     assert_eq!(state("4"), diesel_rollout::State::Applied);
     assert_eq!(state("5"), diesel_rollout::State::Failed);
 }
+
+/// A transactional revert that fails undoes nothing: the migration stays
+/// applied and whole, so `verify` passes, `status` says nothing was undone,
+/// and nothing points at `resolve --rolled-back` (which would run it again).
+#[test]
+fn a_failed_transactional_revert_leaves_the_migration_whole() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("1_things", "CREATE TABLE things (id int);\n");
+    let two = set.required("2_rows", "INSERT INTO things VALUES (1), (2);\n");
+    down(&two, "DELETE FROM things;\nDROP TABLE nope;\n");
+    let m = set.migrator();
+    m.run_required(&db.url).unwrap();
+    let err = m
+        .revert(&mut db.conn(), RevertTarget::Count(1))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::MigrationFailed, "{err}");
+    assert_eq!(db.count("SELECT count(*) AS n FROM things"), 2);
+    let v = m.verify(&mut db.conn()).unwrap();
+    assert!(v.is_complete(), "{v:?}");
+    let plan = m.plan(&mut db.conn()).unwrap();
+    assert!(!plan.has_problems(), "{plan:?}");
+    let status = m.status(&mut db.conn()).unwrap();
+    let error = status[1].error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with("revert failed, nothing undone"),
+        "{error}"
+    );
+}
+
+/// A no-transaction revert killed partway (its attempt still `running`, no
+/// lock taken since) fails `verify` and `plan`: part of its down.sql ran.
+#[test]
+fn a_revert_killed_partway_fails_verify() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    let one = set.required_no_tx(
+        "1_tables",
+        "CREATE TABLE t1 (id int);\nCREATE TABLE t2 (id int);\n",
+    );
+    down(&one, "DROP TABLE t2;\nDROP TABLE t1;\n");
+    let m = set.migrator();
+    m.run_required(&db.url).unwrap();
+    // As a revert killed after its first statement leaves it.
+    db.conn()
+        .batch_execute(
+            "DROP TABLE t2; \
+             INSERT INTO __diesel_rollout_attempts (ledger, version, name, track, operation, \
+             checksum, outcome, statements_completed, statements_total) \
+             VALUES ('public.__diesel_schema_migrations', '1', 'tables', 'required', 'down', \
+             'x', 'running', 1, 2)",
+        )
+        .unwrap();
+    let v = m.verify(&mut db.conn()).unwrap();
+    assert!(!v.is_complete(), "{v:?}");
+    assert!(v.failed[0].1.contains("revert stopped halfway"), "{v:?}");
+    assert!(m.plan(&mut db.conn()).unwrap().has_problems());
+}
+
+/// A newer migration that stopped halfway resumes after the statements it
+/// recorded; reverting what it builds on first is refused, naming it.
+#[test]
+fn revert_refuses_to_undo_what_a_half_applied_migration_builds_on() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    let one = set.required(
+        "1_things",
+        "CREATE TABLE things (id int);\nINSERT INTO things VALUES (1), (1);\n",
+    );
+    down(&one, "DROP TABLE things;\n");
+    set.required_no_tx(
+        "2_indexes",
+        "CREATE INDEX things_id ON things (id);\nCREATE UNIQUE INDEX things_id_key ON things (id);\n",
+    );
+    let m = set.migrator();
+    let err = m.run_required(&db.url).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::MigrationFailed, "{err}");
+    let err = m
+        .revert(&mut db.conn(), RevertTarget::Count(1))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RevertRefused, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("migration 2_indexes stopped halfway (1 statements done)"),
+        "{text}"
+    );
+    assert!(text.contains("rollout resolve 2 --rolled-back"), "{text}");
+    assert_eq!(db.count("SELECT count(*) AS n FROM things"), 2);
+    let err = m.redo(&mut db.conn(), 1).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RevertRefused, "{err}");
+}
+
+/// An attempts table commented "v2" that already has every column (as
+/// some earlier builds made it) is read as it is, operations included, not
+/// with the first layout's query.
+#[test]
+fn an_attempts_table_commented_v2_with_every_column_is_read_whole() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    let one = set.required_no_tx(
+        "1_tables",
+        "CREATE TABLE t1 (id int);\nCREATE TABLE t2 (id int);\n",
+    );
+    down(&one, "DROP TABLE t2;\nSELECT gate();\nDROP TABLE t1;\n");
+    let m = set.migrator();
+    m.run_required(&db.url).unwrap();
+    m.revert(&mut db.conn(), RevertTarget::Count(1))
+        .unwrap_err();
+    db.conn()
+        .batch_execute("COMMENT ON TABLE __diesel_rollout_attempts IS 'diesel-rollout attempts v2'")
+        .unwrap();
+    let v = m.verify(&mut db.conn()).unwrap();
+    assert!(!v.is_complete(), "{v:?}");
+    assert!(v.failed[0].1.contains("revert stopped halfway"), "{v:?}");
+}

@@ -24,6 +24,7 @@ pub(crate) struct Sizes {
     pub stampede_runs: usize,
     pub rows: i64,
     pub writers: usize,
+    pub traffic_runs: usize,
     pub build_migrations: usize,
 }
 
@@ -39,6 +40,7 @@ impl Size {
                 stampede_runs: 1,
                 rows: 20_000,
                 writers: 2,
+                traffic_runs: 1,
                 build_migrations: 0,
             },
             Size::Quick => Sizes {
@@ -50,6 +52,7 @@ impl Size {
                 stampede_runs: 3,
                 rows: 500_000,
                 writers: 3,
+                traffic_runs: 1,
                 build_migrations: 200,
             },
             Size::Full => Sizes {
@@ -61,6 +64,7 @@ impl Size {
                 stampede_runs: 3,
                 rows: 3_000_000,
                 writers: 3,
+                traffic_runs: 3,
                 build_migrations: 1000,
             },
         }
@@ -123,6 +127,15 @@ pub(crate) fn scalar_i64(conn: &mut PgConnection, sql: &str) -> i64 {
     diesel::sql_query(sql).get_result::<N>(conn).unwrap().n
 }
 
+pub(crate) fn scalar_f64(conn: &mut PgConnection, sql: &str) -> f64 {
+    #[derive(QueryableByName)]
+    struct X {
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        x: f64,
+    }
+    diesel::sql_query(sql).get_result::<X>(conn).unwrap().x
+}
+
 pub(crate) fn scalar_text(conn: &mut PgConnection, sql: &str) -> String {
     #[derive(QueryableByName)]
     struct T {
@@ -166,6 +179,28 @@ pub(crate) fn us(d: Duration) -> String {
 
 pub(crate) fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Runs each of `runs` once per round, in turn, for `rounds` rounds (after
+/// one warm-up round); the median time of each.
+pub(crate) fn interleaved<const N: usize>(
+    rounds: usize,
+    runs: &mut [&mut dyn FnMut(); N],
+) -> [Duration; N] {
+    for r in runs.iter_mut() {
+        r();
+    }
+    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(rounds); N];
+    for _ in 0..rounds {
+        for (i, r) in runs.iter_mut().enumerate() {
+            times[i].push(time(r).1);
+        }
+    }
+    let mut out = [Duration::ZERO; N];
+    for (o, t) in out.iter_mut().zip(times) {
+        *o = median(t);
+    }
+    out
 }
 
 pub(crate) fn time<T>(f: impl FnOnce() -> T) -> (T, Duration) {

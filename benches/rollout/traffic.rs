@@ -62,148 +62,150 @@ pub(crate) fn traffic(server: &Server, sizes: &Sizes, report: &mut String, png: 
             "deferred `CREATE INDEX CONCURRENTLY` (diesel-rollout)",
             "deferred",
         ),
+        (
+            "the same `CREATE INDEX CONCURRENTLY` from a bare connection (no harness)",
+            "bare",
+        ),
         ("plain `CREATE INDEX` in a required migration", "required"),
     ] {
-        let (db, url) = server.database();
-        let base = dir.path().join(sub);
-        let set =
-            MigrationSet::from_dirs(&base.join("migrations"), &base.join("migrations_deferred"))
-                .unwrap();
-        let m = Migrator::new(set)
-            .required_statement_timeout(Duration::ZERO)
-            .deferred_progress_interval(Duration::from_secs(1));
-        // The table exists and is filled before the release that adds the index.
-        let first = MigrationSet::from_dirs(
-            &dir.path().join("migrations"),
-            &dir.path().join("migrations_deferred_none"),
-        )
-        .unwrap();
-        Migrator::new(first).run_required(&url).unwrap();
-        let mut fill = PgConnection::establish(&url).unwrap();
-        fill.batch_execute(&format!(
-            "INSERT INTO events (account_id, kind, payload) \
-             SELECT g % 10000, g % 7, md5(g::text) FROM generate_series(1, {}) AS g",
-            sizes.rows
-        ))
-        .unwrap();
-        // On its own: VACUUM cannot run in the implicit transaction of a batch.
-        fill.batch_execute("VACUUM ANALYZE events").unwrap();
-
-        let stop = Arc::new(AtomicBool::new(false));
-        let t0 = Instant::now();
-        let writers: Vec<_> = (0..sizes.writers)
-            .map(|w| {
-                let (url, stop) = (url.clone(), Arc::clone(&stop));
-                let rows = sizes.rows;
-                std::thread::spawn(move || {
-                    let mut c = PgConnection::establish(&url).unwrap();
-                    let mut out = Vec::new();
-                    let mut i: i64 = w as i64;
-                    while !stop.load(Ordering::SeqCst) {
-                        i += 7919;
-                        let s = Instant::now();
-                        let sql = if i % 2 == 0 {
-                            format!(
-                                "INSERT INTO events (account_id, kind, payload) VALUES ({}, 1, 'x')",
-                                i % 10000
-                            )
-                        } else {
-                            format!("UPDATE events SET kind = kind + 1 WHERE id = {}", i % rows + 1)
-                        };
-                        c.batch_execute(&sql).unwrap();
-                        out.push(Sample {
-                            at: t0.elapsed().as_secs_f64(),
-                            latency: s.elapsed().as_secs_f64(),
-                        });
-                    }
-                    out
-                })
-            })
+        let runs: Vec<Run<'_>> = (0..sizes.traffic_runs)
+            .map(|_| one_build(server, sizes, dir.path(), label, sub, index))
             .collect();
-        // Steady traffic first.
-        std::thread::sleep(Duration::from_secs(2));
-        let start = t0.elapsed().as_secs_f64();
-        let pool = Pool::builder()
-            .max_size(3)
-            .build(ConnectionManager::<PgConnection>::new(&url))
-            .unwrap();
-        let begin = Instant::now();
-        let (ready, built) = if sub == "deferred" {
-            let (_, handle) = m.run(&pool).unwrap();
-            let ready = begin.elapsed();
-            let end = handle.wait(Duration::from_secs(3600));
-            assert!(matches!(end, DeferredState::Done { .. }), "{end:?}");
-            (ready, begin.elapsed())
-        } else {
-            m.run_required(&url).unwrap();
-            (begin.elapsed(), begin.elapsed())
-        };
-        let end = t0.elapsed().as_secs_f64();
-        std::thread::sleep(Duration::from_secs(1));
-        stop.store(true, Ordering::SeqCst);
-        let samples: Vec<Sample> = writers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap())
-            .collect();
-        let during: Vec<f64> = samples
-            .iter()
-            .filter(|s| s.at >= start && s.at <= end)
-            .map(|s| s.latency)
-            .collect();
-        let before = samples.iter().filter(|s| s.at < start).count() as f64 / start;
-        results.push((
-            label,
-            ready,
-            built,
-            during,
-            before,
-            end - start,
-            samples,
-            start,
-        ));
-        server.drop_database(&db);
+        results.push(runs);
     }
 
     writeln!(
         report,
         "## 5. Traffic during an index build (the headline)\n\nA table of {} rows; {} \
          connections write to it without pause (alternating single-row `INSERT` and `UPDATE`) \
-         while a new release adds the index `{index}`, either as a deferred `CREATE INDEX \
-         CONCURRENTLY` through this harness or as a plain `CREATE INDEX` in a required \
-         migration. \"Ready\" is when the replica's start-up call returns.\n\n| build | ready \
-         after | index built after | write p50 | write p99 | write max | writes/s during build \
-         | writes/s before |\n|---|---|---|---|---|---|---|---|",
+         while a new release adds the index `{index}`: as a deferred `CREATE INDEX \
+         CONCURRENTLY` through this harness, as the same statement sent by hand on a bare \
+         connection (the A/B that tells the harness's cost from the build's), or as a plain \
+         `CREATE INDEX` in a required migration. \"Ready\" is when the replica's start-up call \
+         returns. \"Idle p99\" is the same writers' p99 in the {IDLE_SECS} s before the release \
+         (the first half second left out), so the ratio is the build's cost to writers.\n\n\
+         | build | ready after | index built after | write p50 | write p99 | idle p99 | p99 ÷ \
+         idle p99 | write max | writes/s during build | writes/s before |\n\
+         |---|---|---|---|---|---|---|---|---|---|",
         sizes.rows, sizes.writers
     )
     .unwrap();
-    for (label, ready, built, during, before, window, _, _) in &results {
-        let mut d = during.clone();
-        d.sort_by(|a, b| a.total_cmp(b));
-        let pct = |p: f64| {
-            d.get(((d.len() as f64 - 1.0) * p) as usize)
-                .copied()
-                .unwrap_or(0.0)
+    for runs in &results {
+        // Each figure is the median over the runs.
+        let med = |f: &dyn Fn(&Run<'_>) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
         };
+        let sorted = |r: &Run<'_>| {
+            let mut d = r.during.clone();
+            d.sort_by(|a, b| a.total_cmp(b));
+            d
+        };
+        let p99 = |r: &Run<'_>| percentile(&sorted(r), 0.99);
         writeln!(
             report,
-            "| {label} | {} | {} | {:.2} ms | {:.2} ms | {:.0} ms | {:.0} | {:.0} |",
-            ms(*ready),
-            ms(*built),
-            pct(0.5) * 1e3,
-            pct(0.99) * 1e3,
-            d.last().copied().unwrap_or(0.0) * 1e3,
-            d.len() as f64 / window.max(1e-9),
-            before
+            "| {} | {} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.1}× | {:.0} ms | {:.0} | {:.0} |",
+            runs[0].label,
+            ms(Duration::from_secs_f64(med(&|r| r.ready.as_secs_f64()))),
+            ms(Duration::from_secs_f64(med(&|r| r.built.as_secs_f64()))),
+            med(&|r| percentile(&sorted(r), 0.5)) * 1e3,
+            med(&p99) * 1e3,
+            med(&|r| r.idle_p99) * 1e3,
+            med(&|r| p99(r) / r.idle_p99.max(1e-9)),
+            med(&|r| sorted(r).last().copied().unwrap_or(0.0)) * 1e3,
+            med(&|r| r.during.len() as f64 / r.window.max(1e-9)),
+            med(&|r| r.before_rate)
         )
         .unwrap();
     }
+    let ratios = |i: usize| {
+        results[i]
+            .iter()
+            .map(|r| {
+                let mut d = r.during.clone();
+                d.sort_by(|a, b| a.total_cmp(b));
+                format!("{:.1}×", percentile(&d, 0.99) / r.idle_p99.max(1e-9))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    writeln!(
+        report,
+        "\nMedians of {} runs each; the p99 ÷ idle p99 of each run: deferred {}; bare {}; \
+         plain {}.",
+        sizes.traffic_runs,
+        ratios(0),
+        ratios(1),
+        ratios(2)
+    )
+    .unwrap();
+    let results: Vec<Run<'_>> = results
+        .into_iter()
+        .map(|mut runs| {
+            // The run with the slowest write, for the plot and the table
+            // below.
+            runs.sort_by(|a, b| worst(a).total_cmp(&worst(b)));
+            runs.pop().unwrap()
+        })
+        .collect();
     if let Some(png) = png {
         plot(png, &results);
         writeln!(
             report,
             "\n![Write latency during the build](docs/bench-index-build.png)\n\nWrite latency \
-             over time, both builds on one plot: each point is the longest any write had been \
+             over time, all builds on one plot: each point is the longest any write had been \
              waiting in that 100 ms; time 0 is when the release starts.\n"
+        )
+        .unwrap();
+    }
+    writeln!(
+        report,
+        "\n### The slowest write during each concurrent build\n\nA sampler reads \
+         `pg_stat_progress_create_index` and `pg_stat_activity` every {SAMPLE_MS} ms during the \
+         run. For the slowest write of each build (from its worst run): when it started (seconds after the release), \
+         the build's phase and what the writers and the other sessions were doing while it \
+         waited.\n\n| build | slowest write | started at | build phase meanwhile | writers \
+         waiting on | other sessions running |\n|---|---|---|---|---|---|"
+    )
+    .unwrap();
+    for r in results.iter().filter(|r| r.sub != "required") {
+        let Some(w) = slowest(r) else {
+            continue;
+        };
+        let (from, to) = (w.at - w.latency, w.at);
+        let seen: Vec<&Probe> = r
+            .probes
+            .iter()
+            .filter(|p| p.at >= from && p.at <= to + SAMPLE_MS as f64 / 1e3)
+            .collect();
+        let join = |f: &dyn Fn(&Probe) -> &str| {
+            let mut v: Vec<&str> = seen
+                .iter()
+                .map(|p| f(p))
+                .flat_map(|x| x.split(" | "))
+                .filter(|x| !x.is_empty())
+                .collect();
+            v.sort();
+            v.dedup();
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.iter()
+                    .map(|x| format!("`{}`", x.replace('|', "/")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        writeln!(
+            report,
+            "| {} | {:.0} ms | {:.2} s | {} | {} | {} |",
+            r.label,
+            w.latency * 1e3,
+            from - r.start,
+            join(&|p| p.phase.as_str()),
+            join(&|p| p.writers.as_str()),
+            join(&|p| p.others.as_str()),
         )
         .unwrap();
     }
@@ -211,26 +213,245 @@ pub(crate) fn traffic(server: &Server, sizes: &Sizes, report: &mut String, png: 
         report,
         "\nA plain `CREATE INDEX` holds a SHARE lock for the whole build: every write waits for \
          it, the replica is not ready until it ends. The deferred build lets writes through; \
-         the replica is ready at once and the index arrives later. The concurrent build \
-         shows one spike of a few hundred milliseconds near its end; its cause is not \
-         pinned down here (two cores shared by the build, the writers and the server), and \
-         stays an open question.\n"
+         the replica is ready at once and the index arrives later.\n"
     )
     .unwrap();
 }
 
-type Result4<'a> = (
-    &'a str,
-    Duration,
-    Duration,
-    Vec<f64>,
-    f64,
-    f64,
-    Vec<Sample>,
-    f64,
-);
+/// How long the writers run before the release starts.
+const IDLE_SECS: u64 = 3;
+/// How often the sampler looks at the server.
+const SAMPLE_MS: u64 = 20;
 
-fn plot(png: &Path, results: &[Result4<'_>]) {
+struct Run<'a> {
+    label: &'a str,
+    sub: &'a str,
+    ready: Duration,
+    built: Duration,
+    /// Write latencies (s) between the release's start and the index.
+    during: Vec<f64>,
+    idle_p99: f64,
+    before_rate: f64,
+    /// Seconds from the release's start to the index.
+    window: f64,
+    samples: Vec<Sample>,
+    /// When the release started (seconds after the writers did).
+    start: f64,
+    probes: Vec<Probe>,
+}
+
+/// What the sampler saw at one moment.
+struct Probe {
+    at: f64,
+    phase: String,
+    writers: String,
+    others: String,
+}
+
+/// The slowest write that waited during the build.
+fn slowest<'r>(r: &'r Run<'_>) -> Option<&'r Sample> {
+    r.samples
+        .iter()
+        .filter(|s| s.at >= r.start && s.at - s.latency <= r.start + r.window)
+        .max_by(|a, b| a.latency.total_cmp(&b.latency))
+}
+
+fn worst(r: &Run<'_>) -> f64 {
+    slowest(r).map_or(0.0, |s| s.latency)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p) as usize)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+fn one_build<'a>(
+    server: &Server,
+    sizes: &Sizes,
+    dir: &Path,
+    label: &'a str,
+    sub: &'a str,
+    index: &str,
+) -> Run<'a> {
+    let (db, url) = server.database();
+    let base = dir.join(if sub == "bare" { "deferred" } else { sub });
+    let set = MigrationSet::from_dirs(&base.join("migrations"), &base.join("migrations_deferred"))
+        .unwrap();
+    let m = Migrator::new(set)
+        .required_statement_timeout(Duration::ZERO)
+        .deferred_progress_interval(Duration::from_secs(1));
+    // The table exists and is filled before the release that adds the index.
+    let first = MigrationSet::from_dirs(
+        &dir.join("migrations"),
+        &dir.join("migrations_deferred_none"),
+    )
+    .unwrap();
+    Migrator::new(first).run_required(&url).unwrap();
+    let mut fill = PgConnection::establish(&url).unwrap();
+    fill.batch_execute(&format!(
+        "INSERT INTO events (account_id, kind, payload) \
+         SELECT g % 10000, g % 7, md5(g::text) FROM generate_series(1, {}) AS g",
+        sizes.rows
+    ))
+    .unwrap();
+    // On its own: VACUUM cannot run in the implicit transaction of a batch.
+    fill.batch_execute("VACUUM ANALYZE events").unwrap();
+    fill.batch_execute("CHECKPOINT").unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let writers: Vec<_> = (0..sizes.writers)
+        .map(|w| {
+            let (url, stop) = (url.clone(), Arc::clone(&stop));
+            let rows = sizes.rows;
+            std::thread::spawn(move || {
+                let mut c = PgConnection::establish(&url).unwrap();
+                c.batch_execute("SET application_name = 'bench_writer'")
+                    .unwrap();
+                let mut out = Vec::new();
+                let mut i: i64 = w as i64;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 7919;
+                    let s = Instant::now();
+                    let sql = if i % 2 == 0 {
+                        format!(
+                            "INSERT INTO events (account_id, kind, payload) VALUES ({}, 1, 'x')",
+                            i % 10000
+                        )
+                    } else {
+                        format!(
+                            "UPDATE events SET kind = kind + 1 WHERE id = {}",
+                            i % rows + 1
+                        )
+                    };
+                    c.batch_execute(&sql).unwrap();
+                    out.push(Sample {
+                        at: t0.elapsed().as_secs_f64(),
+                        latency: s.elapsed().as_secs_f64(),
+                    });
+                }
+                out
+            })
+        })
+        .collect();
+    let sampler = {
+        let (url, stop) = (url.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut c = PgConnection::establish(&url).unwrap();
+            c.batch_execute("SET application_name = 'bench_sampler'")
+                .unwrap();
+            let mut out = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let p = probe(&mut c, t0);
+                out.push(p);
+                std::thread::sleep(Duration::from_millis(SAMPLE_MS));
+            }
+            out
+        })
+    };
+    // Steady traffic first.
+    std::thread::sleep(Duration::from_secs(IDLE_SECS));
+    let start = t0.elapsed().as_secs_f64();
+    let pool = Pool::builder()
+        .max_size(3)
+        .build(ConnectionManager::<PgConnection>::new(&url))
+        .unwrap();
+    let begin = Instant::now();
+    let (ready, built) = match sub {
+        "deferred" => {
+            let (_, handle) = m.run(&pool).unwrap();
+            let ready = begin.elapsed();
+            let end = handle.wait(Duration::from_secs(3600));
+            assert!(matches!(end, DeferredState::Done { .. }), "{end:?}");
+            (ready, begin.elapsed())
+        }
+        "bare" => {
+            let mut c = PgConnection::establish(&url).unwrap();
+            c.batch_execute(&format!(
+                "CREATE INDEX CONCURRENTLY events_account_created_idx ON {index}"
+            ))
+            .unwrap();
+            (begin.elapsed(), begin.elapsed())
+        }
+        _ => {
+            m.run_required(&url).unwrap();
+            (begin.elapsed(), begin.elapsed())
+        }
+    };
+    let end = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    let samples: Vec<Sample> = writers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    let probes = sampler.join().unwrap();
+    // Every write that was waiting at some point of the build, including
+    // those a plain build held until its end.
+    let during: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.at >= start && s.at - s.latency <= end)
+        .map(|s| s.latency)
+        .collect();
+    let mut idle: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.at >= 0.5 && s.at < start)
+        .map(|s| s.latency)
+        .collect();
+    idle.sort_by(|a, b| a.total_cmp(b));
+    let before_rate = idle.len() as f64 / (start - 0.5);
+    server.drop_database(&db);
+    Run {
+        label,
+        sub,
+        ready,
+        built,
+        during,
+        idle_p99: percentile(&idle, 0.99),
+        before_rate,
+        window: end - start,
+        samples,
+        start,
+        probes,
+    }
+}
+
+fn probe(c: &mut PgConnection, t0: Instant) -> Probe {
+    #[derive(QueryableByName)]
+    struct P {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        phase: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        writers: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        others: String,
+    }
+    let p = diesel::sql_query(
+        "SELECT \
+           coalesce((SELECT string_agg(phase, ' | ') FROM pg_stat_progress_create_index), '') \
+             AS phase, \
+           coalesce((SELECT string_agg(DISTINCT wait_event_type || ':' || wait_event, ' | ') \
+             FROM pg_stat_activity WHERE application_name = 'bench_writer' \
+             AND state = 'active' AND wait_event IS NOT NULL), '') AS writers, \
+           coalesce((SELECT string_agg(left(regexp_replace(query, '\\s+', ' ', 'g'), 50) \
+             || coalesce(' (' || wait_event || ')', ''), ' | ') \
+             FROM pg_stat_activity WHERE backend_type = 'client backend' \
+             AND application_name NOT IN ('bench_writer', 'bench_sampler') \
+             AND state = 'active'), '') AS others",
+    )
+    .get_result::<P>(c)
+    .unwrap();
+    Probe {
+        at: t0.elapsed().as_secs_f64(),
+        phase: p.phase,
+        writers: p.writers,
+        others: p.others,
+    }
+}
+
+fn plot(png: &Path, results: &[Run<'_>]) {
     use plotters::prelude::*;
     let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
         .expect("DejaVuSans.ttf (Debian: fonts-dejavu-core) to label the plot");
@@ -241,7 +462,8 @@ fn plot(png: &Path, results: &[Result4<'_>]) {
     std::fs::create_dir_all(png.parent().unwrap()).unwrap();
     let series: Vec<(String, Vec<(f64, f64)>)> = results
         .iter()
-        .map(|(label, _, _, _, _, _, samples, start)| {
+        .map(|r| {
+            let (label, samples, start) = (r.label, &r.samples, r.start);
             // Each 100 ms bucket shows the longest a write had been waiting
             // by the end of the bucket (or when it finished): a write
             // blocked for a second climbs through ten buckets instead of
@@ -292,7 +514,7 @@ fn plot(png: &Path, results: &[Result4<'_>]) {
         .draw()
         .unwrap();
     for (i, (label, points)) in series.iter().enumerate() {
-        let color = if i == 0 { BLUE } else { RED };
+        let color = [BLUE, GREEN, RED][i % 3];
         chart
             .draw_series(LineSeries::new(
                 points.iter().map(|p| (p.0, p.1.max(0.1))),

@@ -366,6 +366,15 @@ fn lead(
     let tables = &tables;
 
     let rows = ledger::rows(conn, tables).map_err(Led::Lost)?;
+    // Strict mode again, on the rows read under the lock.
+    let deferred = m.analyze(&rows, Track::Deferred);
+    if let Err(e) = m.check_drift(&deferred, &mut crate::report::Report::default()) {
+        tracing::error!(error = %e, "deferred track: strict mode refuses to run");
+        return Err(Led::Gave(Box::new(DeferredState::Failed {
+            version: e.migration().map(|r| r.version.clone()),
+            error: e.to_string(),
+        })));
+    }
     let plan = m.deferred_plan(&rows);
     let required = &plan.waiting_for;
     if let Some(first) = required.first() {

@@ -62,6 +62,19 @@ impl LedgerRow {
         self.applied && self.is("down") && self.unfinished()
     }
 
+    /// Applied, and a revert of this no-transaction migration (not
+    /// `transactional`) stopped, or is running, with some of its down.sql
+    /// done: the schema is neither side. A transactional revert that failed
+    /// undid nothing (its transaction rolled back), nor did one that failed
+    /// on its first statement.
+    pub(crate) fn revert_half_done(&self, transactional: bool) -> bool {
+        self.applied
+            && self.is("down")
+            && !transactional
+            && (self.unfinished() || self.outcome.as_deref() == Some("running"))
+            && self.statements_completed.unwrap_or(0) > 0
+    }
+
     /// The latest attempt was this operation (`up` for rows written before
     /// operations were recorded).
     pub(crate) fn is(&self, operation: &str) -> bool {
@@ -151,7 +164,7 @@ pub(crate) fn rows_fast(conn: &mut PgConnection, t: &Tables) -> QueryResult<Vec<
 /// read-only session). `t` is resolved.
 pub(crate) fn rows(conn: &mut PgConnection, t: &Tables) -> Result<Vec<LedgerRow>, Error> {
     let query = match (t.migrations_exist, t.attempts_exist) {
-        (true, true) if t.attempts_version < ATTEMPTS_VERSION => &t.sql.ledger_rows_v1,
+        (true, true) if !t.attempts_operations => &t.sql.ledger_rows_v1,
         (true, true) => &t.sql.ledger_rows,
         (true, false) => &t.sql.applied_only,
         (false, _) => return Ok(Vec::new()),
@@ -202,6 +215,7 @@ pub(crate) fn ensure_tables(
                 c.batch_execute(&now.sql.create_attempts)?;
                 now.attempts_exist = true;
                 now.attempts_version = ATTEMPTS_VERSION;
+                now.attempts_operations = true;
             }
             if now.attempts_version < ATTEMPTS_VERSION {
                 tracing::info!(
@@ -211,6 +225,7 @@ pub(crate) fn ensure_tables(
                 );
                 c.batch_execute(&now.sql.upgrade_attempts)?;
                 now.attempts_version = ATTEMPTS_VERSION;
+                now.attempts_operations = true;
             }
             if !now.migrations_checksum {
                 tracing::info!(table = %now.migrations_table, "adding the checksum column to the migrations table");

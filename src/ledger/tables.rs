@@ -69,6 +69,10 @@ pub(crate) struct Tables {
     pub attempts_exist: bool,
     /// The attempts table's layout version (see `ATTEMPTS_VERSION`).
     pub attempts_version: u32,
+    /// Whether the attempts table has the `operation` and `ledger` columns
+    /// `ledger_rows.sql` reads (else `ledger_rows_v1.sql` is used): some
+    /// tables commented "v2" have them, some do not.
+    pub attempts_operations: bool,
     pub(crate) sql: Sql,
 }
 
@@ -240,6 +244,7 @@ impl Ledger {
         };
         let mut t = self.tables(Some(&schema), r.migrations_exist, r.attempts_exist, version);
         t.set_migrations_checksum(r.migrations_checksum);
+        t.attempts_operations = r.attempts_operations;
         Ok(t)
     }
 
@@ -288,6 +293,7 @@ impl Ledger {
             migrations_checksum: true,
             attempts_exist,
             attempts_version,
+            attempts_operations: attempts_version >= ATTEMPTS_VERSION,
             sql: Sql {
                 create_migrations: r(include_str!("../sql/create_migrations_table.sql")),
                 create_attempts: r(include_str!("../sql/create_attempts_table.sql")),
@@ -344,6 +350,8 @@ pub(crate) struct Resolution {
     attempts_exist: bool,
     #[diesel(sql_type = Nullable<Text>)]
     attempts_comment: Option<String>,
+    #[diesel(sql_type = Bool)]
+    attempts_operations: bool,
 }
 
 #[cfg(test)]

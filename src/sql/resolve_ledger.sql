@@ -22,7 +22,12 @@ SELECT n.nspname::text AS schema,
            AS migrations_checksum,
        (SELECT nsp FROM attempts) IS NOT NULL AS attempts_schema_exists,
        a.oid IS NOT NULL AS attempts_exist,
-       obj_description(a.oid, 'pg_class') AS attempts_comment
+       obj_description(a.oid, 'pg_class') AS attempts_comment,
+       -- What ledger_rows.sql reads: tables commented by layout differ, so
+       -- the columns decide.
+       (SELECT count(*) = 2 FROM pg_attribute
+        WHERE attrelid = a.oid AND attname IN ('operation', 'ledger') AND NOT attisdropped)
+           AS attempts_operations
 FROM ledger
 LEFT JOIN pg_namespace n ON n.oid = ledger.nsp
 LEFT JOIN pg_class a

@@ -52,7 +52,8 @@ commands! {
     /// Create a migration directory with the next version.
     New => new,
     /// Show what `up` would do now, without changing anything: each pending migration, its
-    /// statements and the locks they take. Exits 10 when something is pending, 0 when not.
+    /// statements and the locks they take. Exits 10 when something is pending, 0 when not, 1
+    /// when `up` would refuse or a revert stopped halfway.
     Plan => plan,
     /// Revert applied migrations with their down.sql, newest first (one by default).
     Revert => revert,
@@ -86,7 +87,7 @@ Examples:
 
 Exit codes: 0 success, 1 failure, 2 usage error,
 3 another session holds the deferred lock (`rollout deferred` without --wait),
-10 `rollout plan`: something is pending.";
+10 `rollout plan`: something is pending (1: `up` would refuse).";
 
 /// Schema migrations for PostgreSQL services deployed by rolling update.
 #[derive(Parser)]
@@ -164,10 +165,29 @@ struct Failure {
 
 impl From<diesel_rollout::Error> for Failure {
     fn from(e: diesel_rollout::Error) -> Self {
-        Failure {
-            code: 1,
-            message: e.to_string(),
+        // What was done before the error stays done: say so.
+        let mut message = e.to_string();
+        if let Some(r) = e.report() {
+            let names = |a: &[diesel_rollout::Applied]| {
+                a.iter()
+                    .map(|x| x.dir_name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if !r.reverted.is_empty() {
+                message.push_str(&format!(
+                    "\nreverted before the error: {}",
+                    names(&r.reverted)
+                ));
+            }
+            if !r.applied.is_empty() {
+                message.push_str(&format!(
+                    "\napplied before the error: {}",
+                    names(&r.applied)
+                ));
+            }
         }
+        Failure { code: 1, message }
     }
 }
 

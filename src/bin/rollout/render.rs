@@ -39,7 +39,9 @@ pub(crate) fn print_reverted(report: &diesel_rollout::Report) {
 /// The plan as text: a block per pending migration.
 pub(crate) fn plan_text(plan: &diesel_rollout::Plan) -> String {
     use diesel_rollout::PlanAction;
-    let mut out = if plan.is_empty() {
+    let mut out = if plan.is_empty() && plan.has_problems() {
+        "nothing pending, but the database is not where `rollout up` leaves it:\n".to_string()
+    } else if plan.is_empty() {
         "nothing pending: `rollout up` would do nothing\n".to_string()
     } else {
         format!(
