@@ -714,14 +714,15 @@ fn run_statements(
         ledger::progress(conn, tables, id, (i + 1) as i32)
             .map_err(|e| Error::db("recording progress", e).at(m, Some(s.line)))?;
     }
-    conn.transaction::<(), DieselError, _>(|c| {
-        match script.direction {
-            Direction::Up => ledger::insert_version(c, tables, m)?,
-            Direction::Down => ledger::delete_version(c, tables, m.version())?,
-        }
-        ledger::finish_attempt(c, tables, id, "success", None)
-    })
-    .map_err(|e| Error::db(&format!("recording the migration as {done}"), e).at(m, None))?;
+    // The version row and the attempt's success in one round trip.
+    let finish = ledger::finish_statements_sql(tables, m, script.direction == Direction::Up, id);
+    if let Err(e) = conn.batch_execute(&finish) {
+        // A failure inside the batch leaves its transaction open and
+        // aborted: end it, so the connection is usable and nothing of it
+        // is half-recorded.
+        let _ = conn.batch_execute("ROLLBACK");
+        return Err(Error::db(&format!("recording the migration as {done}"), e).at(m, None));
+    }
     let elapsed = start.elapsed();
     tracing::info!(
         duration_ms = elapsed.as_millis() as u64,

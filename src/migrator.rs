@@ -352,10 +352,10 @@ impl Migrator {
         let ledger = self.ledger()?;
         let mut report = Report::default();
 
-        match ledger::rows_fast(conn, &ledger.unresolved()) {
+        match ledger::rows_fast(conn, &ledger) {
             Ok(rows) => {
                 let a = self.analyze(&rows, track);
-                report.deferred_pending = self.analyze(&rows, Track::Deferred).pending.len();
+                report.deferred_pending = self.deferred_pending(&a, track);
                 if a.pending.is_empty() {
                     self.check_drift(&a, &mut report)?;
                     tracing::debug!(track = %track, "nothing pending");
@@ -380,7 +380,7 @@ impl Migrator {
         // Strict mode checks drift under the lock, so it always takes it.
         let mut still_needed = |c: &mut PgConnection| {
             self.strict
-                || match ledger::rows_fast(c, &tables) {
+                || match ledger::rows_fast(c, &ledger) {
                     Ok(rows) => !self.analyze(&rows, track).pending.is_empty(),
                     Err(_) => true,
                 }
@@ -428,6 +428,18 @@ impl Migrator {
         }
     }
 
+    /// How many deferred migrations `a` (an analysis of `track`) leaves
+    /// pending, without analysing the ledger a second time.
+    fn deferred_pending(&self, a: &crate::analysis::Analysis<'_>, track: Track) -> usize {
+        if track == Track::Deferred {
+            return a.pending.len();
+        }
+        self.migrations()
+            .track(Track::Deferred)
+            .filter(|m| !a.rows.get(normal(m.version())).is_some_and(|r| r.applied))
+            .count()
+    }
+
     fn apply_locked(
         &self,
         guard: &mut LockGuard<'_>,
@@ -454,7 +466,7 @@ impl Migrator {
         }
         let rows = ledger::rows(conn, tables)?;
         let a = self.analyze(&rows, track);
-        report.deferred_pending = self.analyze(&rows, Track::Deferred).pending.len();
+        report.deferred_pending = self.deferred_pending(&a, track);
         self.check_drift(&a, report)?;
         let mut a = a;
         if track == Track::Deferred {
@@ -555,16 +567,15 @@ impl Migrator {
         let mut backoff = Duration::from_millis(500);
         let mut attempt = 1u32;
         loop {
-            // Re-read the ledger: it says where a retry resumes.
-            let rows = if m.run_in_transaction() {
-                Vec::new()
+            // Read this migration's row again: it says where a retry
+            // resumes (one indexed query, not the whole ledger).
+            let row = if m.run_in_transaction() {
+                None
             } else {
-                ledger::rows(conn, tables)?
+                ledger::row(conn, tables, m.version())?
             };
-            let row = rows
-                .iter()
-                .find(|r| normal(&r.version) == normal(m.version()));
-            let result = executor::apply(conn, tables, m, row, &executor::Options::plain());
+            let result =
+                executor::apply(conn, tables, m, row.as_ref(), &executor::Options::plain());
             match result {
                 Err(e) if e.is_lock_timeout() && Instant::now() + backoff < deadline => {
                     tracing::warn!(

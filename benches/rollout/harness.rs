@@ -181,8 +181,11 @@ pub(crate) fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
-/// Runs each of `runs` once per round, in turn, for `rounds` rounds (after
-/// one warm-up round); the median time of each.
+/// Calls of each closure per round in [`interleaved`].
+pub(crate) const BURST: usize = 5;
+
+/// Runs each of `runs` [`BURST`] times per round, in turn, for `rounds`
+/// rounds (after one warm-up call each); the median call of each.
 pub(crate) fn interleaved<const N: usize>(
     rounds: usize,
     runs: &mut [&mut dyn FnMut(); N],
@@ -190,10 +193,14 @@ pub(crate) fn interleaved<const N: usize>(
     for r in runs.iter_mut() {
         r();
     }
-    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(rounds); N];
+    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(rounds * BURST); N];
     for _ in 0..rounds {
         for (i, r) in runs.iter_mut().enumerate() {
-            times[i].push(time(r).1);
+            // A short burst each, so every one runs with its server backend
+            // awake (which one had to wake up otherwise decided the result).
+            for _ in 0..BURST {
+                times[i].push(time(&mut *r).1);
+            }
         }
     }
     let mut out = [Duration::ZERO; N];

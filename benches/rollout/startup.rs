@@ -99,7 +99,7 @@ pub(crate) fn startup(server: &Server, sizes: &Sizes, report: &mut String) {
     writeln!(
         report,
         "## 1. Start-up when nothing is pending\n\nThe cost every replica pays on every restart, \
-         with the example set ({} migrations) applied. Median of {n} rounds, each round running the three in turn (so noise on this shared machine hits all three); statements counted \
+         with the example set ({} migrations) applied. Median call of {n} rounds, each round calling the three in turn, {BURST} calls each (so noise on this shared machine hits all three, and each runs with its server backend awake); statements counted \
          with `pg_stat_statements` (`track = top`, utility statements included).\n",
         set.migrations().len()
     )

@@ -131,9 +131,21 @@ pub(crate) fn server_epoch(conn: &mut PgConnection) -> QueryResult<f64> {
         .map(|n| n.now)
 }
 
+mod diesels {
+    diesel::table! {
+        /// diesel's ledger, as the fast path reads it.
+        __diesel_schema_migrations (version) {
+            version -> Text,
+            checksum -> Nullable<Text>,
+        }
+    }
+}
+
 /// The fast path's single query: applied versions and their checksums
-/// only. Fails when a ledger table is missing.
-pub(crate) fn rows_fast(conn: &mut PgConnection, t: &Tables) -> QueryResult<Vec<LedgerRow>> {
+/// only, from the migrations table alone. For diesel's own table, a
+/// statement diesel prepares once per connection and reuses. Fails when
+/// the table (or its checksum column) is missing.
+pub(crate) fn rows_fast(conn: &mut PgConnection, ledger: &Ledger) -> QueryResult<Vec<LedgerRow>> {
     #[derive(QueryableByName)]
     struct Fast {
         #[diesel(sql_type = Text)]
@@ -141,11 +153,22 @@ pub(crate) fn rows_fast(conn: &mut PgConnection, t: &Tables) -> QueryResult<Vec<
         #[diesel(sql_type = Nullable<Text>)]
         applied_checksum: Option<String>,
     }
-    let rows: Vec<Fast> = sql_query(&t.sql.applied_fast).load(conn)?;
+    let rows: Vec<(String, Option<String>)> = if ledger.is_diesels() {
+        use self::diesels::__diesel_schema_migrations::dsl::*;
+        __diesel_schema_migrations
+            .select((version, checksum))
+            .load(conn)?
+    } else {
+        sql_query(ledger.fast_query())
+            .load::<Fast>(conn)?
+            .into_iter()
+            .map(|f| (f.version, f.applied_checksum))
+            .collect()
+    };
     Ok(rows
         .into_iter()
-        .map(|f| LedgerRow {
-            version: f.version,
+        .map(|(version, applied_checksum)| LedgerRow {
+            version,
             applied: true,
             applied_at: None,
             operation: None,
@@ -154,7 +177,7 @@ pub(crate) fn rows_fast(conn: &mut PgConnection, t: &Tables) -> QueryResult<Vec<
             statements_completed: None,
             statements_total: None,
             attempt_checksum: None,
-            applied_checksum: f.applied_checksum,
+            applied_checksum,
             finished_epoch: None,
         })
         .collect())
@@ -171,6 +194,27 @@ pub(crate) fn rows(conn: &mut PgConnection, t: &Tables) -> Result<Vec<LedgerRow>
     };
     sql_query(query)
         .load(conn)
+        .map_err(|e| Error::db("reading the migration ledger", e))
+}
+
+/// The ledger row of one version (as [`rows`] would give it), read by the
+/// attempts table's index rather than the whole ledger: where an attempt of
+/// that migration resumes. `t` is resolved.
+pub(crate) fn row(
+    conn: &mut PgConnection,
+    t: &Tables,
+    version: &str,
+) -> Result<Option<LedgerRow>, Error> {
+    if !(t.migrations_exist && t.attempts_exist && t.attempts_operations) {
+        let rows = rows(conn, t)?;
+        return Ok(rows
+            .into_iter()
+            .find(|r| crate::migration::normal(&r.version) == crate::migration::normal(version)));
+    }
+    sql_query(&t.sql.ledger_row)
+        .bind::<Text, _>(version)
+        .get_result(conn)
+        .optional()
         .map_err(|e| Error::db("reading the migration ledger", e))
 }
 
@@ -323,18 +367,6 @@ pub(crate) fn record_revert(
         .map(drop)
 }
 
-/// Removes the version row (the end of a no-transaction revert).
-pub(crate) fn delete_version(
-    conn: &mut PgConnection,
-    t: &Tables,
-    version: &str,
-) -> QueryResult<()> {
-    sql_query(&t.sql.delete_version)
-        .bind::<Text, _>(version)
-        .execute(conn)
-        .map(drop)
-}
-
 /// Records a migration's outcome decided by hand: `applied` adds its
 /// version row, `rolled_back` removes it; the attempt says who and why.
 pub(crate) fn record_resolution(
@@ -379,20 +411,6 @@ pub(crate) fn finish_attempt(
         .bind::<BigInt, _>(id)
         .bind::<Text, _>(outcome)
         .bind::<Nullable<Text>, _>(error)
-        .execute(conn)
-        .map(drop)
-}
-
-/// Records the version as applied (inside the migration's transaction for
-/// a transactional one).
-pub(crate) fn insert_version(
-    conn: &mut PgConnection,
-    t: &Tables,
-    m: &Migration,
-) -> QueryResult<()> {
-    sql_query(&t.sql.insert_version)
-        .bind::<Text, _>(m.version())
-        .bind::<Text, _>(m.checksum())
         .execute(conn)
         .map(drop)
 }
@@ -450,6 +468,26 @@ pub(crate) fn record_success_sql(t: &Tables, m: &Migration, statements: i32) -> 
             OS_USER.as_deref().map_or("NULL".into(), literal),
         ],
     )
+}
+
+/// How a no-transaction migration's attempt `id` ends once its last
+/// statement ran, as one batch in one round trip: in a transaction, its
+/// version row inserted (`up`) or deleted (`down`) and the attempt closed
+/// as a success.
+pub(crate) fn finish_statements_sql(t: &Tables, m: &Migration, up: bool, id: i64) -> String {
+    let version = if up {
+        inline(
+            &t.sql.insert_version,
+            &[literal(m.version()), literal(m.checksum())],
+        )
+    } else {
+        inline(&t.sql.delete_version, &[literal(m.version())])
+    };
+    let finish = inline(
+        &t.sql.finish_attempt,
+        &[id.to_string(), literal("success"), "NULL".to_string()],
+    );
+    format!("BEGIN;\n{version};\n{finish};\nCOMMIT")
 }
 
 /// What [`record_revert`] runs, as text (see [`record_success_sql`]).

@@ -84,8 +84,8 @@ pub(crate) struct Sql {
     pub add_checksum_column: String,
     pub backfill_checksums: String,
     pub ledger_rows: String,
+    pub ledger_row: String,
     pub ledger_rows_v1: String,
-    pub applied_fast: String,
     pub applied_only: String,
     pub mark_interrupted: String,
     pub start_attempt: String,
@@ -173,12 +173,24 @@ impl Ledger {
         })
     }
 
-    /// The tables as the fast path reads them: unqualified names resolve on
-    /// `search_path`, as [`Ledger::resolve`] does for the migrations table,
-    /// and the fast path's query checks that the attempts table it finds
-    /// is beside it.
+    /// The tables with unqualified names, which resolve on `search_path`.
+    #[cfg(test)]
     pub(crate) fn unresolved(&self) -> Tables {
         self.tables(None, true, true, ATTEMPTS_VERSION)
+    }
+
+    /// The fast path's one query (`applied_fast.sql`, the migrations table
+    /// unqualified, so it resolves on `search_path` as [`Ledger::resolve`]
+    /// does), built alone rather than with every statement of the ledger.
+    pub(crate) fn fast_query(&self) -> String {
+        include_str!("../sql/applied_fast.sql")
+            .replace("{migrations}", &self.migrations.quoted_in(None))
+    }
+
+    /// Whether the migrations table is diesel's own, unqualified: the fast
+    /// path can then use a statement diesel prepares once per connection.
+    pub(crate) fn is_diesels(&self) -> bool {
+        self.migrations.schema.is_none() && self.migrations.table == "__diesel_schema_migrations"
     }
 
     /// Where the ledger lives in the database `conn` is connected to: the
@@ -266,21 +278,11 @@ impl Ledger {
                  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = '{m}'::regclass)"
             ),
         };
-        // Unqualified names on the fast path must resolve side by side.
-        let beside = if schema.is_none() && self.attempts.schema.is_none() {
-            format!(
-                "(SELECT relnamespace FROM pg_class WHERE oid = '{m}'::regclass) \
-                 = (SELECT relnamespace FROM pg_class WHERE oid = '{a}'::regclass)"
-            )
-        } else {
-            "true".to_string()
-        };
         let r = |t: &str| {
             t.replace("{migrations_checksum}", "m.checksum")
                 .replace("{migrations}", &m)
                 .replace("{attempts}", &a)
                 .replace("{ledger}", &ledger)
-                .replace("{attempts_beside}", &beside)
         };
         Tables {
             schema: self
@@ -301,8 +303,8 @@ impl Ledger {
                 add_checksum_column: r(include_str!("../sql/add_checksum_column.sql")),
                 backfill_checksums: r(include_str!("../sql/backfill_checksums.sql")),
                 ledger_rows: r(include_str!("../sql/ledger_rows.sql")),
+                ledger_row: r(include_str!("../sql/ledger_row.sql")),
                 ledger_rows_v1: r(include_str!("../sql/ledger_rows_v1.sql")),
-                applied_fast: r(include_str!("../sql/applied_fast.sql")),
                 applied_only: r(include_str!("../sql/applied_only.sql")),
                 mark_interrupted: r(include_str!("../sql/mark_interrupted.sql")),
                 start_attempt: r(include_str!("../sql/start_attempt.sql")),
@@ -326,10 +328,9 @@ impl Tables {
         if self.migrations_checksum != present {
             self.migrations_checksum = present;
             if !present {
-                self.sql.ledger_rows = self
-                    .sql
-                    .ledger_rows
-                    .replace("coalesce(m.checksum, ", "coalesce(NULL::text, ");
+                for q in [&mut self.sql.ledger_rows, &mut self.sql.ledger_row] {
+                    *q = q.replace("coalesce(m.checksum, ", "coalesce(NULL::text, ");
+                }
             }
         }
     }

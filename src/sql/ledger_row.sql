@@ -1,0 +1,35 @@
+-- ledger_rows.sql for one version ($1), by the index on (version, id): where
+-- a no-transaction migration resumes, read before each attempt without
+-- reading the whole ledger.
+WITH latest AS (
+    SELECT version, operation, outcome, error, statements_completed,
+           statements_total, checksum, finished_at
+    FROM {attempts}
+    WHERE version = $1 AND (ledger = {ledger} OR ledger IS NULL)
+    ORDER BY id DESC
+    LIMIT 1
+), succeeded AS (
+    SELECT version, checksum
+    FROM {attempts}
+    WHERE version = $1
+      AND ((operation = 'up' AND outcome = 'success') OR (operation = 'resolve' AND outcome = 'applied'))
+      AND (ledger = {ledger} OR ledger IS NULL)
+    ORDER BY id DESC
+    LIMIT 1
+), m AS (
+    SELECT * FROM {migrations} WHERE version = $1
+)
+SELECT coalesce(m.version, l.version) AS version,
+       m.version IS NOT NULL AS applied,
+       to_char(m.run_on, 'YYYY-MM-DD HH24:MI:SS') AS applied_at,
+       l.operation,
+       l.outcome,
+       l.error,
+       l.statements_completed,
+       l.statements_total,
+       l.checksum AS attempt_checksum,
+       coalesce({migrations_checksum}, s.checksum) AS applied_checksum,
+       extract(epoch FROM l.finished_at)::float8 AS finished_epoch
+FROM m
+FULL JOIN latest l ON l.version = m.version
+LEFT JOIN succeeded s ON s.version = coalesce(m.version, l.version)
