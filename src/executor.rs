@@ -711,11 +711,16 @@ fn run_statements(
                 return Err(e);
             }
         }
-        ledger::progress(conn, tables, id, (i + 1) as i32)
-            .map_err(|e| Error::db("recording progress", e).at(m, Some(s.line)))?;
+        // The last statement's progress goes with the end of the attempt,
+        // in the same round trip (and the same transaction).
+        if i + 1 < statements.len() {
+            ledger::progress(conn, tables, id, (i + 1) as i32)
+                .map_err(|e| Error::db("recording progress", e).at(m, Some(s.line)))?;
+        }
     }
     // The version row and the attempt's success in one round trip.
-    let finish = ledger::finish_statements_sql(tables, m, script.direction == Direction::Up, id);
+    let finish =
+        ledger::finish_statements_sql(tables, m, script.direction == Direction::Up, id, total);
     if let Err(e) = conn.batch_execute(&finish) {
         // A failure inside the batch leaves its transaction open and
         // aborted: end it, so the connection is usable and nothing of it

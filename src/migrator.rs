@@ -545,7 +545,8 @@ impl Migrator {
                     .at(m, None));
                 }
             }
-            let applied = self.apply_retrying_lock_timeouts(conn, tables, m, track)?;
+            let row = rows.get(normal(m.version())).copied();
+            let applied = self.apply_retrying_lock_timeouts(conn, tables, m, row, track)?;
             crate::metrics::migration_duration(track, m.version(), applied.duration);
             report.applied.push(applied);
         }
@@ -561,16 +562,20 @@ impl Migrator {
         conn: &mut PgConnection,
         tables: &Tables,
         m: &Migration,
+        first: Option<&LedgerRow>,
         track: Track,
     ) -> Result<Applied, Error> {
         let deadline = Instant::now() + self.lock_retry_deadline;
         let mut backoff = Duration::from_millis(500);
         let mut attempt = 1u32;
         loop {
-            // Read this migration's row again: it says where a retry
-            // resumes (one indexed query, not the whole ledger).
+            // Where a no-transaction migration resumes: the row read under
+            // the lock for the first attempt (nothing else writes this
+            // version meanwhile), read again (one indexed query) for a retry.
             let row = if m.run_in_transaction() {
                 None
+            } else if attempt == 1 {
+                first.cloned()
             } else {
                 ledger::row(conn, tables, m.version())?
             };

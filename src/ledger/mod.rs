@@ -472,9 +472,15 @@ pub(crate) fn record_success_sql(t: &Tables, m: &Migration, statements: i32) -> 
 
 /// How a no-transaction migration's attempt `id` ends once its last
 /// statement ran, as one batch in one round trip: in a transaction, its
-/// version row inserted (`up`) or deleted (`down`) and the attempt closed
-/// as a success.
-pub(crate) fn finish_statements_sql(t: &Tables, m: &Migration, up: bool, id: i64) -> String {
+/// version row inserted (`up`) or deleted (`down`), the last statement's
+/// progress (`total` done) and the attempt closed as a success.
+pub(crate) fn finish_statements_sql(
+    t: &Tables,
+    m: &Migration,
+    up: bool,
+    id: i64,
+    total: i32,
+) -> String {
     let version = if up {
         inline(
             &t.sql.insert_version,
@@ -487,7 +493,8 @@ pub(crate) fn finish_statements_sql(t: &Tables, m: &Migration, up: bool, id: i64
         &t.sql.finish_attempt,
         &[id.to_string(), literal("success"), "NULL".to_string()],
     );
-    format!("BEGIN;\n{version};\n{finish};\nCOMMIT")
+    let progress = inline(&t.sql.progress, &[id.to_string(), total.to_string()]);
+    format!("BEGIN;\n{version};\n{progress};\n{finish};\nCOMMIT")
 }
 
 /// What [`record_revert`] runs, as text (see [`record_success_sql`]).

@@ -30,21 +30,12 @@ pub fn generate(set: &ReadSet, krate: &str) -> String {
             ),
             None => "::core::option::Option::None".to_string(),
         };
-        let requires = m
-            .requires_deferred
-            .iter()
-            .map(|v| format!("::std::borrow::Cow::Borrowed({v:?})"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let alt = m
-            .alt_checksums
-            .iter()
-            .map(|c| format!("::std::borrow::Cow::Borrowed({c:?})"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        // Lists as one comma-separated string each (see `Migration`).
+        let requires = m.requires_deferred.join(",");
+        let alt = m.alt_checksums.join(",");
         out.push_str(&format!(
             "        {krate}::Migration::__embedded({:?}, {:?}, {:?}, {krate}::Track::{track}, \
-             include_str!({up_path:?}), {up_path:?}, {down}, {}, {:?}, &[{alt}], &[{requires}]),\n",
+             include_str!({up_path:?}), {up_path:?}, {down}, {}, {:?}, {alt:?}, {requires:?}),\n",
             m.version, m.dir_name, m.name, m.run_in_transaction, m.checksum,
         ));
     }
