@@ -13,6 +13,20 @@ fn down(dir: &std::path::Path, sql: &str) {
     std::fs::write(dir.join("down.sql"), sql).unwrap();
 }
 
+/// One no-transaction migration creating tables t1 and t2, with this
+/// down.sql, applied to `db`.
+fn two_tables_applied(db: &TestDb, down_sql: &str) -> (TempSet, diesel_rollout::Migrator) {
+    let set = TempSet::new();
+    let one = set.required_no_tx(
+        "1_tables",
+        "CREATE TABLE t1 (id int);\nCREATE TABLE t2 (id int);\n",
+    );
+    down(&one, down_sql);
+    let m = set.migrator();
+    m.run_required(&db.url).unwrap();
+    (set, m)
+}
+
 /// The tracks interleave by design: a deferred migration older than the
 /// newest required one is the normal order, not a branch merged late.
 #[test]
@@ -354,14 +368,7 @@ fn a_failed_transactional_revert_leaves_the_migration_whole() {
 #[test]
 fn a_revert_killed_partway_fails_verify() {
     let db = TestDb::new();
-    let set = TempSet::new();
-    let one = set.required_no_tx(
-        "1_tables",
-        "CREATE TABLE t1 (id int);\nCREATE TABLE t2 (id int);\n",
-    );
-    down(&one, "DROP TABLE t2;\nDROP TABLE t1;\n");
-    let m = set.migrator();
-    m.run_required(&db.url).unwrap();
+    let (_set, m) = two_tables_applied(&db, "DROP TABLE t2;\nDROP TABLE t1;\n");
     // As a revert killed after its first statement leaves it.
     db.conn()
         .batch_execute(
@@ -417,14 +424,7 @@ fn revert_refuses_to_undo_what_a_half_applied_migration_builds_on() {
 #[test]
 fn an_attempts_table_commented_v2_with_every_column_is_read_whole() {
     let db = TestDb::new();
-    let set = TempSet::new();
-    let one = set.required_no_tx(
-        "1_tables",
-        "CREATE TABLE t1 (id int);\nCREATE TABLE t2 (id int);\n",
-    );
-    down(&one, "DROP TABLE t2;\nSELECT gate();\nDROP TABLE t1;\n");
-    let m = set.migrator();
-    m.run_required(&db.url).unwrap();
+    let (_set, m) = two_tables_applied(&db, "DROP TABLE t2;\nSELECT gate();\nDROP TABLE t1;\n");
     m.revert(&mut db.conn(), RevertTarget::Count(1))
         .unwrap_err();
     db.conn()
