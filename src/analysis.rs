@@ -65,6 +65,18 @@ impl Migrator {
         }
     }
 
+    /// How many deferred migrations `a` (an analysis of `track`) leaves
+    /// pending, without analysing the ledger a second time.
+    pub(crate) fn deferred_pending(&self, a: &Analysis<'_>, track: Track) -> usize {
+        if track == Track::Deferred {
+            return a.pending.len();
+        }
+        self.migrations()
+            .track(Track::Deferred)
+            .filter(|m| !a.rows.get(normal(m.version())).is_some_and(|r| r.applied))
+            .count()
+    }
+
     /// What the deferred track may do now (see [`DeferredPlan`]).
     pub(crate) fn deferred_plan<'a>(&'a self, rows: &'a [LedgerRow]) -> DeferredPlan<'a> {
         let deferred = self.analyze(rows, Track::Deferred).pending;

@@ -428,18 +428,6 @@ impl Migrator {
         }
     }
 
-    /// How many deferred migrations `a` (an analysis of `track`) leaves
-    /// pending, without analysing the ledger a second time.
-    fn deferred_pending(&self, a: &crate::analysis::Analysis<'_>, track: Track) -> usize {
-        if track == Track::Deferred {
-            return a.pending.len();
-        }
-        self.migrations()
-            .track(Track::Deferred)
-            .filter(|m| !a.rows.get(normal(m.version())).is_some_and(|r| r.applied))
-            .count()
-    }
-
     fn apply_locked(
         &self,
         guard: &mut LockGuard<'_>,

@@ -1,0 +1,319 @@
+//! Running one migration's statements on a connection, in or out of a
+//! transaction, recording each attempt and its progress in the ledger. Both
+//! tracks run migrations through [`apply`], and `revert` through [`revert`],
+//! both one code path; the tracks
+//! keep their own policy (locks, ordering, retries, leadership).
+
+use std::time::Instant;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::result::Error as DieselError;
+
+use crate::error::{describe_db_error, is_connection_error, Error, ErrorKind};
+use crate::ledger::{self, LedgerRow, Tables};
+use crate::migration::Migration;
+use crate::report::Applied;
+use crate::source::sql;
+
+mod script;
+mod statements;
+
+use self::script::{error_line, explain_lock_timeout, is_lock_timeout, Script};
+pub(crate) use self::script::{Direction, Options};
+use self::statements::run_statements;
+
+/// Applies `m` on `conn`: a transactional migration in one transaction
+/// with its ledger rows; a `run_in_transaction = false` one statement by
+/// statement, with progress recorded after each and resuming after the last
+/// statement `row` (its latest attempt) says completed. Call under the
+/// track's lock, with `tables` resolved.
+pub(crate) fn apply(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    row: Option<&LedgerRow>,
+    options: &Options<'_>,
+) -> Result<Applied, Error> {
+    run(conn, tables, m, Direction::Up, row, options)
+}
+
+/// Reverts applied migration `m` with its `down.sql`, the way [`apply`]
+/// applies it (in one transaction with its ledger rows, or statement by
+/// statement with progress recorded and the same resume), removing its
+/// version row. The caller has checked `down.sql` can run.
+pub(crate) fn revert(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    row: Option<&LedgerRow>,
+    options: &Options<'_>,
+) -> Result<Applied, Error> {
+    run(conn, tables, m, Direction::Down, row, options)
+}
+
+fn run(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    direction: Direction,
+    row: Option<&LedgerRow>,
+    options: &Options<'_>,
+) -> Result<Applied, Error> {
+    let script = Script::of(m, direction)?;
+    if m.run_in_transaction() {
+        run_transactional(conn, tables, m, &script)
+    } else {
+        run_statements(conn, tables, m, &script, row, options)
+    }
+}
+
+fn run_transactional(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    script: &Script<'_>,
+) -> Result<Applied, Error> {
+    let statements = script.statements(m)?;
+    let total = i32::try_from(statements.len()).unwrap_or(i32::MAX);
+    let (doing, done) = script.verbs();
+    let span = tracing::info_span!(
+        "migration",
+        version = m.version(),
+        name = m.name(),
+        track = %m.track(),
+        transaction = true
+    );
+    let _enter = span.enter();
+    tracing::info!(statements = total, "{doing} {}", m.dir_name());
+    let start = Instant::now();
+    let (result, failed_at, recorded, failed_line) = if in_transaction(conn) {
+        // Inside the caller's transaction: a savepoint per migration, as
+        // diesel nests them, statement by statement.
+        run_nested(conn, tables, m, script, &statements, total)
+    } else {
+        run_whole(conn, tables, m, script, &statements, total)
+    };
+    let elapsed = start.elapsed();
+    match result {
+        Ok(()) => {
+            tracing::info!(
+                duration_ms = elapsed.as_millis() as u64,
+                "{done} {}",
+                m.dir_name()
+            );
+            Ok(Applied {
+                version: m.version().to_string(),
+                dir_name: m.dir_name().to_string(),
+                track: m.track(),
+                duration: elapsed,
+                statements: statements.len(),
+            })
+        }
+        Err(e) => {
+            let (line, what) = match (failed_at, recorded) {
+                (Some(s), _) => (
+                    Some(failed_line.unwrap_or_else(|| error_line(script.sql, s, &e))),
+                    "its SQL",
+                ),
+                // Deferred constraints are checked at COMMIT.
+                (None, true) => (None, "COMMIT"),
+                (None, false) => (None, "recording it in the ledger"),
+            };
+            let mut pg = describe_db_error(&e);
+            let lock_timeout = is_lock_timeout(&e);
+            if !is_connection_error(&e) {
+                if let Some(s) = failed_at {
+                    pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
+                }
+                if let Err(le) = ledger::record_failure(
+                    conn,
+                    tables,
+                    m,
+                    script.operation(),
+                    &pg,
+                    total,
+                    elapsed.as_secs_f64(),
+                ) {
+                    tracing::warn!(error = %le, "could not record the failed attempt");
+                }
+            }
+            let at = match line {
+                Some(l) => format!("{}:{l}", script.path),
+                None => script.path.clone(),
+            };
+            tracing::error!(error = %pg, line, "{} failed", script.what(m));
+            let (kind, outcome) = if is_connection_error(&e) {
+                (
+                    ErrorKind::Connection,
+                    "The connection broke, so whether its transaction committed is unknown: \
+                     `rollout status` tells",
+                )
+            } else {
+                (
+                    ErrorKind::MigrationFailed,
+                    "It ran in a transaction that was rolled back, so none of it is applied",
+                )
+            };
+            let next = match script.direction {
+                Direction::Up => {
+                    "migrations before it stay applied. Fix it and deploy again; `rollout \
+                     status` shows where the database stands"
+                }
+                Direction::Down => {
+                    "it stays applied, and migrations reverted before it stay reverted. Fix \
+                     down.sql (or undo it by hand and record that with `rollout resolve \
+                     VERSION --rolled-back`); `rollout status` shows where the database stands"
+                }
+            };
+            Err(Error::new(
+                kind,
+                format!(
+                    "{} (track {}) failed in {what} at {at}: {pg}. {outcome}; {next}",
+                    script.what(m),
+                    m.track()
+                ),
+            )
+            .at(m, line)
+            .lock_timeout(lock_timeout))
+        }
+    }
+}
+
+/// Whether the caller's connection is inside a transaction diesel opened.
+fn in_transaction(conn: &mut PgConnection) -> bool {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    AnsiTransactionManager::transaction_manager_status_mut(conn)
+        .transaction_depth()
+        .ok()
+        .flatten()
+        .is_some()
+}
+
+/// The migration's SQL and its ledger rows in one transaction, sent in one
+/// round trip (`BEGIN; script; ledger; COMMIT`). On failure (after a
+/// `ROLLBACK`) the statement that failed is found from PostgreSQL's error
+/// position, or else by running the statements again one at a time in a
+/// transaction that is rolled back: nothing of that costs the success path.
+/// Returns the result, the statement that failed, and whether the ledger
+/// rows were written (a failure then is at `COMMIT`).
+fn run_whole<'s>(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    script: &Script<'_>,
+    statements: &'s [sql::Statement],
+    total: i32,
+) -> Outcome<'s> {
+    const PREFIX: &str = "BEGIN;\n";
+    let ledger_sql = match script.direction {
+        Direction::Up => ledger::record_success_sql(tables, m, total),
+        Direction::Down => ledger::record_revert_sql(tables, m, &script.checksum, total),
+    };
+    let batch = format!("{PREFIX}{}\n;\n{ledger_sql};\nCOMMIT", script.sql);
+    let Err(e) = conn.batch_execute(&batch) else {
+        return (Ok(()), None, true, None);
+    };
+    if is_connection_error(&e) {
+        return (Err(e), None, false, None);
+    }
+    let _ = conn.batch_execute("ROLLBACK");
+    // PostgreSQL's position counts characters of the whole batch.
+    let position = match &e {
+        DieselError::DatabaseError(_, info) => info.statement_position(),
+        _ => None,
+    }
+    .and_then(|p| usize::try_from(p).ok())
+    .filter(|p| *p > PREFIX.len());
+    let script_chars = script.sql.chars().count();
+    if let Some(p) = position {
+        let char_offset = p - 1 - PREFIX.len();
+        if char_offset < script_chars {
+            let byte = script
+                .sql
+                .char_indices()
+                .nth(char_offset)
+                .map_or(script.sql.len(), |(b, _)| b);
+            let at = statements
+                .iter()
+                .rev()
+                .find(|s| s.offset <= byte)
+                .or(statements.first());
+            return (
+                Err(e),
+                at,
+                false,
+                Some(sql::line_of_offset(script.sql, byte)),
+            );
+        }
+        // In the ledger statement.
+        return (Err(e), None, false, None);
+    }
+    // No position: find the statement by running them again, rolled back.
+    let (mut at, mut line) = (None, None);
+    if conn.batch_execute("BEGIN").is_ok() {
+        for s in statements {
+            if let Err(again) = conn.batch_execute(&s.sql) {
+                at = Some(s);
+                line = Some(error_line(script.sql, s, &again));
+                break;
+            }
+        }
+        let _ = conn.batch_execute("ROLLBACK");
+    }
+    let recorded = at.is_none() && is_deferred_check(&e);
+    (Err(e), at, recorded, line)
+}
+
+/// How a transactional run ended: the result, the statement that failed,
+/// whether the ledger rows were written (a failure then is at `COMMIT`),
+/// and the line of `up.sql` it failed at, when known.
+type Outcome<'s> = (
+    Result<(), DieselError>,
+    Option<&'s sql::Statement>,
+    bool,
+    Option<usize>,
+);
+
+/// Whether an error is one PostgreSQL raises at `COMMIT` (a deferred
+/// constraint), which running the statements again does not reproduce.
+fn is_deferred_check(e: &DieselError) -> bool {
+    matches!(
+        e,
+        DieselError::DatabaseError(
+            diesel::result::DatabaseErrorKind::UniqueViolation
+                | diesel::result::DatabaseErrorKind::ForeignKeyViolation
+                | diesel::result::DatabaseErrorKind::CheckViolation,
+            _
+        )
+    )
+}
+
+/// As [`run_whole`], inside the caller's transaction: a savepoint, and the
+/// statements one at a time.
+fn run_nested<'s>(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    script: &Script<'_>,
+    statements: &'s [sql::Statement],
+    total: i32,
+) -> Outcome<'s> {
+    let mut failed_at = None;
+    let mut recorded = false;
+    let result = conn.transaction::<(), DieselError, _>(|c| {
+        for s in statements {
+            if let Err(e) = c.batch_execute(&s.sql) {
+                failed_at = Some(s);
+                return Err(e);
+            }
+        }
+        match script.direction {
+            Direction::Up => ledger::record_success(c, tables, m, total)?,
+            Direction::Down => ledger::record_revert(c, tables, m, &script.checksum, total)?,
+        }
+        recorded = true;
+        Ok(())
+    });
+    (result, failed_at, recorded, None)
+}
