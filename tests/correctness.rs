@@ -1187,3 +1187,202 @@ fn the_splitter_counts_the_statements_postgresql_runs() {
         );
     }
 }
+
+/// `rollout -q up --required-only` on `set`, in the background, quiet.
+fn spawn_required_up(db: &TestDb, set: &TempSet) -> std::process::Child {
+    db.rollout()
+        .arg("--migrations-dir")
+        .arg(set.required_dir())
+        .args(["-q", "up", "--required-only"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// A no-transaction statement and its recorded progress commit together:
+/// a client killed while the statement runs (the server finishes it) no
+/// longer leaves it done but unrecorded, to be run a second time by the
+/// next attempt. An index build, which cannot share a transaction, that
+/// finished after its client died counts as done on the next attempt.
+#[test]
+fn a_client_killed_during_a_no_transaction_statement_runs_it_once() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required(
+        "1_effects",
+        "CREATE TABLE effects (v text);\nCREATE TABLE t (x int);\n",
+    );
+    set.required_no_tx(
+        "2_backfill",
+        "INSERT INTO effects SELECT 'backfill' FROM pg_sleep(1.5);\n\
+         CREATE INDEX CONCURRENTLY t_x ON t (x);\n\
+         INSERT INTO effects SELECT 'after' FROM pg_sleep(1.5);\n",
+    );
+    let up = || spawn_required_up(&db, &set);
+    let running = |what: &str| {
+        db.count(&format!(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
+             AND datname = current_database() AND state = 'active' \
+             AND query LIKE 'INSERT INTO effects SELECT ''{what}''%'"
+        )) > 0
+    };
+    let kill_when = |what: &str, ready: &dyn Fn() -> bool| {
+        let mut child = up();
+        wait_until(what, ready);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    };
+    let gone = || {
+        wait_until("the killed client's backend to finish", || {
+            db.advisory_locks() == 0
+        })
+    };
+    // Killed during the first statement.
+    kill_when("the backfill to run", &|| running("backfill"));
+    gone();
+    // Killed while the index build waits for an old snapshot, which is
+    // then released: the server finishes the build with nobody to tell.
+    let mut blocker = db.conn();
+    blocker
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM effects")
+        .unwrap();
+    kill_when("the index build to wait", &|| {
+        db.count(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND datname = current_database() AND query LIKE 'CREATE INDEX CONCURRENTLY t_x%'",
+        ) > 0
+    });
+    blocker.batch_execute("COMMIT").unwrap();
+    gone();
+    // Killed during the third statement.
+    kill_when("the last statement to run", &|| running("after"));
+    gone();
+    let out = db
+        .rollout()
+        .arg("--migrations-dir")
+        .arg(set.required_dir())
+        .args(["up", "--required-only"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        db.texts("SELECT v || ':' || count(*) AS t FROM effects GROUP BY v ORDER BY v"),
+        ["after:1", "backfill:1"]
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM pg_index WHERE indexrelid = 't_x'::regclass AND indisvalid"
+        ),
+        1
+    );
+}
+
+/// The index build an attempt died in is counted as done only when the
+/// index there is the one the statement defines: another index under the
+/// same name fails the statement, as PostgreSQL says, rather than being
+/// taken for it.
+#[test]
+fn an_index_of_another_definition_is_not_taken_for_the_interrupted_build() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("1_t", "CREATE TABLE t (x int, y int);\n");
+    set.required_no_tx("2_index", "CREATE INDEX CONCURRENTLY t_x ON t (x);\n");
+    let mut blocker = db.conn();
+    blocker
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class")
+        .unwrap();
+    let mut child = spawn_required_up(&db, &set);
+    let building = "FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                    AND datname = current_database() \
+                    AND query LIKE 'CREATE INDEX CONCURRENTLY t_x%'";
+    wait_until("the index build to wait", || {
+        db.count(&format!("SELECT count(*) AS n {building}")) > 0
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The build is cancelled, and someone makes another index of that name.
+    db.count(&format!(
+        "SELECT count(*) AS n FROM (SELECT pg_terminate_backend(pid) {building}) k"
+    ));
+    blocker.batch_execute("COMMIT").unwrap();
+    wait_until("the build's backend to go", || db.advisory_locks() == 0);
+    db.conn()
+        .batch_execute("DROP INDEX IF EXISTS t_x; CREATE INDEX t_x ON t (y)")
+        .unwrap();
+    let out = db
+        .rollout()
+        .arg("--migrations-dir")
+        .arg(set.required_dir())
+        .args(["up", "--required-only"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("already exists") && err.contains("2_index"),
+        "{err}"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM __diesel_schema_migrations WHERE version = '2'"),
+        0
+    );
+}
+
+/// A no-transaction migration that opens a transaction of its own and
+/// fails inside it: the failure is recorded (the attempt is not left
+/// `running`), the message counts only what was committed, and the retry
+/// resumes there, running each statement once.
+#[test]
+fn a_failure_inside_a_transaction_the_migration_opened_resumes_where_it_committed() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("1_log", "CREATE TABLE log (v text);\n");
+    set.required_no_tx(
+        "2_grouped",
+        "INSERT INTO log VALUES ('one');\nBEGIN;\nINSERT INTO log VALUES ('two');\n\
+         INSERT INTO later VALUES (1);\nCOMMIT;\nINSERT INTO log VALUES ('three');\n",
+    );
+    let up = || {
+        db.rollout()
+            .arg("--migrations-dir")
+            .arg(set.required_dir())
+            .args(["up", "--required-only"])
+            .output()
+            .unwrap()
+    };
+    let out = up();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("up.sql:4")
+            && err.contains("Statements 1 to 1 completed")
+            && err.contains("resumes at statement 2"),
+        "{err}"
+    );
+    assert_eq!(db.texts("SELECT v AS t FROM log"), ["one"]);
+    assert_eq!(
+        db.texts(
+            "SELECT outcome AS t FROM __diesel_rollout_attempts WHERE version = '2' ORDER BY id"
+        ),
+        ["failed"]
+    );
+    assert_eq!(db.advisory_locks(), 0);
+    db.conn()
+        .batch_execute("CREATE TABLE later (x int)")
+        .unwrap();
+    let out = up();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        db.texts("SELECT v AS t FROM log ORDER BY v"),
+        ["one", "three", "two"]
+    );
+}

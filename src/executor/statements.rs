@@ -116,6 +116,7 @@ pub(super) fn run_statements(
         on_repaired: &on_dropped,
         poll: hooks.poll,
     };
+    let mut recorded_end = false;
     for (i, s) in statements.iter().enumerate().skip(resume) {
         if (hooks.should_stop)() {
             let why = format!("stopped by shutdown before statement {}", i + 1);
@@ -135,6 +136,42 @@ pub(super) fn run_statements(
         (hooks.on_statement)(m, i, statements.len());
         tracing::debug!(statement = i + 1, line = s.line, "executing");
         let op = catalog::classify(&s.sql);
+        let last = i + 1 == statements.len();
+        // The statement an attempt was running when its process died may
+        // have finished on the server after the client was gone: an index
+        // it was building that now exists, valid, is done.
+        let died_here = row.is_some_and(|r| {
+            unfinished(r)
+                && r.outcome.as_deref() == Some("interrupted")
+                && r.error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with(ledger::DIED))
+                && r.statements_completed.unwrap_or(0) as usize == i
+                && r.attempt_checksum
+                    .as_deref()
+                    .is_some_and(|c| script.matches(m, c))
+        });
+        if died_here {
+            if let Some(op) = &op {
+                if catalog::built(conn, op, &s.sql).unwrap_or(false) {
+                    tracing::warn!(
+                        statement = i + 1,
+                        line = s.line,
+                        "statement {} of {} builds an index that exists, valid and as the \
+                         statement defines it: the attempt whose process died at this \
+                         statement finished it after its client went away; counting it as \
+                         done",
+                        i + 1,
+                        m.dir_name()
+                    );
+                    if !last {
+                        ledger::progress(conn, tables, id, (i + 1) as i32)
+                            .map_err(|e| Error::db("recording progress", e).at(m, Some(s.line)))?;
+                    }
+                    continue;
+                }
+            }
+        }
         let prepared = match &op {
             Some(op) => catalog::prepare(conn, op, m, s.line, &checks),
             None => Ok(()),
@@ -151,11 +188,53 @@ pub(super) fn run_statements(
             }
             return Err(e);
         }
-        if let Err(e) = conn.batch_execute(&s.sql) {
+        // A statement that can run in a transaction goes with its progress
+        // (the last one with the version row) in one round trip, which
+        // PostgreSQL runs as one transaction: a client that dies between
+        // the two can no longer leave it done but not recorded, to be run
+        // again by the next attempt.
+        let mut together = op.is_none() && in_one_transaction(&s.sql);
+        let mut sent = if together {
+            let record = if last {
+                ledger::finish_statements_sql(
+                    tables,
+                    m,
+                    script.direction == Direction::Up,
+                    id,
+                    total,
+                )
+            } else {
+                ledger::progress_sql(tables, id, (i + 1) as i32)
+            };
+            conn.batch_execute(&format!("{}\n;\n{record}", s.sql))
+        } else {
+            conn.batch_execute(&s.sql)
+        };
+        if together && sent.as_ref().is_err_and(refused_in_a_transaction) {
+            // A command PostgreSQL (or an extension's, which the list above
+            // cannot know) refuses in a transaction block is refused before
+            // it does anything: send it alone.
+            tracing::debug!(statement = i + 1, "refused in a transaction: sent alone");
+            let _ = conn.batch_execute("ROLLBACK");
+            together = false;
+            sent = conn.batch_execute(&s.sql);
+        }
+        if let Err(e) = sent {
+            // A failure inside a transaction block (the last statement's
+            // own BEGIN, or one the migration opened) leaves it open and
+            // aborted: end it, so the failure can be recorded. Otherwise
+            // PostgreSQL has rolled back already (a warning, swallowed).
+            let _ = conn.batch_execute("ROLLBACK");
             let mut pg = describe_db_error(&e);
             let lock_timeout = is_lock_timeout(&e);
             let line = error_line(script.sql, s, &e);
+            // What stays done is what was recorded: a transaction the
+            // migration opened itself took its statements' progress with it.
+            let mut completed = i;
             if !is_connection_error(&e) {
+                if let Ok(n) = ledger::attempt_progress(conn, tables, id) {
+                    completed = usize::try_from(n).unwrap_or(i).min(i);
+                }
                 pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
                 if let Err(le) =
                     ledger::finish_attempt(conn, tables, id, hooks.failure_outcome, Some(&pg))
@@ -173,14 +252,18 @@ pub(super) fn run_statements(
                 kind,
                 format!(
                     "{} (track {}, no transaction) failed at {}:{line}, statement {} of \
-                     {total}: {pg}. Statements 1 to {i} completed and stay {done}; the next \
-                     run resumes at statement {}. Fix the cause (or the statement, if it never \
-                     ran) and run again; `rollout status` shows where it stopped",
+                     {total}: {pg}. {}; the next run resumes at statement {}. Fix the cause (or \
+                     the statement, if it never ran) and run again; `rollout status` shows \
+                     where it stopped",
                     script.what(m),
                     m.track(),
                     script.path,
                     i + 1,
-                    i + 1
+                    match completed {
+                        0 => "No statement of it completed".to_string(),
+                        n => format!("Statements 1 to {n} completed and stay {done}"),
+                    },
+                    completed + 1
                 ),
             )
             .at(m, Some(line))
@@ -207,6 +290,10 @@ pub(super) fn run_statements(
                 return Err(e);
             }
         }
+        if together {
+            recorded_end |= last;
+            continue;
+        }
         // The last statement's progress goes with the end of the attempt,
         // in the same round trip (and the same transaction).
         if i + 1 < statements.len() {
@@ -217,7 +304,9 @@ pub(super) fn run_statements(
     // The version row and the attempt's success in one round trip.
     let finish =
         ledger::finish_statements_sql(tables, m, script.direction == Direction::Up, id, total);
-    if let Err(e) = conn.batch_execute(&finish) {
+    if recorded_end {
+        // Sent with the last statement.
+    } else if let Err(e) = conn.batch_execute(&finish) {
         // A failure inside the batch leaves its transaction open and
         // aborted: end it, so the connection is usable and nothing of it
         // is half-recorded.
@@ -237,4 +326,190 @@ pub(super) fn run_statements(
         duration: elapsed,
         statements: statements.len() - resume,
     })
+}
+
+/// Whether a statement can run inside a transaction block, so it can be
+/// sent with its progress as one implicit transaction. Not: transaction
+/// control, `CALL` and a `DO` block that may commit, anything
+/// `CONCURRENTLY`, and the commands PostgreSQL refuses in a transaction
+/// block.
+fn in_one_transaction(statement: &str) -> bool {
+    let Ok(tokens) = crate::source::sql::tokens(statement) else {
+        return false;
+    };
+    let word = |i: usize| {
+        tokens
+            .get(i)
+            .filter(|t| t.kind == crate::source::sql::TokenKind::Word)
+            .map(|t| t.text.to_ascii_lowercase())
+            .unwrap_or_default()
+    };
+    let words: Vec<String> = (0..tokens.len()).map(word).collect();
+    if words.iter().any(|w| w == "concurrently") {
+        return false;
+    }
+    let alone = [
+        "begin",
+        "start",
+        "commit",
+        "end",
+        "rollback",
+        "abort",
+        "savepoint",
+        "release",
+        "prepare",
+        "call",
+        "vacuum",
+        "cluster",
+        "reindex",
+        "discard",
+        "checkpoint",
+    ];
+    let first = words.first().map(String::as_str).unwrap_or("");
+    let second = words.get(1).map(String::as_str).unwrap_or("");
+    if first.is_empty() || alone.contains(&first) {
+        return false;
+    }
+    // `SET LOCAL` and `SET TRANSACTION` would reach the progress write in
+    // the same transaction (a read-only one, another role).
+    if first == "set" && matches!(second, "local" | "transaction" | "session") {
+        return false;
+    }
+    if first == "do" {
+        // A `DO` block may commit (a backfill in batches), or call a
+        // procedure that does: only one whose body says neither can share
+        // a transaction.
+        let body = tokens
+            .iter()
+            .filter(|t| t.kind == crate::source::sql::TokenKind::Literal)
+            .map(|t| t.text.to_ascii_lowercase())
+            .collect::<String>();
+        return !["commit", "rollback", "call", "concurrently"]
+            .iter()
+            .any(|w| body.contains(w));
+    }
+    !matches!(
+        (first, second),
+        (
+            "create" | "drop",
+            "database" | "tablespace" | "subscription"
+        ) | ("alter", "database" | "system" | "subscription")
+    )
+}
+
+/// Whether PostgreSQL refused a statement because it ran in a transaction
+/// block or a multi-statement query (`PreventInTransactionBlock`, SQLSTATE
+/// 25001, which diesel does not expose: matched on the server's English
+/// message).
+fn refused_in_a_transaction(e: &diesel::result::Error) -> bool {
+    match e {
+        diesel::result::Error::DatabaseError(_, info) => {
+            let m = info.message();
+            m.contains("cannot run inside a transaction block")
+                || m.contains("cannot be executed within a pipeline")
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{in_one_transaction, refused_in_a_transaction};
+
+    /// A server error with a message, as diesel reports one.
+    struct Message(&'static str);
+
+    impl diesel::result::DatabaseErrorInformation for Message {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn details(&self) -> Option<&str> {
+            None
+        }
+        fn hint(&self) -> Option<&str> {
+            None
+        }
+        fn table_name(&self) -> Option<&str> {
+            None
+        }
+        fn column_name(&self) -> Option<&str> {
+            None
+        }
+        fn constraint_name(&self) -> Option<&str> {
+            None
+        }
+        fn statement_position(&self) -> Option<i32> {
+            None
+        }
+    }
+
+    fn server_error(message: &'static str) -> diesel::result::Error {
+        diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::Unknown,
+            Box::new(Message(message)),
+        )
+    }
+
+    /// PostgreSQL's own messages (as `psql -c "VACUUM t; SELECT 1"` prints
+    /// them), and TimescaleDB's for a continuous aggregate.
+    #[test]
+    fn a_refusal_in_a_transaction_is_recognised() {
+        for m in [
+            "VACUUM cannot run inside a transaction block",
+            "CREATE INDEX CONCURRENTLY cannot run inside a transaction block",
+            "CREATE MATERIALIZED VIEW ... WITH DATA cannot run inside a transaction block",
+            "CREATE DATABASE cannot be executed within a pipeline",
+        ] {
+            assert!(refused_in_a_transaction(&server_error(m)), "{m}");
+        }
+        for m in [
+            "relation \"t\" already exists",
+            "VACUUM cannot be executed from a function",
+            "current transaction is aborted, commands ignored until end of transaction block",
+        ] {
+            assert!(!refused_in_a_transaction(&server_error(m)), "{m}");
+        }
+    }
+
+    #[test]
+    fn what_shares_a_transaction_with_its_progress() {
+        for s in [
+            "INSERT INTO t VALUES (1)",
+            "UPDATE t SET x = 1",
+            "ALTER TABLE t ADD COLUMN y int",
+            "CREATE TABLE t (x int)",
+            "SELECT pg_sleep(1)",
+            "DO $$ BEGIN UPDATE t SET x = 2; END $$",
+            "REFRESH MATERIALIZED VIEW v",
+            "SET lock_timeout = '1s'",
+        ] {
+            assert!(in_one_transaction(s), "{s}");
+        }
+        for s in [
+            "CREATE INDEX CONCURRENTLY i ON t (x)",
+            "DROP INDEX CONCURRENTLY IF EXISTS i",
+            "REINDEX INDEX CONCURRENTLY i",
+            "ALTER TABLE p DETACH PARTITION c CONCURRENTLY",
+            "VACUUM t",
+            "vacuum analyze t",
+            "BEGIN",
+            "COMMIT",
+            "SAVEPOINT a",
+            "CALL backfill()",
+            "DO $$ BEGIN LOOP EXIT WHEN true; COMMIT; END LOOP; END $$",
+            "DO $$ BEGIN CALL p(); END $$",
+            "CREATE DATABASE x",
+            "DROP TABLESPACE x",
+            "ALTER SYSTEM SET work_mem = '1MB'",
+            "CREATE SUBSCRIPTION s CONNECTION 'x' PUBLICATION p",
+            "CLUSTER t USING i",
+            "DISCARD ALL",
+            "SET LOCAL ROLE app",
+            "SET TRANSACTION READ ONLY",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            "",
+        ] {
+            assert!(!in_one_transaction(s), "{s}");
+        }
+    }
 }

@@ -399,6 +399,30 @@ pub(crate) fn progress(conn: &mut PgConnection, t: &Tables, id: i64, done: i32) 
         .map(drop)
 }
 
+/// How `mark_interrupted.sql` begins the error of an attempt whose process
+/// died while it ran (a clean stop records another).
+pub(crate) const DIED: &str = "interrupted: the process applying it";
+
+/// What [`progress`] runs, as text, to go in the same round trip as the
+/// statement it records.
+pub(crate) fn progress_sql(t: &Tables, id: i64, done: i32) -> String {
+    inline(&t.sql.progress, &[id.to_string(), done.to_string()])
+}
+
+/// The statements an attempt has recorded as completed (fewer than it
+/// sent when a transaction the migration opened itself was rolled back).
+pub(crate) fn attempt_progress(conn: &mut PgConnection, t: &Tables, id: i64) -> QueryResult<i32> {
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = Integer)]
+        n: i32,
+    }
+    sql_query(&t.sql.attempt_progress)
+        .bind::<BigInt, _>(id)
+        .get_result::<N>(conn)
+        .map(|r| r.n)
+}
+
 /// Closes an attempt as `success` or `failed`.
 pub(crate) fn finish_attempt(
     conn: &mut PgConnection,
