@@ -18,6 +18,14 @@ impl Migrator {
     /// # Errors
     /// When the ledger cannot be read.
     pub fn status(&self, conn: &mut PgConnection) -> Result<Vec<MigrationStatus>, Error> {
+        // The indexes are looked up as the migrations name them: in the
+        // migrator's schema, when it has one.
+        crate::session::with_search_path(conn, self.search_path().as_deref(), |conn| {
+            self.status_rows(conn)
+        })
+    }
+
+    fn status_rows(&self, conn: &mut PgConnection) -> Result<Vec<MigrationStatus>, Error> {
         let tables = self.ledger()?.resolve(conn)?;
         let rows = ledger::rows(conn, &tables)?;
         let a = self.analyze(&rows, Track::Required);

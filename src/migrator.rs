@@ -49,6 +49,7 @@ pub struct Migrator {
     application_name: String,
     pool_url: crate::url::PoolRedactor,
     baseline: Option<String>,
+    schema: Option<String>,
 }
 
 impl Migrator {
@@ -71,6 +72,7 @@ impl Migrator {
             application_name: "diesel-rollout".into(),
             pool_url: crate::url::PoolRedactor::default(),
             baseline: None,
+            schema: None,
         }
     }
 
@@ -89,6 +91,18 @@ impl Migrator {
     /// sharing a database keep separate records.
     pub fn attempts_table(mut self, name: impl Into<String>) -> Self {
         self.attempts_table = Some(name.into());
+        self
+    }
+
+    /// Migrates one schema of the database (a schema per tenant): the
+    /// ledger tables given without a schema live in `schema`, and every
+    /// migration runs with `search_path` set to it alone, so its
+    /// unqualified names land there. The session's own `search_path` is
+    /// put back afterwards, before a pooled connection returns to its pool.
+    /// The schema must exist. Default: none (the tables resolve on the
+    /// session's `search_path`, and migrations run with it unchanged).
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
         self
     }
 
@@ -269,8 +283,36 @@ impl Migrator {
     }
 
     pub(crate) fn ledger(&self) -> Result<Ledger, Error> {
-        Ledger::new(&self.migrations_table, self.attempts_table.as_deref())
+        let Some(schema) = &self.schema else {
+            return Ledger::new(&self.migrations_table, self.attempts_table.as_deref())
+                .map_err(|m| Error::new(ErrorKind::Config, m));
+        };
+        // Each schema keeps its own ledger: a table qualified with another
+        // schema would be one ledger (and one lock) for every tenant.
+        let mut tables = vec![&self.migrations_table];
+        tables.extend(&self.attempts_table);
+        if let Some(t) = tables.into_iter().find(|t| t.contains('.')) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "the ledger table `{t}` names a schema, but this migrator migrates schema \
+                     `{schema}`, whose ledger lives in it: give the table without a schema \
+                     (`--migrations-table` / `--attempts-table`)"
+                ),
+            ));
+        }
+        let in_schema = |t: &str| format!("{schema}.{t}");
+        let attempts = self.attempts_table.as_deref().map(in_schema);
+        Ledger::new(&in_schema(&self.migrations_table), attempts.as_deref())
             .map_err(|m| Error::new(ErrorKind::Config, m))
+    }
+
+    /// The `search_path` migrations run with (see [`Migrator::schema`]), as
+    /// a quoted identifier.
+    pub(crate) fn search_path(&self) -> Option<String> {
+        self.schema
+            .as_ref()
+            .map(|s| format!("\"{}\"", s.replace('"', "\"\"")))
     }
 
     /// Opens a dedicated connection, applies the pending required
@@ -281,19 +323,21 @@ impl Migrator {
     /// As [`Migrator::run_required_on`], plus [`ErrorKind::Connection`] when the
     /// database cannot be reached (the URL in the message has no password).
     pub fn run_required(&self, database_url: &str) -> Result<Report, Error> {
+        let mut conn = self.connect_named(database_url)?;
+        self.run_track(&mut conn, Track::Required, &mut pooler_probe(database_url))
+    }
+
+    /// A connection to `database_url` carrying this migrator's
+    /// `application_name` (in the startup packet when the URL allows it),
+    /// its errors naming the URL as given, without the password.
+    pub(crate) fn connect_named(&self, database_url: &str) -> Result<PgConnection, Error> {
         let named = crate::url::with_application_name(database_url, &self.application_name);
-        let mut conn = crate::connect(named.as_deref().unwrap_or(database_url))?;
+        let mut conn =
+            session::connect_showing(named.as_deref().unwrap_or(database_url), database_url)?;
         if named.is_none() {
             set_application_name(&mut conn, &self.application_name)?;
         }
-        // A second connection, opened only once the lock is taken, tells a
-        // pooler in transaction mode apart from a direct connection.
-        let mut probe = || {
-            crate::connect(database_url)
-                .ok()
-                .and_then(|mut c| lock::backend_pid(&mut c).ok())
-        };
-        self.run_track(&mut conn, Track::Required, &mut probe)
+        Ok(conn)
     }
 
     /// Applies the pending required migrations on `conn`, which should be
@@ -487,7 +531,12 @@ impl Migrator {
         };
         // The connection may be the service's (a pooled one): put back what
         // was set before, not the server's defaults.
-        let saved = session::Timeouts::set(conn, lock_timeout, statement_timeout)?;
+        let saved = session::Settings::set(
+            conn,
+            lock_timeout,
+            statement_timeout,
+            self.search_path().as_deref(),
+        )?;
         let applied = self.apply_pending(conn, tables, &a.pending, &a.rows, track, report);
         let restored = saved.restore(conn);
         applied?;
@@ -604,4 +653,15 @@ pub(crate) fn same_schema(ledger: &Ledger, before: &Tables, now: &Tables) -> Res
             ledger.configured, before.schema, now.schema
         ),
     ))
+}
+
+/// A second connection to `database_url`, opened only once the lock is
+/// taken, returning its backend pid: it tells a pooler in transaction mode
+/// apart from a direct connection.
+pub(crate) fn pooler_probe(database_url: &str) -> impl FnMut() -> Option<i32> + '_ {
+    move || {
+        crate::connect(database_url)
+            .ok()
+            .and_then(|mut c| lock::backend_pid(&mut c).ok())
+    }
 }

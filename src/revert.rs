@@ -105,7 +105,7 @@ impl Migrator {
                     let rows = ledger::rows(conn, tables)?;
                     let by_version = rows.iter().map(|r| (normal(&r.version), r)).collect();
                     let (lt, st) = m.timeouts(mig.track());
-                    let saved = session::Timeouts::set(conn, lt, st)?;
+                    let saved = session::Settings::set(conn, lt, st, m.search_path().as_deref())?;
                     let applied =
                         m.apply_pending(conn, tables, &[mig], &by_version, mig.track(), report);
                     let restored = saved.restore(conn);
@@ -359,7 +359,7 @@ impl Migrator {
                 .iter()
                 .find(|r| normal(&r.version) == normal(m.version()));
             let (lt, st) = self.timeouts(m.track());
-            let saved = session::Timeouts::set(conn, lt, st)?;
+            let saved = session::Settings::set(conn, lt, st, self.search_path().as_deref())?;
             let result = executor::revert(conn, tables, m, row, &executor::Options::plain());
             let restored = saved.restore(conn);
             report.reverted.push(result?);

@@ -7,32 +7,39 @@ use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel::sql_query;
-use diesel::sql_types::Text;
+use diesel::sql_types::{Nullable, Text};
 
 use crate::error::{Error, ErrorKind};
 use crate::url::redact_url;
 
-/// The timeouts a session had before [`Timeouts::set`] changed them.
-#[must_use = "restore the session's timeouts"]
+/// The settings a session had before [`Settings::set`] changed them.
+#[must_use = "restore the session's settings"]
 #[derive(Debug, Clone, QueryableByName)]
-pub(crate) struct Timeouts {
+pub(crate) struct Settings {
     #[diesel(sql_type = Text)]
     lock_timeout: String,
     #[diesel(sql_type = Text)]
     statement_timeout: String,
+    #[diesel(sql_type = Text)]
+    search_path: String,
 }
 
-impl Timeouts {
+impl Settings {
     /// Sets `lock_timeout` and `statement_timeout` (zero: off) for the
-    /// session and returns the values they replaced.
+    /// session, and `search_path` when given (a [`Migrator::schema`]), and
+    /// returns the values they replaced, in one round trip.
+    ///
+    /// [`Migrator::schema`]: crate::Migrator::schema
     pub(crate) fn set(
         conn: &mut PgConnection,
         lock_timeout: Duration,
         statement_timeout: Duration,
-    ) -> Result<Timeouts, Error> {
+        search_path: Option<&str>,
+    ) -> Result<Settings, Error> {
         sql_query(include_str!("sql/set_timeouts.sql"))
             .bind::<Text, _>(lock_timeout.as_millis().to_string())
             .bind::<Text, _>(statement_timeout.as_millis().to_string())
+            .bind::<Nullable<Text>, _>(search_path)
             .get_result(conn)
             .map_err(|e| Error::db("setting the session's timeouts", e))
     }
@@ -41,14 +48,49 @@ impl Timeouts {
     pub(crate) fn restore(self, conn: &mut PgConnection) -> Result<(), Error> {
         sql_query(
             "SELECT set_config('lock_timeout', $1, false), \
-             set_config('statement_timeout', $2, false)",
+             set_config('statement_timeout', $2, false), \
+             set_config('search_path', $3, false)",
         )
         .bind::<Text, _>(&self.lock_timeout)
         .bind::<Text, _>(&self.statement_timeout)
+        .bind::<Text, _>(&self.search_path)
         .execute(conn)
         .map(drop)
-        .map_err(|e| Error::db("restoring the session's timeouts", e).unusable())
+        .map_err(|e| Error::db("restoring the session's settings", e).unusable())
     }
+}
+
+/// Runs `f` with the session's `search_path` set to `path` (when given),
+/// and puts the old one back after, whatever `f` returned.
+pub(crate) fn with_search_path<T>(
+    conn: &mut PgConnection,
+    path: Option<&str>,
+    f: impl FnOnce(&mut PgConnection) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let Some(path) = path else {
+        return f(conn);
+    };
+    #[derive(QueryableByName)]
+    struct Old {
+        #[diesel(sql_type = Text)]
+        old: String,
+    }
+    // The subquery (kept apart by OFFSET 0) reads the old value first.
+    let old: Old = sql_query(
+        "SELECT old.v AS old, set_config('search_path', $1, false) AS new \
+         FROM (SELECT current_setting('search_path') AS v OFFSET 0) AS old",
+    )
+    .bind::<Text, _>(path)
+    .get_result(conn)
+    .map_err(|e| Error::db("setting search_path", e))?;
+    let result = f(conn);
+    let restored = sql_query("SELECT set_config('search_path', $1, false)")
+        .bind::<Text, _>(&old.old)
+        .execute(conn)
+        .map_err(|e| Error::db("restoring search_path", e).unusable());
+    let value = result?;
+    restored?;
+    Ok(value)
 }
 
 /// Sets `application_name`, bound as a value, never pasted into SQL.
@@ -65,6 +107,12 @@ pub(crate) fn set_application_name(conn: &mut PgConnection, name: &str) -> Resul
 /// # Errors
 /// [`ErrorKind::Connection`] naming the redacted URL and the cause.
 pub fn connect(database_url: &str) -> Result<PgConnection, Error> {
+    connect_showing(database_url, database_url)
+}
+
+/// Opens `database_url`, naming `shown` (the URL as the user gave it,
+/// before `application_name` was added) in an error.
+pub(crate) fn connect_showing(database_url: &str, shown: &str) -> Result<PgConnection, Error> {
     PgConnection::establish(database_url).map_err(|e| {
         let cause = e.to_string();
         // libpq can echo parts of the connection string; scrub the password.
@@ -74,7 +122,7 @@ pub fn connect(database_url: &str) -> Result<PgConnection, Error> {
             format!(
                 "cannot connect to {}: {}. Check the URL (--database-url or DATABASE_URL), \
                  that the server is running and reachable, and the credentials",
-                redact_url(database_url),
+                redact_url(shown),
                 cause.trim_end()
             ),
         )

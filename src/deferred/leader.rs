@@ -333,7 +333,12 @@ fn lead(
     let mut setup = || -> Result<i32, Error> {
         ledger::ensure_tables(conn, ledger, &mut tables)?;
         // The connection is discarded after leading: nothing to restore.
-        let _replaced = session::Timeouts::set(conn, lock_timeout, statement_timeout)?;
+        let _replaced = session::Settings::set(
+            conn,
+            lock_timeout,
+            statement_timeout,
+            m.search_path().as_deref(),
+        )?;
         // PostgreSQL 14+: notice a dead client during a long build, so the
         // lock is released and another replica can take over.
         let _ = conn.batch_execute("SET client_connection_check_interval = '5s'");
