@@ -56,6 +56,9 @@ pub enum ErrorKind {
     /// An option of the [`Migrator`](crate::Migrator) is invalid (a table
     /// name, say).
     Config,
+    /// A target of a fleet run is not complete: `verify` found a required
+    /// migration missing or failed, or `plan` found that `up` would refuse.
+    Incomplete,
 }
 
 /// Where in a migration an error happened.

@@ -113,6 +113,8 @@ mod error;
 #[cfg(feature = "runtime")]
 mod executor;
 #[cfg(feature = "runtime")]
+mod fleet;
+#[cfg(feature = "runtime")]
 mod inspect;
 #[cfg(feature = "runtime")]
 mod ledger;
@@ -153,6 +155,8 @@ pub mod testing;
 pub use crate::deferred::{DeferredHandle, DeferredMetrics, DeferredState, PgPool};
 #[cfg(feature = "runtime")]
 pub use crate::error::{Error, ErrorKind, MigrationRef};
+#[cfg(feature = "runtime")]
+pub use crate::fleet::{Fleet, FleetReport, Operation, Outcome, Target, TargetReport};
 #[cfg(feature = "lint")]
 pub use crate::lint::{lint_dirs, Finding, LintError, LintOptions, Severity, TRACK_RULES};
 #[cfg(feature = "runtime")]

@@ -26,6 +26,8 @@ pub(crate) struct Sizes {
     pub writers: usize,
     pub traffic_runs: usize,
     pub build_migrations: usize,
+    pub fleet_targets: usize,
+    pub fleet_migrations: usize,
 }
 
 impl Size {
@@ -42,6 +44,8 @@ impl Size {
                 writers: 2,
                 traffic_runs: 1,
                 build_migrations: 0,
+                fleet_targets: 4,
+                fleet_migrations: 5,
             },
             Size::Quick => Sizes {
                 startup_iters: 30,
@@ -54,6 +58,8 @@ impl Size {
                 writers: 3,
                 traffic_runs: 1,
                 build_migrations: 200,
+                fleet_targets: 50,
+                fleet_migrations: 20,
             },
             Size::Full => Sizes {
                 startup_iters: 50,
@@ -66,6 +72,8 @@ impl Size {
                 writers: 3,
                 traffic_runs: 3,
                 build_migrations: 1000,
+                fleet_targets: 200,
+                fleet_migrations: 20,
             },
         }
     }

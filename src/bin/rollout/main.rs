@@ -65,6 +65,9 @@ commands! {
     /// in the database) are history, their old problems warnings; writes `start_after` to
     /// diesel-guard.toml.
     Baseline => baseline,
+    /// Run up, status, verify or plan on many databases or schemas (--targets FILE,
+    /// --targets-query SQL, --schemas-query SQL), --parallel N at a time, with a --canary.
+    Fleet => fleet,
     /// Apply everything from scratch to a scratch database, verify, and show the status.
     ///
     /// Without a database URL it starts a throwaway PostgreSQL server from the
@@ -84,10 +87,11 @@ Examples:
   rollout baseline --migrations-dir migrations   adopt a database migrated by diesel
   rollout plan                                   what `up` would do; exit 10 when something is pending
   rollout revert --count 2                       revert the two newest applied migrations
+  rollout fleet up --targets tenants.txt --canary 1   migrate every tenant database
 
 Exit codes: 0 success, 1 failure, 2 usage error,
 3 another session holds the deferred lock (`rollout deferred` without --wait),
-10 `rollout plan`: something is pending (1: `up` would refuse).";
+10 `rollout plan` / `rollout fleet plan`: something is pending (1: `up` would refuse).";
 
 /// Schema migrations for PostgreSQL services deployed by rolling update.
 #[derive(Parser)]
@@ -124,6 +128,11 @@ struct Cli {
         value_name = "TABLE"
     )]
     attempts_table: Option<String>,
+
+    /// Migrate one schema (a schema per tenant): the ledger tables live in it and migrations run
+    /// with search_path set to it, as the service's `Migrator::schema`.
+    #[arg(long, env = "ROLLOUT_SCHEMA", global = true, value_name = "SCHEMA")]
+    schema: Option<String>,
 
     /// Refuse applied versions this binary does not know and edited applied migrations.
     #[arg(long, global = true)]
@@ -279,6 +288,9 @@ fn migrator_for(cli: &Cli, set: MigrationSet) -> Migrator {
     }
     if let Some(t) = &cli.attempts_table {
         m = m.attempts_table(t);
+    }
+    if let Some(s) = &cli.schema {
+        m = m.schema(s);
     }
     if let Some(d) = cli.lock_timeout {
         m = m.required_lock_timeout(d);
