@@ -87,10 +87,11 @@ pub(crate) fn many(server: &Server, sizes: &Sizes, report: &mut String) {
     }
     writeln!(
         report,
-        "\ndiesel-rollout sends each statement of a migration on its own (to name the failing \
-         line) and writes the version row and an attempt row in one statement, inside the \
-         migration's transaction; diesel sends the file in one batch and writes the version \
-         row. Runs of this section vary by ±20% on this machine.\n"
+        "\nBoth send a transactional migration in one batch. diesel-rollout's batch is \
+         `BEGIN; up.sql; ledger rows; COMMIT` (the version row and an attempt row in one \
+         statement); it finds the failing line only after a failure, from PostgreSQL's error \
+         position or a rolled-back replay. Runs of this section vary by ±20% on this \
+         machine.\n"
     )
     .unwrap();
 }
