@@ -1386,3 +1386,87 @@ fn a_failure_inside_a_transaction_the_migration_opened_resumes_where_it_committe
         ["one", "three", "two"]
     );
 }
+
+/// A `DROP INDEX CONCURRENTLY` cannot share a transaction with its
+/// progress: one the server finished after its client was killed is done,
+/// and the next run, `up` or `revert`, goes on after it instead of failing
+/// with "does not exist".
+#[test]
+fn an_index_drop_finished_after_its_client_died_counts_as_done() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    // The table and its index predate the migrations.
+    db.conn()
+        .batch_execute("CREATE TABLE t (x int); CREATE INDEX t_x ON t (x)")
+        .unwrap();
+    set.required("1_effects", "CREATE TABLE effects (v text);\n");
+    set.required_no_tx(
+        "2_drop",
+        "DROP INDEX CONCURRENTLY t_x;\nINSERT INTO effects VALUES ('dropped');\n",
+    );
+    let index = set.required_no_tx("3_index", "CREATE INDEX CONCURRENTLY t_y ON t (x);\n");
+    std::fs::write(index.join("down.sql"), "DROP INDEX CONCURRENTLY t_y;\n").unwrap();
+    let rollout = |args: &[&str]| {
+        let mut c = db.rollout();
+        c.arg("--migrations-dir").arg(set.required_dir()).args(args);
+        c
+    };
+    // The drop waits for a transaction that read the table; the client is
+    // killed meanwhile, then the transaction ends and the server finishes
+    // the drop with nobody to tell.
+    let kill_during = |index: &str, args: &[&str]| {
+        let mut blocker = db.conn();
+        blocker
+            .batch_execute("BEGIN; SELECT count(*) FROM t")
+            .unwrap();
+        let mut child = rollout(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until("the drop to wait", || {
+            db.count(&format!(
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND datname = current_database() \
+                 AND query LIKE 'DROP INDEX CONCURRENTLY {index}%'"
+            )) > 0
+        });
+        child.kill().unwrap();
+        child.wait().unwrap();
+        blocker.batch_execute("COMMIT").unwrap();
+        wait_until("the killed client's backend to finish", || {
+            db.advisory_locks() == 0
+        });
+        assert_eq!(
+            db.count(&format!(
+                "SELECT count(*) AS n FROM pg_class WHERE relname = '{index}'"
+            )),
+            0,
+            "the server finished the drop"
+        );
+    };
+    let ok = |out: std::process::Output| {
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    kill_during("t_x", &["-q", "up", "--required-only"]);
+    let err = ok(rollout(&["up", "--required-only"]).output().unwrap());
+    assert!(
+        err.contains("drops an index that no longer exists"),
+        "{err}"
+    );
+    assert_eq!(db.texts("SELECT v AS t FROM effects"), ["dropped"]);
+    assert_eq!(
+        db.texts("SELECT version AS t FROM __diesel_schema_migrations ORDER BY version"),
+        ["1", "2", "3"]
+    );
+    // The same in a revert: its down.sql drops the index.
+    kill_during("t_y", &["-q", "revert", "--count", "1"]);
+    ok(rollout(&["revert", "--count", "1"]).output().unwrap());
+    assert_eq!(
+        db.texts("SELECT version AS t FROM __diesel_schema_migrations ORDER BY version"),
+        ["1", "2"]
+    );
+    assert_eq!(db.advisory_locks(), 0);
+}

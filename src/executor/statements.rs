@@ -139,7 +139,8 @@ pub(super) fn run_statements(
         let last = i + 1 == statements.len();
         // The statement an attempt was running when its process died may
         // have finished on the server after the client was gone: an index
-        // it was building that now exists, valid, is done.
+        // it was building that now exists, valid, or one it was dropping
+        // that is gone, is done.
         let died_here = row.is_some_and(|r| {
             unfinished(r)
                 && r.outcome.as_deref() == Some("interrupted")
@@ -153,12 +154,11 @@ pub(super) fn run_statements(
         });
         if died_here {
             if let Some(op) = &op {
-                if catalog::built(conn, op, &s.sql).unwrap_or(false) {
+                if let Ok(Some(found)) = catalog::finished::by_dead_attempt(conn, op, &s.sql) {
                     tracing::warn!(
                         statement = i + 1,
                         line = s.line,
-                        "statement {} of {} builds an index that exists, valid and as the \
-                         statement defines it: the attempt whose process died at this \
+                        "statement {} of {} {found}: the attempt whose process died at this \
                          statement finished it after its client went away; counting it as \
                          done",
                         i + 1,

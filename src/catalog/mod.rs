@@ -19,6 +19,8 @@ use crate::migration::Migration;
 use crate::report::{IndexBuildProgress, IndexState, IndexStatus};
 use crate::source::sql::{self, SqlToken, TokenKind};
 
+pub(crate) mod finished;
+
 /// An identifier as written and as PostgreSQL folds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Ident {
@@ -77,6 +79,13 @@ pub(crate) enum IndexOp {
     },
     /// `REINDEX TABLE CONCURRENTLY name`.
     ReindexTable { table: String },
+    /// `DROP INDEX CONCURRENTLY [IF EXISTS] name` (one index: PostgreSQL
+    /// drops only one at a time concurrently).
+    Drop {
+        /// As written, for `to_regclass`.
+        index: String,
+        if_exists: bool,
+    },
 }
 
 fn is_word(t: Option<&SqlToken>, w: &str) -> bool {
@@ -144,6 +153,18 @@ pub(crate) fn classify(statement: &str) -> Option<IndexOp> {
             table,
             if_not_exists,
         });
+    }
+    if is_word(t.first(), "drop") {
+        if !is_word(t.get(1), "index") || !is_word(t.get(2), "concurrently") {
+            return None;
+        }
+        let mut i = 3;
+        let if_exists = is_word(t.get(i), "if") && is_word(t.get(i + 1), "exists");
+        if if_exists {
+            i += 2;
+        }
+        let (index, _, _) = qualified_name(&t, i)?;
+        return Some(IndexOp::Drop { index, if_exists });
     }
     if is_word(t.first(), "reindex") {
         let mut i = 1;
@@ -232,7 +253,7 @@ impl IndexRow {
 
 /// Every index of `table` (as written), empty when the table does not exist.
 pub(crate) fn table_indexes(conn: &mut PgConnection, table: &str) -> QueryResult<Vec<IndexRow>> {
-    sql_query(include_str!("sql/table_indexes.sql"))
+    sql_query(include_str!("../sql/table_indexes.sql"))
         .bind::<Text, _>(table)
         .load(conn)
 }
@@ -243,7 +264,7 @@ fn table_of_index(conn: &mut PgConnection, index: &str) -> QueryResult<Option<St
         #[diesel(sql_type = Text)]
         table_name: String,
     }
-    sql_query(include_str!("sql/index_table.sql"))
+    sql_query(include_str!("../sql/index_table.sql"))
         .bind::<Text, _>(index)
         .get_result::<T>(conn)
         .optional()
@@ -315,7 +336,7 @@ pub(crate) fn migration_indexes(
 }
 
 pub(crate) fn builds_in_progress(conn: &mut PgConnection) -> QueryResult<Vec<RunningBuild>> {
-    sql_query(include_str!("sql/builds_in_progress.sql")).load(conn)
+    sql_query(include_str!("../sql/builds_in_progress.sql")).load(conn)
 }
 
 fn catalog_error(m: &Migration, line: usize, e: diesel::result::Error) -> Error {
@@ -346,7 +367,7 @@ pub(crate) fn prepare(
                 Box::new(move |r: &IndexRow| r.index_name == name),
             )
         }
-        IndexOp::Create { index: None, .. } => return Ok(()),
+        IndexOp::Create { index: None, .. } | IndexOp::Drop { .. } => return Ok(()),
         IndexOp::ReindexIndex { index, name } => {
             let Some(table) = table_of_index(conn, index).map_err(|e| catalog_error(m, line, e))?
             else {
@@ -410,76 +431,6 @@ pub(crate) fn prepare(
     }
 }
 
-/// Whether a named `CREATE INDEX CONCURRENTLY` (without `IF NOT EXISTS`,
-/// which needs no help) is already done: its index exists on its table,
-/// valid, with the definition `statement` gives, compared with what
-/// PostgreSQL prints for it (`pg_get_indexdef`) but for case, spaces and
-/// quotes. A definition it prints differently (casts, parentheses added)
-/// counts as not built, and the statement runs as written.
-pub(crate) fn built(conn: &mut PgConnection, op: &IndexOp, statement: &str) -> QueryResult<bool> {
-    let IndexOp::Create {
-        index: Some(index),
-        table,
-        if_not_exists: false,
-    } = op
-    else {
-        return Ok(false);
-    };
-    #[derive(QueryableByName)]
-    struct Def {
-        #[diesel(sql_type = Text)]
-        def: String,
-    }
-    let def: Option<Def> = sql_query(
-        "SELECT pg_get_indexdef(c.oid) AS def FROM pg_index i \
-         JOIN pg_class c ON c.oid = i.indexrelid \
-         WHERE i.indrelid = to_regclass($1) AND c.relname = $2 AND i.indisvalid",
-    )
-    .bind::<Text, _>(table)
-    .bind::<Text, _>(&index.folded)
-    .get_result(conn)
-    .optional()?;
-    Ok(def.is_some_and(|d| same_definition(statement, &d.def)))
-}
-
-/// Whether `CREATE [UNIQUE] INDEX ... ON table <rest>` and PostgreSQL's
-/// `pg_get_indexdef` text define the same index: the same uniqueness and
-/// the same text after the table (method, columns, `INCLUDE`, `WHERE`).
-fn same_definition(statement: &str, printed: &str) -> bool {
-    let (Some(ours), Some(theirs)) = (index_tail(statement), index_tail(printed)) else {
-        return false;
-    };
-    ours == theirs
-}
-
-/// Uniqueness and the normalised text after the table name of a `CREATE
-/// INDEX` (its method made explicit: `btree` when not given).
-fn index_tail(statement: &str) -> Option<(bool, String)> {
-    let t = sql::tokens(statement).ok()?;
-    let unique = is_word(t.get(1), "unique");
-    let mut i = t.iter().position(|x| is_word(Some(x), "on"))? + 1;
-    if is_word(t.get(i), "only") {
-        i += 1;
-    }
-    i += 1;
-    while t.get(i).is_some_and(|x| x.kind == TokenKind::Punct('.')) {
-        i += 2;
-    }
-    let mut rest = String::new();
-    if is_word(t.get(i), "using") {
-        i += 1;
-    } else {
-        rest.push_str("btree");
-    }
-    for x in t.get(i..)? {
-        if x.kind == TokenKind::Semicolon {
-            break;
-        }
-        rest.push_str(&x.text.to_lowercase().replace('"', ""));
-    }
-    Some((unique, rest))
-}
-
 /// After a concurrent index statement: the index exists and is valid, and
 /// no `REINDEX` leftovers remain.
 pub(crate) fn confirm(
@@ -529,7 +480,7 @@ pub(crate) fn confirm(
                 ))),
             }
         }
-        IndexOp::Create { index: None, .. } => Ok(()),
+        IndexOp::Create { index: None, .. } | IndexOp::Drop { .. } => Ok(()),
         IndexOp::ReindexIndex { index, .. } => {
             let Some(table) = table_of_index(conn, index).map_err(|e| catalog_error(m, line, e))?
             else {
@@ -561,49 +512,6 @@ fn check_no_invalid(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn index_definitions_compare_as_postgresql_prints_them() {
-        let same = [
-            (
-                "CREATE UNIQUE INDEX CONCURRENTLY i1 ON t (a DESC, b) INCLUDE (c)",
-                "CREATE UNIQUE INDEX i1 ON public.t USING btree (a DESC, b) INCLUDE (c)",
-            ),
-            (
-                "create index concurrently i2 on only \"s\".t using HASH (b);",
-                "CREATE INDEX i2 ON s.t USING hash (b)",
-            ),
-            (
-                "CREATE INDEX CONCURRENTLY \"I4\" ON t (lower(b))",
-                "CREATE INDEX \"I4\" ON public.t USING btree (lower(b))",
-            ),
-        ];
-        for (ours, printed) in same {
-            assert!(same_definition(ours, printed), "{ours}");
-        }
-        let different = [
-            (
-                "CREATE INDEX CONCURRENTLY t_idx ON t (a)",
-                "CREATE INDEX t_idx ON public.t USING btree (b)",
-            ),
-            (
-                "CREATE INDEX CONCURRENTLY t_idx ON t (a)",
-                "CREATE UNIQUE INDEX t_idx ON public.t USING btree (a)",
-            ),
-            (
-                "CREATE INDEX CONCURRENTLY t_idx ON t (a)",
-                "CREATE INDEX t_idx ON public.t USING hash (a)",
-            ),
-            // Printed with parentheses added: not recognised, so it runs.
-            (
-                "CREATE INDEX CONCURRENTLY i3 ON t (a) WHERE c > 0",
-                "CREATE INDEX i3 ON public.t USING btree (a) WHERE (c > 0)",
-            ),
-        ];
-        for (ours, printed) in different {
-            assert!(!same_definition(ours, printed), "{ours} / {printed}");
-        }
-    }
 
     fn ident(s: &str) -> Option<Ident> {
         Some(Ident { folded: s.into() })
@@ -668,6 +576,22 @@ mod tests {
             classify("reindex table concurrently t"),
             Some(IndexOp::ReindexTable { table: "t".into() })
         );
+        assert_eq!(
+            classify("DROP INDEX CONCURRENTLY IF EXISTS app.\"Users_Email\";"),
+            Some(IndexOp::Drop {
+                index: "app.\"Users_Email\"".into(),
+                if_exists: true
+            })
+        );
+        assert_eq!(
+            classify("drop index concurrently t_x"),
+            Some(IndexOp::Drop {
+                index: "t_x".into(),
+                if_exists: false
+            })
+        );
+        assert_eq!(classify("DROP INDEX t_x"), None);
+        assert_eq!(classify("DROP TABLE t"), None);
         assert_eq!(classify("REINDEX TABLE t"), None);
         assert_eq!(
             altered_table("ALTER TABLE IF EXISTS ONLY public.items ADD COLUMN x int"),

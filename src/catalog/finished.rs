@@ -1,0 +1,169 @@
+//! What a statement may have finished on the server after its client was
+//! gone. A concurrent index statement cannot share a transaction with its
+//! recorded progress, so an attempt whose process died while one ran may
+//! have left it done but unrecorded. Running it again would fail ("already
+//! exists", "does not exist"): the catalog says whether it is done.
+
+use diesel::prelude::*;
+use diesel::sql_query;
+use diesel::sql_types::Text;
+
+use super::{is_word, IndexOp};
+use crate::source::sql::{self, TokenKind};
+
+/// Whether the statement an attempt died at is done, as the catalog shows
+/// it: the index a named `CREATE INDEX CONCURRENTLY` builds exists, valid
+/// and as the statement defines it, or the index a `DROP INDEX
+/// CONCURRENTLY` drops is gone. Returns what was found, for the log.
+/// Statements that need no help (`IF [NOT] EXISTS`, `REINDEX`) and a
+/// state that does not prove the statement done give `None`: the
+/// statement runs again as written.
+pub(crate) fn by_dead_attempt(
+    conn: &mut PgConnection,
+    op: &IndexOp,
+    statement: &str,
+) -> QueryResult<Option<&'static str>> {
+    match op {
+        IndexOp::Create { .. } => Ok(built(conn, op, statement)?
+            .then_some("builds an index that exists, valid and as the statement defines it")),
+        IndexOp::Drop {
+            index,
+            if_exists: false,
+        } => Ok(gone(conn, index)?.then_some("drops an index that no longer exists")),
+        _ => Ok(None),
+    }
+}
+
+/// Whether no relation answers to `index` (as written, on the session's
+/// `search_path`). A `DROP INDEX CONCURRENTLY` interrupted halfway leaves
+/// the index in the catalog (invalid): that is not gone, and the statement
+/// runs again to finish the drop.
+fn gone(conn: &mut PgConnection, index: &str) -> QueryResult<bool> {
+    #[derive(QueryableByName)]
+    struct Gone {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        gone: bool,
+    }
+    sql_query("SELECT to_regclass($1) IS NULL AS gone")
+        .bind::<Text, _>(index)
+        .get_result::<Gone>(conn)
+        .map(|g| g.gone)
+}
+
+/// Whether a named `CREATE INDEX CONCURRENTLY` (without `IF NOT EXISTS`,
+/// which needs no help) is already done: its index exists on its table,
+/// valid, with the definition `statement` gives, compared with what
+/// PostgreSQL prints for it (`pg_get_indexdef`) but for case, spaces and
+/// quotes. A definition it prints differently (casts, parentheses added)
+/// counts as not built, and the statement runs as written.
+fn built(conn: &mut PgConnection, op: &IndexOp, statement: &str) -> QueryResult<bool> {
+    let IndexOp::Create {
+        index: Some(index),
+        table,
+        if_not_exists: false,
+    } = op
+    else {
+        return Ok(false);
+    };
+    #[derive(QueryableByName)]
+    struct Def {
+        #[diesel(sql_type = Text)]
+        def: String,
+    }
+    let def: Option<Def> = sql_query(
+        "SELECT pg_get_indexdef(c.oid) AS def FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indexrelid \
+         WHERE i.indrelid = to_regclass($1) AND c.relname = $2 AND i.indisvalid",
+    )
+    .bind::<Text, _>(table)
+    .bind::<Text, _>(&index.folded)
+    .get_result(conn)
+    .optional()?;
+    Ok(def.is_some_and(|d| same_definition(statement, &d.def)))
+}
+
+/// Whether `CREATE [UNIQUE] INDEX ... ON table <rest>` and PostgreSQL's
+/// `pg_get_indexdef` text define the same index: the same uniqueness and
+/// the same text after the table (method, columns, `INCLUDE`, `WHERE`).
+fn same_definition(statement: &str, printed: &str) -> bool {
+    let (Some(ours), Some(theirs)) = (index_tail(statement), index_tail(printed)) else {
+        return false;
+    };
+    ours == theirs
+}
+
+/// Uniqueness and the normalised text after the table name of a `CREATE
+/// INDEX` (its method made explicit: `btree` when not given).
+fn index_tail(statement: &str) -> Option<(bool, String)> {
+    let t = sql::tokens(statement).ok()?;
+    let unique = is_word(t.get(1), "unique");
+    let mut i = t.iter().position(|x| is_word(Some(x), "on"))? + 1;
+    if is_word(t.get(i), "only") {
+        i += 1;
+    }
+    i += 1;
+    while t.get(i).is_some_and(|x| x.kind == TokenKind::Punct('.')) {
+        i += 2;
+    }
+    let mut rest = String::new();
+    if is_word(t.get(i), "using") {
+        i += 1;
+    } else {
+        rest.push_str("btree");
+    }
+    for x in t.get(i..)? {
+        if x.kind == TokenKind::Semicolon {
+            break;
+        }
+        rest.push_str(&x.text.to_lowercase().replace('"', ""));
+    }
+    Some((unique, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_definitions_compare_as_postgresql_prints_them() {
+        let same = [
+            (
+                "CREATE UNIQUE INDEX CONCURRENTLY i1 ON t (a DESC, b) INCLUDE (c)",
+                "CREATE UNIQUE INDEX i1 ON public.t USING btree (a DESC, b) INCLUDE (c)",
+            ),
+            (
+                "create index concurrently i2 on only \"s\".t using HASH (b);",
+                "CREATE INDEX i2 ON s.t USING hash (b)",
+            ),
+            (
+                "CREATE INDEX CONCURRENTLY \"I4\" ON t (lower(b))",
+                "CREATE INDEX \"I4\" ON public.t USING btree (lower(b))",
+            ),
+        ];
+        for (ours, printed) in same {
+            assert!(same_definition(ours, printed), "{ours}");
+        }
+        let different = [
+            (
+                "CREATE INDEX CONCURRENTLY t_idx ON t (a)",
+                "CREATE INDEX t_idx ON public.t USING btree (b)",
+            ),
+            (
+                "CREATE INDEX CONCURRENTLY t_idx ON t (a)",
+                "CREATE UNIQUE INDEX t_idx ON public.t USING btree (a)",
+            ),
+            (
+                "CREATE INDEX CONCURRENTLY t_idx ON t (a)",
+                "CREATE INDEX t_idx ON public.t USING hash (a)",
+            ),
+            // Printed with parentheses added: not recognised, so it runs.
+            (
+                "CREATE INDEX CONCURRENTLY i3 ON t (a) WHERE c > 0",
+                "CREATE INDEX i3 ON public.t USING btree (a) WHERE (c > 0)",
+            ),
+        ];
+        for (ours, printed) in different {
+            assert!(!same_definition(ours, printed), "{ours} / {printed}");
+        }
+    }
+}
