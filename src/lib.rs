@@ -115,6 +115,8 @@ mod executor;
 #[cfg(feature = "runtime")]
 mod fleet;
 #[cfg(feature = "runtime")]
+mod foreground;
+#[cfg(feature = "runtime")]
 mod inspect;
 #[cfg(feature = "runtime")]
 mod ledger;
@@ -157,6 +159,8 @@ pub use crate::deferred::{DeferredHandle, DeferredMetrics, DeferredState, PgPool
 pub use crate::error::{Error, ErrorKind, MigrationRef};
 #[cfg(feature = "runtime")]
 pub use crate::fleet::{Fleet, FleetReport, Operation, Outcome, Target, TargetReport};
+#[cfg(feature = "runtime")]
+pub use crate::foreground::{run_foreground, Foreground};
 #[cfg(feature = "lint")]
 pub use crate::lint::{lint_dirs, Finding, LintError, LintOptions, Severity, TRACK_RULES};
 #[cfg(feature = "runtime")]

@@ -120,8 +120,8 @@ pub(crate) fn connect_showing(database_url: &str, shown: &str) -> Result<PgConne
         Error::new(
             ErrorKind::Connection,
             format!(
-                "cannot connect to {}: {}. Check the URL (--database-url or DATABASE_URL), \
-                 that the server is running and reachable, and the credentials",
+                "cannot connect to {}: {}. Check the URL, that the server is running and \
+                 reachable, and the credentials",
                 redact_url(shown),
                 cause.trim_end()
             ),

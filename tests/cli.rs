@@ -209,6 +209,14 @@ fn a_password_never_appears_in_errors() {
             let (stdout, stderr) = text(&out);
             assert_eq!(out.status.code(), Some(1), "{cmd} {url}: {stderr}");
             assert!(stderr.contains("error:"), "{stderr}");
+            // The next step names where the URL came from.
+            if url.contains("127.0.0.1:1/app") && !url.contains("sslmode") {
+                assert!(
+                    stderr.contains("cannot connect")
+                        && stderr.contains("--database-url or DATABASE_URL"),
+                    "{cmd} {url}: {stderr}"
+                );
+            }
             assert!(
                 !stderr.contains(secret) && !stdout.contains(secret),
                 "password leaked by `{cmd}` for {url}:\n{stderr}"

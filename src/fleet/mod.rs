@@ -300,7 +300,9 @@ impl Fleet {
         let _entered = span.enter();
         let start = Instant::now();
         let m = target.migrator(&self.migrator);
+        let mut connected = false;
         let result = m.connect_named(target.url()).and_then(|mut conn| {
+            connected = true;
             report.connect = start.elapsed();
             match operation {
                 Operation::Up => up(&m, target, &mut conn, &mut report),
@@ -315,7 +317,14 @@ impl Fleet {
             Err(e) => {
                 tracing::error!(error = %e, "target failed");
                 report.outcome = Outcome::Failed;
-                report.error = Some(e.to_string());
+                let mut error = e.to_string();
+                if !connected {
+                    error.push_str(
+                        ". The URL is this target's line of the targets list (or row of the \
+                         targets query)",
+                    );
+                }
+                report.error = Some(error);
             }
         }
         report
@@ -332,54 +341,55 @@ impl Target {
     }
 }
 
-/// The required track, then the deferred track in the foreground, going
-/// back and forth while a required migration waits for a deferred one (as
-/// `rollout up`).
+/// Both tracks in the foreground, in the order [`run_foreground`] gives
+/// (as `rollout up`), on the target's one connection.
+///
+/// [`run_foreground`]: crate::run_foreground
 fn up(
     m: &Migrator,
     target: &Target,
     conn: &mut PgConnection,
     report: &mut TargetReport,
 ) -> Result<Outcome, Error> {
-    let mut probe = crate::migrator::pooler_probe(target.url());
-    let add = |r: &Report, report: &mut TargetReport| {
-        report
-            .applied
-            .extend(r.applied.iter().map(|a| a.version.clone()));
-        report.lock_wait += r.lock_wait;
-    };
-    loop {
-        match m.run_required_probed(conn, &mut probe) {
-            Ok(r) => {
-                add(&r, report);
-                if r.deferred_pending > 0 {
-                    let d = m.run_deferred_on(conn).inspect_err(|e| {
-                        if let Some(r) = e.report() {
-                            add(r, report);
-                        }
-                    })?;
-                    add(&d, report);
-                }
-                break;
-            }
-            Err(e) if e.kind() == ErrorKind::DeferredDependency => {
-                if let Some(r) = e.report() {
-                    add(r, report);
-                }
-                let d = m.run_deferred_on(conn)?;
-                add(&d, report);
-                if d.applied.is_empty() {
-                    return Err(e);
-                }
-            }
-            Err(e) => {
-                if let Some(r) = e.report() {
-                    add(r, report);
-                }
-                report.pending = pending_after(m, conn);
-                return Err(e);
+    struct OnTarget<'a, P> {
+        m: &'a Migrator,
+        conn: &'a mut PgConnection,
+        probe: P,
+        report: &'a mut TargetReport,
+    }
+    impl<P: FnMut() -> Option<i32>> OnTarget<'_, P> {
+        fn add(&mut self, r: Option<&Report>) {
+            if let Some(r) = r {
+                let applied = r.applied.iter().map(|a| a.version.clone());
+                self.report.applied.extend(applied);
+                self.report.lock_wait += r.lock_wait;
             }
         }
+    }
+    impl<P: FnMut() -> Option<i32>> crate::Foreground for OnTarget<'_, P> {
+        type Error = Error;
+        fn required(&mut self) -> Result<Report, Error> {
+            let r = self.m.run_required_probed(self.conn, &mut self.probe);
+            self.add(r.as_ref().ok().or_else(|| r.as_ref().err()?.report()));
+            r
+        }
+        fn deferred(&mut self, _required_blocked: bool) -> Result<usize, Error> {
+            let r = self.m.run_deferred_on(self.conn);
+            self.add(r.as_ref().ok().or_else(|| r.as_ref().err()?.report()));
+            r.map(|d| d.applied.len())
+        }
+    }
+    let mut on = OnTarget {
+        m,
+        conn,
+        probe: crate::migrator::pooler_probe(target.url()),
+        report,
+    };
+    if let Err(e) = crate::run_foreground(&mut on) {
+        if e.kind() != ErrorKind::DeferredDependency {
+            on.report.pending = pending_after(m, on.conn);
+        }
+        return Err(e);
     }
     Ok(if report.applied.is_empty() {
         Outcome::UpToDate

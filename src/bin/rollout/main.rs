@@ -176,6 +176,11 @@ impl From<diesel_rollout::Error> for Failure {
     fn from(e: diesel_rollout::Error) -> Self {
         // What was done before the error stays done: say so.
         let mut message = e.to_string();
+        if e.kind() == diesel_rollout::ErrorKind::Connection
+            && message.starts_with("cannot connect")
+        {
+            message.push_str(" (the URL comes from --database-url or DATABASE_URL)");
+        }
         if let Some(r) = e.report() {
             let names = |a: &[diesel_rollout::Applied]| {
                 a.iter()

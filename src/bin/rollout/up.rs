@@ -1,8 +1,9 @@
-//! `rollout up`: the required track, then the deferred track in the
-//! foreground, going back and forth while a required migration waits for a
-//! deferred one.
+//! `rollout up`: both tracks in the foreground, in the order the library's
+//! `run_foreground` gives (the one `rollout fleet up` uses): the required
+//! track, then the deferred track with its progress shown, going back and
+//! forth while a required migration waits for a deferred one.
 
-use diesel_rollout::ErrorKind;
+use diesel_rollout::{run_foreground, Error, Foreground, Migrator, Report};
 
 use crate::render::{print_applied, print_json, print_out, report_json};
 use crate::{database_url, migrator, Cli, Failure};
@@ -14,77 +15,88 @@ pub(crate) struct Args {
     required_only: bool,
 }
 
+/// Each track run as the CLI does it: the required track on a connection
+/// of its own, the deferred track through a handle whose progress is
+/// shown. What each run did is printed as it ends, or kept for `--json`.
+struct Tracks<'a> {
+    cli: &'a Cli,
+    m: &'a Migrator,
+    url: &'a str,
+    required: Vec<serde_json::Value>,
+    deferred: Vec<serde_json::Value>,
+    /// The deferred track's exit code (3: another session holds its lock).
+    code: u8,
+}
+
+impl Foreground for Tracks<'_> {
+    type Error = Failure;
+
+    fn required(&mut self) -> Result<Report, Error> {
+        let result = self.m.run_required(self.url);
+        let report = match &result {
+            Ok(r) => Some(r),
+            Err(e) => e.report(),
+        };
+        if let Some(r) = report {
+            if !self.cli.json {
+                print_applied("required", r);
+            }
+            self.required.push(report_json(r));
+        }
+        result
+    }
+
+    fn deferred(&mut self, required_blocked: bool) -> Result<usize, Failure> {
+        let (code, value) =
+            crate::deferred::foreground(self.m, self.url, true, required_blocked, self.cli)?;
+        self.code = self.code.max(code);
+        let applied = value["applied"].as_array().map_or(0, Vec::len);
+        self.deferred.push(value);
+        Ok(applied)
+    }
+}
+
 pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
     let m = migrator(cli)?;
     let url = database_url(cli)?;
-    let mut required = Vec::new();
-    let mut deferred_runs = Vec::new();
-    let mut last_blocked = None;
-    // A required migration that waits for a deferred one stops the
-    // required track; the deferred track then applies what it
-    // waits for, and the required track goes on.
-    loop {
-        let (report, blocked) = match m.run_required(url) {
-            Ok(report) => (report, None),
-            Err(e) if e.kind() == ErrorKind::DeferredDependency && !args.required_only => {
-                let report = e.report().cloned().unwrap_or_default();
-                (report, Some(e))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if !cli.json {
+    if args.required_only {
+        let report = m.run_required(url)?;
+        if cli.json {
+            print_json(&serde_json::json!({ "required": report_json(&report) }));
+        } else {
             print_applied("required", &report);
         }
-        let report_deferred_pending = report.deferred_pending;
-        required.push(report_json(&report));
-        if args.required_only {
-            if cli.json {
-                print_json(&serde_json::json!({ "required": required[0] }));
-            }
-            return Ok(0);
-        }
-        // Nothing deferred pending: no pool, no thread, no second look.
-        let (code, value) = if blocked.is_none() && report_deferred_pending == 0 {
-            if !cli.json {
-                print_out("deferred: nothing to apply\n");
-            }
-            (0, serde_json::json!({ "state": "done", "applied": [] }))
-        } else {
-            crate::deferred::foreground(&m, url, true, blocked.is_some(), cli)?
-        };
-        let progress = value["applied"].as_array().is_some_and(|a| !a.is_empty());
-        deferred_runs.push(value);
-        // Go on while the deferred track applied something, or while
-        // the required track got further (another process may have
-        // applied what it waited for).
-        let at = blocked
-            .as_ref()
-            .and_then(|e| e.migration().map(|m| m.version.clone()));
-        match blocked {
-            Some(e) if code != 0 || (!progress && last_blocked == at) => return Err(e.into()),
-            Some(_) => {
-                tracing::info!(
-                    "the deferred migrations the required track waited for are \
-                         applied: going on with the required track"
-                );
-                last_blocked = at;
-            }
-            None => {
-                if cli.json {
-                    let one = |v: Vec<serde_json::Value>| {
-                        if v.len() == 1 {
-                            v.into_iter().next().unwrap_or_default()
-                        } else {
-                            serde_json::Value::Array(v)
-                        }
-                    };
-                    print_json(&serde_json::json!({
-                        "required": one(required),
-                        "deferred": one(deferred_runs),
-                    }));
-                }
-                return Ok(code);
-            }
-        }
+        return Ok(0);
     }
+    let mut on = Tracks {
+        cli,
+        m: &m,
+        url,
+        required: Vec::new(),
+        deferred: Vec::new(),
+        code: 0,
+    };
+    run_foreground(&mut on)?;
+    // Nothing deferred pending: no pool, no thread, no second look.
+    if on.deferred.is_empty() {
+        if !cli.json {
+            print_out("deferred: nothing to apply\n");
+        }
+        on.deferred
+            .push(serde_json::json!({ "state": "done", "applied": [] }));
+    }
+    if cli.json {
+        let one = |v: Vec<serde_json::Value>| {
+            if v.len() == 1 {
+                v.into_iter().next().unwrap_or_default()
+            } else {
+                serde_json::Value::Array(v)
+            }
+        };
+        print_json(&serde_json::json!({
+            "required": one(on.required),
+            "deferred": one(on.deferred),
+        }));
+    }
+    Ok(on.code)
 }
