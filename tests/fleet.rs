@@ -656,3 +656,119 @@ fn fleet_up_applies_a_required_migration_waiting_for_a_deferred_one_on_every_tar
         assert_eq!(db.advisory_locks(), 0);
     }
 }
+
+/// Copies the first `n` migration directories of `from` (in version order)
+/// into `to`.
+fn copy_first(from: &std::path::Path, to: &std::path::Path, n: usize) {
+    let mut dirs: Vec<_> = std::fs::read_dir(from)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    dirs.sort();
+    for d in dirs.into_iter().take(n) {
+        let target = to.join(d.file_name().unwrap());
+        std::fs::create_dir_all(&target).unwrap();
+        for f in std::fs::read_dir(&d).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, target.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// A release of a real project's size on a fleet: a generated history of
+/// 300 migrations in real shapes (functions, triggers, `DO` blocks, enums,
+/// views, no-transaction index builds, CRLF files) taken to tenant
+/// databases at different points (empty; migrated by diesel_migrations
+/// up to migration 250, as before adopting diesel-rollout) and to tenant
+/// schemas of one database, where every unqualified name must land in its
+/// schema. A second run finds nothing to do.
+#[test]
+fn a_fleet_takes_a_300_migration_history_to_databases_and_schemas() {
+    use diesel_migrations::{FileBasedMigrations, MigrationHarness};
+    const N: usize = 300;
+    const OLD: usize = 250;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("migrations");
+    let h = support::history::write_with(&dir, N, false);
+    assert!(h.no_transaction >= 20);
+    let old = root.path().join("old");
+    copy_first(&dir, &old, OLD);
+    let dbs = databases(4);
+    for db in &dbs[2..] {
+        db.conn()
+            .run_pending_migrations(FileBasedMigrations::from_path(&old).unwrap())
+            .unwrap();
+    }
+    let rollout = |args: &[&str]| {
+        support::rollout()
+            .arg("--migrations-dir")
+            .arg(&dir)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let file = targets_file(&dbs, &[]);
+    let path = file.path().to_str().unwrap();
+    let out = rollout(&[
+        "--json",
+        "fleet",
+        "up",
+        "--parallel",
+        "4",
+        "--targets",
+        path,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v = json(&out);
+    let applied: Vec<usize> = v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["applied"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(applied, [N, N, N - OLD, N - OLD], "{v:#}");
+    for db in &dbs {
+        let mut conn = db.conn();
+        assert_eq!(conn.applied_migrations().unwrap().len(), N, "diesel agrees");
+        assert_eq!(db.advisory_locks(), 0);
+    }
+
+    let (db, schemas) = schema_db(4);
+    let query = schemas_query(0, 3);
+    let schema_run = |args: &[&str]| {
+        let mut all = vec!["--json", "fleet"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--database-url", &db.url, "--schemas-query", &query]);
+        rollout(&all)
+    };
+    let out = schema_run(&["up", "--parallel", "4"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(json(&out)["summary"]["applied"], 4, "{}", text(&out));
+    for s in &schemas {
+        assert_eq!(
+            db.count(&format!(
+                "SELECT count(*) AS n FROM \"{s}\".__diesel_schema_migrations"
+            )),
+            N as i64
+        );
+    }
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'public'"
+        ),
+        0,
+        "nothing of the history landed in public"
+    );
+    // Every target verifies, and a second run has nothing to do.
+    for out in [
+        schema_run(&["verify"]),
+        rollout(&["fleet", "verify", "--targets", path]),
+    ] {
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    }
+    let again = rollout(&["--json", "fleet", "up", "--targets", path]);
+    assert_eq!(json(&again)["summary"]["up_to_date"], 4, "{}", text(&again));
+    let again = schema_run(&["up"]);
+    assert_eq!(json(&again)["summary"]["up_to_date"], 4, "{}", text(&again));
+}
