@@ -1470,3 +1470,192 @@ fn an_index_drop_finished_after_its_client_died_counts_as_done() {
     );
     assert_eq!(db.advisory_locks(), 0);
 }
+
+/// An index built without a name (PostgreSQL picks `t_x_idx`) is checked
+/// by its definition: an invalid one a failed build left is dropped and
+/// built again, not left behind with `t_x_idx1` built beside it, and one
+/// the server finished after its client died counts as done instead of
+/// being built a second time.
+#[test]
+fn an_unnamed_index_build_is_repaired_and_never_built_twice() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    db.conn()
+        .batch_execute(
+            "CREATE TABLE t (x int, y int); INSERT INTO t VALUES (1, 1), (1, 2); \
+             CREATE TABLE effects (v text)",
+        )
+        .unwrap();
+    set.required_no_tx(
+        "1_unique",
+        "CREATE UNIQUE INDEX CONCURRENTLY ON t (x);\nINSERT INTO effects VALUES ('unique');\n",
+    );
+    let up = || {
+        db.rollout()
+            .arg("--migrations-dir")
+            .arg(set.required_dir())
+            .args(["up", "--required-only"])
+            .output()
+            .unwrap()
+    };
+    let indexes = || {
+        db.texts(
+            "SELECT c.relname || ':' || i.indisvalid AS t FROM pg_index i \
+             JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = 't'::regclass \
+             ORDER BY 1",
+        )
+    };
+    // The duplicate fails the build, which leaves an invalid index.
+    let out = up();
+    assert!(!out.status.success());
+    assert_eq!(indexes(), ["t_x_idx:false"]);
+    // The data fixed, the next run replaces the leftover.
+    db.conn()
+        .batch_execute("DELETE FROM t WHERE y = 2")
+        .unwrap();
+    let out = up();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("dropping invalid index t_x_idx"), "{err}");
+    assert_eq!(indexes(), ["t_x_idx:true"]);
+    assert_eq!(db.texts("SELECT v AS t FROM effects"), ["unique"]);
+
+    // Killed while the build waits for an old snapshot, which is then
+    // released: the server finishes the build with nobody to tell.
+    set.required_no_tx(
+        "2_plain",
+        "CREATE INDEX CONCURRENTLY ON t (y);\nINSERT INTO effects VALUES ('plain');\n",
+    );
+    let mut blocker = db.conn();
+    blocker
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM effects")
+        .unwrap();
+    let mut child = spawn_required_up(&db, &set);
+    wait_until("the index build to wait", || {
+        db.count(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND datname = current_database() AND query LIKE 'CREATE INDEX CONCURRENTLY ON t%'",
+        ) > 0
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    blocker.batch_execute("COMMIT").unwrap();
+    wait_until("the killed client's backend to finish", || {
+        db.advisory_locks() == 0
+    });
+    assert_eq!(indexes(), ["t_x_idx:true", "t_y_idx:true"]);
+    let out = up();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("builds an index that exists, valid and as the statement defines it"),
+        "{err}"
+    );
+    assert_eq!(indexes(), ["t_x_idx:true", "t_y_idx:true"]);
+    assert_eq!(
+        db.texts("SELECT v AS t FROM effects ORDER BY v"),
+        ["plain", "unique"]
+    );
+}
+
+/// `DETACH PARTITION ... CONCURRENTLY` runs in two transactions and cannot
+/// share one with its progress. One whose backend was terminated between
+/// them leaves the partition pending detach, which the next run completes
+/// with `FINALIZE` (running the statement again fails "already pending
+/// detach"); one the server finished after its client was killed counts as
+/// done (running it again fails "is not a partition").
+#[test]
+fn a_partition_detach_interrupted_halfway_is_completed_once() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    db.conn()
+        .batch_execute(
+            "CREATE TABLE effects (v text); \
+             CREATE TABLE p (x int) PARTITION BY RANGE (x); \
+             CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10); \
+             CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (10) TO (20)",
+        )
+        .unwrap();
+    set.required_no_tx(
+        "1_detach",
+        "ALTER TABLE p DETACH PARTITION p1 CONCURRENTLY;\nINSERT INTO effects VALUES ('p1');\n",
+    );
+    let up = || {
+        db.rollout()
+            .arg("--migrations-dir")
+            .arg(set.required_dir())
+            .args(["up", "--required-only"])
+            .output()
+            .unwrap()
+    };
+    let partitions = || {
+        db.texts(
+            "SELECT inhrelid::regclass::text || ':' || inhdetachpending AS t FROM pg_inherits \
+             WHERE inhparent = 'p'::regclass ORDER BY 1",
+        )
+    };
+    // The detach's second transaction waits for one that read the table.
+    let detach_waiting = |child: &str| {
+        let q = format!(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND datname = current_database() \
+             AND query LIKE 'ALTER TABLE p DETACH PARTITION {child}%'"
+        );
+        wait_until("the detach to wait", || db.count(&q) > 0);
+    };
+    let mut blocker = db.conn();
+    blocker
+        .batch_execute("BEGIN; SELECT count(*) FROM p")
+        .unwrap();
+    let mut child = spawn_required_up(&db, &set);
+    detach_waiting("p1");
+    db.conn()
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'ALTER TABLE p DETACH%'",
+        )
+        .unwrap();
+    child.wait().unwrap();
+    blocker.batch_execute("COMMIT").unwrap();
+    wait_until("the terminated backend to go", || db.advisory_locks() == 0);
+    assert_eq!(partitions(), ["p1:true", "p2:false"]);
+    let out = up();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("DETACH PARTITION p1 FINALIZE"), "{err}");
+    assert_eq!(partitions(), ["p2:false"]);
+    assert_eq!(db.texts("SELECT v AS t FROM effects"), ["p1"]);
+
+    // Killed while the second transaction waits, which then goes on.
+    set.required_no_tx(
+        "2_detach",
+        "ALTER TABLE p DETACH PARTITION p2 CONCURRENTLY;\nINSERT INTO effects VALUES ('p2');\n",
+    );
+    blocker
+        .batch_execute("BEGIN; SELECT count(*) FROM p")
+        .unwrap();
+    let mut child = spawn_required_up(&db, &set);
+    detach_waiting("p2");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    blocker.batch_execute("COMMIT").unwrap();
+    wait_until("the killed client's backend to finish", || {
+        db.advisory_locks() == 0
+    });
+    assert_eq!(partitions(), Vec::<String>::new(), "the server finished it");
+    let out = up();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("detaches a partition that is detached"),
+        "{err}"
+    );
+    assert_eq!(
+        db.texts("SELECT v AS t FROM effects ORDER BY v"),
+        ["p1", "p2"]
+    );
+    assert_eq!(
+        db.texts("SELECT version AS t FROM __diesel_schema_migrations ORDER BY version"),
+        ["1", "2"]
+    );
+}

@@ -8,11 +8,10 @@ use diesel::prelude::*;
 use diesel::sql_query;
 use diesel::sql_types::Text;
 
-use super::{is_word, IndexOp};
-use crate::source::sql::{self, TokenKind};
+use super::{same_definition, table_indexes, IndexOp};
 
 /// Whether the statement an attempt died at is done, as the catalog shows
-/// it: the index a named `CREATE INDEX CONCURRENTLY` builds exists, valid
+/// it: the index a `CREATE INDEX CONCURRENTLY` builds exists, valid
 /// and as the statement defines it, or the index a `DROP INDEX
 /// CONCURRENTLY` drops is gone. Returns what was found, for the log.
 /// Statements that need no help (`IF [NOT] EXISTS`, `REINDEX`) and a
@@ -50,20 +49,26 @@ fn gone(conn: &mut PgConnection, index: &str) -> QueryResult<bool> {
         .map(|g| g.gone)
 }
 
-/// Whether a named `CREATE INDEX CONCURRENTLY` (without `IF NOT EXISTS`,
-/// which needs no help) is already done: its index exists on its table,
-/// valid, with the definition `statement` gives, compared with what
+/// Whether a `CREATE INDEX CONCURRENTLY` (without `IF NOT EXISTS`, which
+/// needs no help) is already done: its index (any index, when it names
+/// none) exists on its table, valid, with the definition `statement` gives, compared with what
 /// PostgreSQL prints for it (`pg_get_indexdef`) but for case, spaces and
 /// quotes. A definition it prints differently (casts, parentheses added)
 /// counts as not built, and the statement runs as written.
 fn built(conn: &mut PgConnection, op: &IndexOp, statement: &str) -> QueryResult<bool> {
     let IndexOp::Create {
-        index: Some(index),
+        index,
         table,
         if_not_exists: false,
     } = op
     else {
         return Ok(false);
+    };
+    // Unnamed, PostgreSQL chose the name: an index of the same definition.
+    let Some(index) = index else {
+        return Ok(table_indexes(conn, table)?
+            .iter()
+            .any(|r| r.valid && same_definition(statement, &r.definition)));
     };
     #[derive(QueryableByName)]
     struct Def {
@@ -80,44 +85,6 @@ fn built(conn: &mut PgConnection, op: &IndexOp, statement: &str) -> QueryResult<
     .get_result(conn)
     .optional()?;
     Ok(def.is_some_and(|d| same_definition(statement, &d.def)))
-}
-
-/// Whether `CREATE [UNIQUE] INDEX ... ON table <rest>` and PostgreSQL's
-/// `pg_get_indexdef` text define the same index: the same uniqueness and
-/// the same text after the table (method, columns, `INCLUDE`, `WHERE`).
-fn same_definition(statement: &str, printed: &str) -> bool {
-    let (Some(ours), Some(theirs)) = (index_tail(statement), index_tail(printed)) else {
-        return false;
-    };
-    ours == theirs
-}
-
-/// Uniqueness and the normalised text after the table name of a `CREATE
-/// INDEX` (its method made explicit: `btree` when not given).
-fn index_tail(statement: &str) -> Option<(bool, String)> {
-    let t = sql::tokens(statement).ok()?;
-    let unique = is_word(t.get(1), "unique");
-    let mut i = t.iter().position(|x| is_word(Some(x), "on"))? + 1;
-    if is_word(t.get(i), "only") {
-        i += 1;
-    }
-    i += 1;
-    while t.get(i).is_some_and(|x| x.kind == TokenKind::Punct('.')) {
-        i += 2;
-    }
-    let mut rest = String::new();
-    if is_word(t.get(i), "using") {
-        i += 1;
-    } else {
-        rest.push_str("btree");
-    }
-    for x in t.get(i..)? {
-        if x.kind == TokenKind::Semicolon {
-            break;
-        }
-        rest.push_str(&x.text.to_lowercase().replace('"', ""));
-    }
-    Some((unique, rest))
 }
 
 #[cfg(test)]

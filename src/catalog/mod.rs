@@ -20,6 +20,7 @@ use crate::report::{IndexBuildProgress, IndexState, IndexStatus};
 use crate::source::sql::{self, SqlToken, TokenKind};
 
 pub(crate) mod finished;
+pub(crate) mod partition;
 
 /// An identifier as written and as PostgreSQL folds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +110,44 @@ fn qualified_name(t: &[SqlToken], mut i: usize) -> Option<(String, Ident, usize)
             return Some((text, last, i));
         }
     }
+}
+
+/// Whether `CREATE [UNIQUE] INDEX ... ON table <rest>` and PostgreSQL's
+/// `pg_get_indexdef` text define the same index: the same uniqueness and
+/// the same text after the table (method, columns, `INCLUDE`, `WHERE`).
+pub(crate) fn same_definition(statement: &str, printed: &str) -> bool {
+    let (Some(ours), Some(theirs)) = (index_tail(statement), index_tail(printed)) else {
+        return false;
+    };
+    ours == theirs
+}
+
+/// Uniqueness and the normalised text after the table name of a `CREATE
+/// INDEX` (its method made explicit: `btree` when not given).
+fn index_tail(statement: &str) -> Option<(bool, String)> {
+    let t = sql::tokens(statement).ok()?;
+    let unique = is_word(t.get(1), "unique");
+    let mut i = t.iter().position(|x| is_word(Some(x), "on"))? + 1;
+    if is_word(t.get(i), "only") {
+        i += 1;
+    }
+    i += 1;
+    while t.get(i).is_some_and(|x| x.kind == TokenKind::Punct('.')) {
+        i += 2;
+    }
+    let mut rest = String::new();
+    if is_word(t.get(i), "using") {
+        i += 1;
+    } else {
+        rest.push_str("btree");
+    }
+    for x in t.get(i..)? {
+        if x.kind == TokenKind::Semicolon {
+            break;
+        }
+        rest.push_str(&x.text.to_lowercase().replace('"', ""));
+    }
+    Some((unique, rest))
 }
 
 /// Recognises the concurrent index operations of a statement.
@@ -219,6 +258,9 @@ pub(crate) struct IndexRow {
     pub table_name: String,
     #[diesel(sql_type = Bool)]
     pub valid: bool,
+    /// As PostgreSQL prints it (`pg_get_indexdef`).
+    #[diesel(sql_type = Text)]
+    pub definition: String,
     #[diesel(sql_type = Bool)]
     pub building: bool,
 }
@@ -351,6 +393,7 @@ type Matcher = Box<dyn Fn(&IndexRow) -> bool>;
 pub(crate) fn prepare(
     conn: &mut PgConnection,
     op: &IndexOp,
+    statement: &str,
     m: &Migration,
     line: usize,
     checks: &Checks<'_>,
@@ -367,7 +410,18 @@ pub(crate) fn prepare(
                 Box::new(move |r: &IndexRow| r.index_name == name),
             )
         }
-        IndexOp::Create { index: None, .. } | IndexOp::Drop { .. } => return Ok(()),
+        // PostgreSQL names it: its leftover is an index of the same
+        // definition.
+        IndexOp::Create {
+            index: None, table, ..
+        } => {
+            let statement = statement.to_string();
+            (
+                table.clone(),
+                Box::new(move |r: &IndexRow| same_definition(&statement, &r.definition)),
+            )
+        }
+        IndexOp::Drop { .. } => return Ok(()),
         IndexOp::ReindexIndex { index, name } => {
             let Some(table) = table_of_index(conn, index).map_err(|e| catalog_error(m, line, e))?
             else {
@@ -436,6 +490,7 @@ pub(crate) fn prepare(
 pub(crate) fn confirm(
     conn: &mut PgConnection,
     op: &IndexOp,
+    statement: &str,
     m: &Migration,
     line: usize,
 ) -> Result<(), Error> {
@@ -480,7 +535,26 @@ pub(crate) fn confirm(
                 ))),
             }
         }
-        IndexOp::Create { index: None, .. } | IndexOp::Drop { .. } => Ok(()),
+        IndexOp::Create {
+            index: None, table, ..
+        } => {
+            let rows = table_indexes(conn, table).map_err(|e| catalog_error(m, line, e))?;
+            let mut same = rows
+                .iter()
+                .filter(|r| same_definition(statement, &r.definition));
+            match same.clone().find(|r| r.valid) {
+                Some(_) => Ok(()),
+                // None of that definition (or printed differently):
+                // nothing to check against.
+                None => same.next().map_or(Ok(()), |r| {
+                    Err(fail(format!(
+                        "index {} it built on {} is INVALID",
+                        r.index_name, r.table_name
+                    )))
+                }),
+            }
+        }
+        IndexOp::Drop { .. } => Ok(()),
         IndexOp::ReindexIndex { index, .. } => {
             let Some(table) = table_of_index(conn, index).map_err(|e| catalog_error(m, line, e))?
             else {
@@ -606,6 +680,7 @@ mod tests {
             index_name: name.into(),
             table_name: "t".into(),
             valid: false,
+            definition: String::new(),
             building: false,
         };
         assert!(row("t_a_idx_ccnew").is_reindex_leftover(Some("t_a_idx")));

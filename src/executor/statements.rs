@@ -10,6 +10,7 @@ use super::script::{
     error_line, explain_lock_timeout, is_lock_timeout, Direction, Options, Script,
 };
 use crate::catalog;
+use crate::catalog::partition::DetachState;
 use crate::error::{describe_db_error, is_connection_error, Error, ErrorKind};
 use crate::ledger::{self, LedgerRow, Tables};
 use crate::migration::Migration;
@@ -137,43 +138,11 @@ pub(super) fn run_statements(
         tracing::debug!(statement = i + 1, line = s.line, "executing");
         let op = catalog::classify(&s.sql);
         let last = i + 1 == statements.len();
-        // The statement an attempt was running when its process died may
-        // have finished on the server after the client was gone: an index
-        // it was building that now exists, valid, or one it was dropping
-        // that is gone, is done.
-        let died_here = row.is_some_and(|r| {
-            unfinished(r)
-                && r.outcome.as_deref() == Some("interrupted")
-                && r.error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with(ledger::DIED))
-                && r.statements_completed.unwrap_or(0) as usize == i
-                && r.attempt_checksum
-                    .as_deref()
-                    .is_some_and(|c| script.matches(m, c))
-        });
-        if died_here {
-            if let Some(op) = &op {
-                if let Ok(Some(found)) = catalog::finished::by_dead_attempt(conn, op, &s.sql) {
-                    tracing::warn!(
-                        statement = i + 1,
-                        line = s.line,
-                        "statement {} of {} {found}: the attempt whose process died at this \
-                         statement finished it after its client went away; counting it as \
-                         done",
-                        i + 1,
-                        m.dir_name()
-                    );
-                    if !last {
-                        ledger::progress(conn, tables, id, (i + 1) as i32)
-                            .map_err(|e| Error::db("recording progress", e).at(m, Some(s.line)))?;
-                    }
-                    continue;
-                }
-            }
-        }
+        // Before a concurrent index statement: wait for a build still
+        // running (an earlier attempt's among them) and drop an invalid
+        // leftover, so what follows sees how that build ended.
         let prepared = match &op {
-            Some(op) => catalog::prepare(conn, op, m, s.line, &checks),
+            Some(op) => catalog::prepare(conn, op, &s.sql, m, s.line, &checks),
             None => Ok(()),
         };
         if let Err(e) = prepared {
@@ -188,12 +157,71 @@ pub(super) fn run_statements(
             }
             return Err(e);
         }
+        // The statement an attempt was running when its process died may
+        // have finished on the server after the client was gone: an index
+        // it was building that now exists, valid, one it was dropping that
+        // is gone, or a partition it was detaching that is detached, is
+        // done.
+        let died_here = row.is_some_and(|r| {
+            unfinished(r)
+                && r.outcome.as_deref() == Some("interrupted")
+                && r.error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with(ledger::DIED))
+                && r.statements_completed.unwrap_or(0) as usize == i
+                && r.attempt_checksum
+                    .as_deref()
+                    .is_some_and(|c| script.matches(m, c))
+        });
+        let detach = catalog::partition::detach_concurrently(&s.sql);
+        let detach_state = detach.as_ref().and_then(|d| d.state(conn).ok());
+        let found = if !died_here {
+            None
+        } else if let Some(op) = &op {
+            catalog::finished::by_dead_attempt(conn, op, &s.sql)
+                .ok()
+                .flatten()
+        } else {
+            (detach_state == Some(DetachState::Detached))
+                .then_some("detaches a partition that is detached")
+        };
+        if let Some(found) = found {
+            tracing::warn!(
+                statement = i + 1,
+                line = s.line,
+                "statement {} of {} {found}: the attempt whose process died at this \
+                 statement finished it after its client went away; counting it as done",
+                i + 1,
+                m.dir_name()
+            );
+            if !last {
+                ledger::progress(conn, tables, id, (i + 1) as i32)
+                    .map_err(|e| Error::db("recording progress", e).at(m, Some(s.line)))?;
+            }
+            continue;
+        }
+        // A detach stopped halfway (by anyone: PostgreSQL lets only one
+        // run on a table at a time) is completed, not started again.
+        let finalize = detach
+            .filter(|_| detach_state == Some(DetachState::Pending))
+            .map(|d| d.finalize_sql());
+        if let Some(f) = &finalize {
+            tracing::warn!(
+                statement = i + 1,
+                line = s.line,
+                "statement {} of {}: the partition is pending detach (an earlier detach stopped \
+                 halfway); completing it with `{f}`",
+                i + 1,
+                m.dir_name()
+            );
+        }
+        let sql = finalize.as_deref().unwrap_or(&s.sql);
         // A statement that can run in a transaction goes with its progress
         // (the last one with the version row) in one round trip, which
         // PostgreSQL runs as one transaction: a client that dies between
         // the two can no longer leave it done but not recorded, to be run
         // again by the next attempt.
-        let mut together = op.is_none() && in_one_transaction(&s.sql);
+        let mut together = op.is_none() && in_one_transaction(sql);
         let mut sent = if together {
             let record = if last {
                 ledger::finish_statements_sql(
@@ -206,9 +234,9 @@ pub(super) fn run_statements(
             } else {
                 ledger::progress_sql(tables, id, (i + 1) as i32)
             };
-            conn.batch_execute(&format!("{}\n;\n{record}", s.sql))
+            conn.batch_execute(&format!("{sql}\n;\n{record}"))
         } else {
-            conn.batch_execute(&s.sql)
+            conn.batch_execute(sql)
         };
         if together && sent.as_ref().is_err_and(refused_in_a_transaction) {
             // A command PostgreSQL (or an extension's, which the list above
@@ -217,7 +245,7 @@ pub(super) fn run_statements(
             tracing::debug!(statement = i + 1, "refused in a transaction: sent alone");
             let _ = conn.batch_execute("ROLLBACK");
             together = false;
-            sent = conn.batch_execute(&s.sql);
+            sent = conn.batch_execute(sql);
         }
         if let Err(e) = sent {
             // A failure inside a transaction block (the last statement's
@@ -270,7 +298,7 @@ pub(super) fn run_statements(
             .lock_timeout(lock_timeout));
         }
         if let Some(op) = &op {
-            let confirmed = catalog::confirm(conn, op, m, s.line);
+            let confirmed = catalog::confirm(conn, op, &s.sql, m, s.line);
             if confirmed.is_ok() {
                 for name in dropped.take() {
                     crate::metrics::invalid_index("repaired");

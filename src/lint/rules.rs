@@ -193,9 +193,11 @@ pub(crate) fn track_rules(
                 out.push((
                     line,
                     RETRY_UNSAFE,
-                    "CREATE INDEX CONCURRENTLY without an index name: a retry after a crash \
-                     builds a second index under a new generated name, and the invalid one a \
-                     failed build leaves cannot be found and repaired"
+                    "CREATE INDEX CONCURRENTLY without an index name: a retry finds the index \
+                     an earlier attempt built (or left invalid) only by comparing definitions, \
+                     which fails where PostgreSQL prints it differently (a WHERE clause, a \
+                     cast), and then builds a second one under a new generated name; `rollout \
+                     status` cannot show its state either"
                         .into(),
                     "name the index: CREATE INDEX CONCURRENTLY IF NOT EXISTS name ON ...".into(),
                 ));

@@ -6,6 +6,7 @@ SELECT n.nspname AS schema_name,
        c.relname AS index_name,
        t.relname AS table_name,
        i.indisvalid AS valid,
+       pg_get_indexdef(c.oid) AS definition,
        EXISTS (
            SELECT 1 FROM pg_stat_progress_create_index p
            WHERE p.datname = current_database()
