@@ -23,6 +23,7 @@ pub(crate) struct DeferredOptions {
     pub failure_backoff: Duration,
     pub stop_mode: StopMode,
     pub progress_interval: Duration,
+    pub parallel_workers: Option<u32>,
 }
 
 impl Default for DeferredOptions {
@@ -35,6 +36,7 @@ impl Default for DeferredOptions {
             failure_backoff: Duration::from_secs(30),
             stop_mode: StopMode::Cancel,
             progress_interval: Duration::from_secs(10),
+            parallel_workers: Some(0),
         }
     }
 }

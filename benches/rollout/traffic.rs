@@ -79,8 +79,10 @@ pub(crate) fn traffic(server: &Server, sizes: &Sizes, report: &mut String, png: 
         "## 5. Traffic during an index build (the headline)\n\nA table of {} rows; {} \
          connections write to it without pause (alternating single-row `INSERT` and `UPDATE`) \
          while a new release adds the index `{index}`: as a deferred `CREATE INDEX \
-         CONCURRENTLY` through this harness, as the same statement sent by hand on a bare \
-         connection (the A/B that tells the harness's cost from the build's), or as a plain \
+         CONCURRENTLY` through this harness (its session sets \
+         `max_parallel_maintenance_workers = 0`, the `deferred_parallel_workers` default), as \
+         the same statement sent by hand on a bare connection with the server's 2 parallel \
+         workers (the A/B that tells the harness's cost from the build's), or as a plain \
          `CREATE INDEX` in a required migration. \"Ready\" is when the replica's start-up call \
          returns. \"Idle p99\" is the same writers' p99 in the {IDLE_SECS} s before the release \
          (the first half second left out), so the ratio is the build's cost to writers.\n\n\

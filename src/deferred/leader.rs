@@ -342,6 +342,10 @@ fn lead(
         // PostgreSQL 14+: notice a dead client during a long build, so the
         // lock is released and another replica can take over.
         let _ = conn.batch_execute("SET client_connection_check_interval = '5s'");
+        if let Some(n) = m.deferred.parallel_workers {
+            conn.batch_execute(&format!("SET max_parallel_maintenance_workers = {n}"))
+                .map_err(|e| Error::db("setting max_parallel_maintenance_workers", e))?;
+        }
         // Shown to replicas that find the lock taken; the connection is
         // discarded after leading, so the service never sees the change.
         session::set_application_name(conn, &format!("{} (deferred)", m.app_name()))?;

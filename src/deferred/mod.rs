@@ -78,6 +78,20 @@ impl Migrator {
         self
     }
 
+    /// `max_parallel_maintenance_workers` for the deferred session: how
+    /// many extra processes an index build may start. `None` keeps the
+    /// server's setting (PostgreSQL's default is 2). Default `Some(0)`: a
+    /// background build runs in its one backend and leaves the other cores
+    /// to the traffic it must not slow (on 2 cores the writers' p99 during
+    /// a build was 2.7× and 3.6× their idle p99 in two runs, against 5.9×
+    /// and 4.6× for the same build with the server's 2 workers, the build
+    /// up to 1.4× longer; BENCHMARKS.md §5). Raise it where cores are spare
+    /// and the build's length matters more.
+    pub fn deferred_parallel_workers(mut self, workers: Option<u32>) -> Self {
+        self.deferred.parallel_workers = workers.map(|n| n.min(1024));
+        self
+    }
+
     /// Starts the deferred track in a background thread and returns at
     /// once; the service reports ready without waiting for it.
     ///
