@@ -1188,6 +1188,16 @@ fn the_splitter_counts_the_statements_postgresql_runs() {
     }
 }
 
+/// `rollout up --required-only` on `set`, run to the end.
+fn required_up(db: &TestDb, set: &TempSet) -> std::process::Output {
+    db.rollout()
+        .arg("--migrations-dir")
+        .arg(set.required_dir())
+        .args(["up", "--required-only"])
+        .output()
+        .unwrap()
+}
+
 /// `rollout -q up --required-only` on `set`, in the background, quiet.
 fn spawn_required_up(db: &TestDb, set: &TempSet) -> std::process::Child {
     db.rollout()
@@ -1347,14 +1357,7 @@ fn a_failure_inside_a_transaction_the_migration_opened_resumes_where_it_committe
         "INSERT INTO log VALUES ('one');\nBEGIN;\nINSERT INTO log VALUES ('two');\n\
          INSERT INTO later VALUES (1);\nCOMMIT;\nINSERT INTO log VALUES ('three');\n",
     );
-    let up = || {
-        db.rollout()
-            .arg("--migrations-dir")
-            .arg(set.required_dir())
-            .args(["up", "--required-only"])
-            .output()
-            .unwrap()
-    };
+    let up = || required_up(&db, &set);
     let out = up();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
@@ -1490,14 +1493,7 @@ fn an_unnamed_index_build_is_repaired_and_never_built_twice() {
         "1_unique",
         "CREATE UNIQUE INDEX CONCURRENTLY ON t (x);\nINSERT INTO effects VALUES ('unique');\n",
     );
-    let up = || {
-        db.rollout()
-            .arg("--migrations-dir")
-            .arg(set.required_dir())
-            .args(["up", "--required-only"])
-            .output()
-            .unwrap()
-    };
+    let up = || required_up(&db, &set);
     let indexes = || {
         db.texts(
             "SELECT c.relname || ':' || i.indisvalid AS t FROM pg_index i \
@@ -1580,14 +1576,7 @@ fn a_partition_detach_interrupted_halfway_is_completed_once() {
         "1_detach",
         "ALTER TABLE p DETACH PARTITION p1 CONCURRENTLY;\nINSERT INTO effects VALUES ('p1');\n",
     );
-    let up = || {
-        db.rollout()
-            .arg("--migrations-dir")
-            .arg(set.required_dir())
-            .args(["up", "--required-only"])
-            .output()
-            .unwrap()
-    };
+    let up = || required_up(&db, &set);
     let partitions = || {
         db.texts(
             "SELECT inhrelid::regclass::text || ':' || inhdetachpending AS t FROM pg_inherits \

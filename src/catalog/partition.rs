@@ -10,8 +10,8 @@ use diesel::prelude::*;
 use diesel::sql_query;
 use diesel::sql_types::Text;
 
-use super::{is_word, qualified_name};
-use crate::source::sql::{self, TokenKind};
+use super::{alter_table, is_word, qualified_name};
+use crate::source::sql::TokenKind;
 
 /// A `DETACH PARTITION ... CONCURRENTLY`: the tables as written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,18 +65,7 @@ impl Detach {
 /// Recognises `ALTER TABLE [IF EXISTS] [ONLY] parent DETACH PARTITION
 /// child CONCURRENTLY`.
 pub(crate) fn detach_concurrently(statement: &str) -> Option<Detach> {
-    let t = sql::tokens(statement).ok()?;
-    if !is_word(t.first(), "alter") || !is_word(t.get(1), "table") {
-        return None;
-    }
-    let mut i = 2;
-    if is_word(t.get(i), "if") && is_word(t.get(i + 1), "exists") {
-        i += 2;
-    }
-    if is_word(t.get(i), "only") {
-        i += 1;
-    }
-    let (parent, _, i) = qualified_name(&t, i)?;
+    let (t, parent, i) = alter_table(statement)?;
     if !is_word(t.get(i), "detach") || !is_word(t.get(i + 1), "partition") {
         return None;
     }
