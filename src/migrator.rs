@@ -266,20 +266,25 @@ impl Migrator {
         }
     }
 
-    /// `lock_timeout` and `statement_timeout` for a track's migrations.
-    pub(crate) fn timeouts(&self, track: Track) -> (Duration, Duration) {
-        match track {
+    /// The session settings a track's migrations run with, wherever they
+    /// run (start-up, the background leader, `revert`, a fleet).
+    pub(crate) fn session_for(&self, track: Track) -> session::Wanted {
+        let deferred = track == Track::Deferred;
+        let (lock_timeout, statement_timeout) = match track {
             Track::Required => (self.lock_timeout, self.statement_timeout),
             Track::Deferred => (self.deferred_lock_timeout, self.deferred_statement_timeout),
+        };
+        session::Wanted {
+            lock_timeout,
+            statement_timeout,
+            search_path: self.search_path(),
+            parallel_workers: self.deferred.parallel_workers.filter(|_| deferred),
+            maintenance_work_mem_mb: self.deferred.maintenance_work_mem_mb.filter(|_| deferred),
         }
     }
 
     pub(crate) fn app_name(&self) -> &str {
         &self.application_name
-    }
-
-    pub(crate) fn deferred_timeouts(&self) -> (Duration, Duration) {
-        (self.deferred_lock_timeout, self.deferred_statement_timeout)
     }
 
     pub(crate) fn ledger(&self) -> Result<Ledger, Error> {
@@ -525,18 +530,9 @@ impl Migrator {
         // About to change the schema: make sure the lock is really ours.
         guard.check_not_pooled(probe)?;
         let conn: &mut PgConnection = guard;
-        let (lock_timeout, statement_timeout) = match track {
-            Track::Required => (self.lock_timeout, self.statement_timeout),
-            Track::Deferred => (self.deferred_lock_timeout, self.deferred_statement_timeout),
-        };
         // The connection may be the service's (a pooled one): put back what
         // was set before, not the server's defaults.
-        let saved = session::Settings::set(
-            conn,
-            lock_timeout,
-            statement_timeout,
-            self.search_path().as_deref(),
-        )?;
+        let saved = session::Settings::set(conn, &self.session_for(track))?;
         let applied = self.apply_pending(conn, tables, &a.pending, &a.rows, track, report);
         let restored = saved.restore(conn);
         applied?;

@@ -24,6 +24,7 @@ pub(crate) struct DeferredOptions {
     pub stop_mode: StopMode,
     pub progress_interval: Duration,
     pub parallel_workers: Option<u32>,
+    pub maintenance_work_mem_mb: Option<u32>,
 }
 
 impl Default for DeferredOptions {
@@ -37,6 +38,7 @@ impl Default for DeferredOptions {
             stop_mode: StopMode::Cancel,
             progress_interval: Duration::from_secs(10),
             parallel_workers: Some(0),
+            maintenance_work_mem_mb: None,
         }
     }
 }

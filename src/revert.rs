@@ -104,8 +104,7 @@ impl Migrator {
                     // deferred one this one requires.
                     let rows = ledger::rows(conn, tables)?;
                     let by_version = rows.iter().map(|r| (normal(&r.version), r)).collect();
-                    let (lt, st) = m.timeouts(mig.track());
-                    let saved = session::Settings::set(conn, lt, st, m.search_path().as_deref())?;
+                    let saved = session::Settings::set(conn, &m.session_for(mig.track()))?;
                     let applied =
                         m.apply_pending(conn, tables, &[mig], &by_version, mig.track(), report);
                     let restored = saved.restore(conn);
@@ -358,8 +357,7 @@ impl Migrator {
             let row = rows
                 .iter()
                 .find(|r| normal(&r.version) == normal(m.version()));
-            let (lt, st) = self.timeouts(m.track());
-            let saved = session::Settings::set(conn, lt, st, self.search_path().as_deref())?;
+            let saved = session::Settings::set(conn, &self.session_for(m.track()))?;
             let result = executor::revert(conn, tables, m, row, &executor::Options::plain());
             let restored = saved.restore(conn);
             report.reverted.push(result?);

@@ -22,24 +22,37 @@ pub(crate) struct Settings {
     statement_timeout: String,
     #[diesel(sql_type = Text)]
     search_path: String,
+    #[diesel(sql_type = Text)]
+    max_parallel_maintenance_workers: String,
+    #[diesel(sql_type = Text)]
+    maintenance_work_mem: String,
+}
+
+/// What a track's migrations run with (`Migrator::session_for`).
+/// `None`: the session's own value, untouched.
+#[derive(Debug, Clone)]
+pub(crate) struct Wanted {
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub search_path: Option<String>,
+    pub parallel_workers: Option<u32>,
+    pub maintenance_work_mem_mb: Option<u32>,
 }
 
 impl Settings {
     /// Sets `lock_timeout` and `statement_timeout` (zero: off) for the
-    /// session, and `search_path` when given (a [`Migrator::schema`]), and
-    /// returns the values they replaced, in one round trip.
+    /// session, and `search_path` (a [`Migrator::schema`]),
+    /// `max_parallel_maintenance_workers` and `maintenance_work_mem` when
+    /// given, and returns the values they replaced, in one round trip.
     ///
     /// [`Migrator::schema`]: crate::Migrator::schema
-    pub(crate) fn set(
-        conn: &mut PgConnection,
-        lock_timeout: Duration,
-        statement_timeout: Duration,
-        search_path: Option<&str>,
-    ) -> Result<Settings, Error> {
+    pub(crate) fn set(conn: &mut PgConnection, wanted: &Wanted) -> Result<Settings, Error> {
         sql_query(include_str!("sql/set_timeouts.sql"))
-            .bind::<Text, _>(lock_timeout.as_millis().to_string())
-            .bind::<Text, _>(statement_timeout.as_millis().to_string())
-            .bind::<Nullable<Text>, _>(search_path)
+            .bind::<Text, _>(wanted.lock_timeout.as_millis().to_string())
+            .bind::<Text, _>(wanted.statement_timeout.as_millis().to_string())
+            .bind::<Nullable<Text>, _>(wanted.search_path.as_deref())
+            .bind::<Nullable<Text>, _>(wanted.parallel_workers.map(|n| n.to_string()))
+            .bind::<Nullable<Text>, _>(wanted.maintenance_work_mem_mb.map(|n| format!("{n}MB")))
             .get_result(conn)
             .map_err(|e| Error::db("setting the session's timeouts", e))
     }
@@ -49,11 +62,15 @@ impl Settings {
         sql_query(
             "SELECT set_config('lock_timeout', $1, false), \
              set_config('statement_timeout', $2, false), \
-             set_config('search_path', $3, false)",
+             set_config('search_path', $3, false), \
+             set_config('max_parallel_maintenance_workers', $4, false), \
+             set_config('maintenance_work_mem', $5, false)",
         )
         .bind::<Text, _>(&self.lock_timeout)
         .bind::<Text, _>(&self.statement_timeout)
         .bind::<Text, _>(&self.search_path)
+        .bind::<Text, _>(&self.max_parallel_maintenance_workers)
+        .bind::<Text, _>(&self.maintenance_work_mem)
         .execute(conn)
         .map(drop)
         .map_err(|e| Error::db("restoring the session's settings", e).unusable())

@@ -585,3 +585,67 @@ fn a_failed_start_up_never_hands_its_connection_to_the_service() {
     assert_ne!(path, "nowhere", "the migration's SET leaked into the pool");
     assert_eq!(db.advisory_locks(), 0);
 }
+
+/// Deferred migrations run with the deferred session settings however they
+/// run, in the foreground on the caller's connection (which gets its own
+/// values back afterwards) or by the background leader: no parallel
+/// maintenance workers by default, and the `maintenance_work_mem` asked for.
+#[test]
+fn deferred_builds_run_with_the_deferred_session_settings_foreground_and_background() {
+    let db = TestDb::new();
+    let set = support::TempSet::new();
+    set.required(
+        "1_seen",
+        "CREATE TABLE seen (how text, workers text, mem text);\n",
+    );
+    let record = |how: &str| {
+        format!(
+            "INSERT INTO seen SELECT '{how}', current_setting('max_parallel_maintenance_workers'), \
+             current_setting('maintenance_work_mem');\n"
+        )
+    };
+    set.deferred("2_foreground", &record("foreground"));
+    let m = || fast(set.migrator()).deferred_maintenance_work_mem(Some(200));
+    let mut conn = db.conn();
+    conn.batch_execute(
+        "SET max_parallel_maintenance_workers = 3; SET maintenance_work_mem = '70MB'",
+    )
+    .unwrap();
+    m().run_required_on(&mut conn).unwrap();
+    m().run_deferred_on(&mut conn).unwrap();
+    #[derive(QueryableByName)]
+    struct S {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        t: String,
+    }
+    let own: S = diesel::sql_query(
+        "SELECT current_setting('max_parallel_maintenance_workers') || ' ' || \
+         current_setting('maintenance_work_mem') AS t",
+    )
+    .get_result(&mut conn)
+    .unwrap();
+    assert_eq!(
+        own.t, "3 70MB",
+        "the caller's connection got its settings back"
+    );
+
+    set.deferred("3_background", &record("background"));
+    let handle = m().start_deferred(pool(&db, 2));
+    let end = handle.wait(Duration::from_secs(60));
+    assert!(matches!(end, DeferredState::Done { .. }), "{end:?}");
+    // The server's own workers setting kept, when asked.
+    set.deferred("4_server_workers", &record("server workers"));
+    let mut other = db.conn();
+    m().deferred_parallel_workers(None)
+        .run_deferred_on(&mut other)
+        .unwrap();
+    let server = db.texts("SELECT current_setting('max_parallel_maintenance_workers') AS t");
+    assert_eq!(
+        db.texts("SELECT how || ' ' || workers || ' ' || mem AS t FROM seen ORDER BY how"),
+        [
+            "background 0 200MB".to_string(),
+            "foreground 0 200MB".to_string(),
+            format!("server workers {} 200MB", server[0])
+        ]
+    );
+}

@@ -321,7 +321,6 @@ fn lead(
     resolved: &Tables,
     applied: &mut Vec<String>,
 ) -> Result<(), Led> {
-    let (lock_timeout, statement_timeout) = m.deferred_timeouts();
     // Resolved again under the lock: the key came from the first resolution.
     let mut tables = ledger.resolve(conn).map_err(Led::Lost)?;
     if tables.schema != resolved.schema {
@@ -333,19 +332,10 @@ fn lead(
     let mut setup = || -> Result<i32, Error> {
         ledger::ensure_tables(conn, ledger, &mut tables)?;
         // The connection is discarded after leading: nothing to restore.
-        let _replaced = session::Settings::set(
-            conn,
-            lock_timeout,
-            statement_timeout,
-            m.search_path().as_deref(),
-        )?;
+        let _replaced = session::Settings::set(conn, &m.session_for(Track::Deferred))?;
         // PostgreSQL 14+: notice a dead client during a long build, so the
         // lock is released and another replica can take over.
         let _ = conn.batch_execute("SET client_connection_check_interval = '5s'");
-        if let Some(n) = m.deferred.parallel_workers {
-            conn.batch_execute(&format!("SET max_parallel_maintenance_workers = {n}"))
-                .map_err(|e| Error::db("setting max_parallel_maintenance_workers", e))?;
-        }
         // Shown to replicas that find the lock taken; the connection is
         // discarded after leading, so the service never sees the change.
         session::set_application_name(conn, &format!("{} (deferred)", m.app_name()))?;

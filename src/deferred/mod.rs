@@ -92,6 +92,19 @@ impl Migrator {
         self
     }
 
+    /// `maintenance_work_mem` for the deferred session, in MiB. `None`
+    /// (the default) keeps the server's setting (PostgreSQL's default is
+    /// 64 MiB). The slowest writes during a `CREATE INDEX CONCURRENTLY`
+    /// come while its validation sorts more than fits and spills to disk
+    /// (`BufFileWrite`), writers waiting on `LWLock:BufferContent`: with
+    /// enough for the sort (512 MiB for 3 million rows of two columns) the
+    /// slowest write during the build fell from 468 ms to 17 ms in
+    /// BENCHMARKS.md §5's setting. Each build may use this much memory.
+    pub fn deferred_maintenance_work_mem(mut self, mib: Option<u32>) -> Self {
+        self.deferred.maintenance_work_mem_mb = mib.map(|n| n.clamp(1, 2_097_151));
+        self
+    }
+
     /// Starts the deferred track in a background thread and returns at
     /// once; the service reports ready without waiting for it.
     ///
