@@ -8,10 +8,10 @@ use diesel::prelude::*;
 use diesel::sql_query;
 use diesel::sql_types::Text;
 
-use super::{same_definition, table_indexes, IndexOp};
+use super::{same_definition, IndexOp};
 
 /// Whether the statement an attempt died at is done, as the catalog shows
-/// it: the index a `CREATE INDEX CONCURRENTLY` builds exists, valid
+/// it: the index a named `CREATE INDEX CONCURRENTLY` builds exists, valid
 /// and as the statement defines it, or the index a `DROP INDEX
 /// CONCURRENTLY` drops is gone. Returns what was found, for the log.
 /// Statements that need no help (`IF [NOT] EXISTS`, `REINDEX`) and a
@@ -49,26 +49,23 @@ fn gone(conn: &mut PgConnection, index: &str) -> QueryResult<bool> {
         .map(|g| g.gone)
 }
 
-/// Whether a `CREATE INDEX CONCURRENTLY` (without `IF NOT EXISTS`, which
-/// needs no help) is already done: its index (any index, when it names
-/// none) exists on its table, valid, with the definition `statement` gives, compared with what
+/// Whether a named `CREATE INDEX CONCURRENTLY` (without `IF NOT EXISTS`,
+/// which needs no help) is already done: its index exists on its table,
+/// valid, with the definition `statement` gives, compared with what
 /// PostgreSQL prints for it (`pg_get_indexdef`) but for case, spaces and
 /// quotes. A definition it prints differently (casts, parentheses added)
 /// counts as not built, and the statement runs as written.
 fn built(conn: &mut PgConnection, op: &IndexOp, statement: &str) -> QueryResult<bool> {
+    // Unnamed, it cannot be told from an index of the same definition
+    // that was there before (a constraint's, or one a later statement
+    // drops): it runs again, at worst building a second index.
     let IndexOp::Create {
-        index,
+        index: Some(index),
         table,
         if_not_exists: false,
     } = op
     else {
         return Ok(false);
-    };
-    // Unnamed, PostgreSQL chose the name: an index of the same definition.
-    let Some(index) = index else {
-        return Ok(table_indexes(conn, table)?
-            .iter()
-            .any(|r| r.valid && same_definition(statement, &r.definition)));
     };
     #[derive(QueryableByName)]
     struct Def {
@@ -106,6 +103,10 @@ mod tests {
                 "CREATE INDEX CONCURRENTLY \"I4\" ON t (lower(b))",
                 "CREATE INDEX \"I4\" ON public.t USING btree (lower(b))",
             ),
+            (
+                "CREATE INDEX CONCURRENTLY i5 ON t (\"email\", \"Name\", Kind)",
+                "CREATE INDEX i5 ON public.t USING btree (email, \"Name\", kind)",
+            ),
         ];
         for (ours, printed) in same {
             assert!(same_definition(ours, printed), "{ours}");
@@ -122,6 +123,10 @@ mod tests {
             (
                 "CREATE INDEX CONCURRENTLY t_idx ON t (a)",
                 "CREATE INDEX t_idx ON public.t USING hash (a)",
+            ),
+            (
+                "CREATE INDEX CONCURRENTLY t_idx ON t (\"Email\")",
+                "CREATE INDEX t_idx ON public.t USING btree (email)",
             ),
             // Printed with parentheses added: not recognised, so it runs.
             (

@@ -144,7 +144,22 @@ fn index_tail(statement: &str) -> Option<(bool, String)> {
         if x.kind == TokenKind::Semicolon {
             break;
         }
-        rest.push_str(&x.text.to_lowercase().replace('"', ""));
+        // As PostgreSQL prints them: unquoted words folded, quotes only
+        // where a name needs them, literals as written.
+        match x.kind {
+            TokenKind::Word => rest.push_str(&x.text.to_lowercase()),
+            TokenKind::QuotedIdent => match Ident::from_token(x) {
+                Some(n)
+                    if n.folded
+                        .bytes()
+                        .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_')) =>
+                {
+                    rest.push_str(&n.folded)
+                }
+                _ => rest.push_str(&x.text),
+            },
+            _ => rest.push_str(&x.text),
+        }
     }
     Some((unique, rest))
 }
@@ -272,6 +287,17 @@ pub(crate) struct IndexRow {
 }
 
 impl IndexRow {
+    /// Whether this could be what the unnamed `CREATE INDEX` `statement`
+    /// built: its definition, under a name PostgreSQL generates
+    /// (`<table>_<columns>_idx[N]`; a constraint's `_key` or `_pkey`, or
+    /// any name a migration chose, is not).
+    fn generated_for(&self, statement: &str) -> bool {
+        let base = self
+            .index_name
+            .trim_end_matches(|c: char| c.is_ascii_digit());
+        base.ends_with("_idx") && same_definition(statement, &self.definition)
+    }
+
     fn quoted(&self) -> String {
         format!(
             "\"{}\".\"{}\"",
@@ -417,14 +443,14 @@ pub(crate) fn prepare(
             )
         }
         // PostgreSQL names it: its leftover is an index of the same
-        // definition.
+        // definition under a name PostgreSQL generates.
         IndexOp::Create {
             index: None, table, ..
         } => {
             let statement = statement.to_string();
             (
                 table.clone(),
-                Box::new(move |r: &IndexRow| same_definition(&statement, &r.definition)),
+                Box::new(move |r: &IndexRow| r.generated_for(&statement)),
             )
         }
         IndexOp::Drop { .. } => return Ok(()),
@@ -544,20 +570,15 @@ pub(crate) fn confirm(
         IndexOp::Create {
             index: None, table, ..
         } => {
+            // The leftovers were dropped before it: an invalid one now is
+            // the one it built.
             let rows = table_indexes(conn, table).map_err(|e| catalog_error(m, line, e))?;
-            let mut same = rows
-                .iter()
-                .filter(|r| same_definition(statement, &r.definition));
-            match same.clone().find(|r| r.valid) {
-                Some(_) => Ok(()),
-                // None of that definition (or printed differently):
-                // nothing to check against.
-                None => same.next().map_or(Ok(()), |r| {
-                    Err(fail(format!(
-                        "index {} it built on {} is INVALID",
-                        r.index_name, r.table_name
-                    )))
-                }),
+            match rows.iter().find(|r| !r.valid && r.generated_for(statement)) {
+                Some(r) => Err(fail(format!(
+                    "index {} it built on {} is INVALID",
+                    r.index_name, r.table_name
+                ))),
+                None => Ok(()),
             }
         }
         IndexOp::Drop { .. } => Ok(()),

@@ -107,3 +107,29 @@ fn reindex_leftovers_are_recognised_by_name() {
     assert!(row(&format!("{}_ccold12", &base[..55])).is_reindex_leftover(Some(&base)));
     assert!(!row(&format!("{}_ccnew", &base[..56])).is_reindex_leftover(Some(&base)));
 }
+
+#[test]
+fn an_unnamed_build_is_told_by_a_generated_name_and_its_definition() {
+    let row = |name: &str, definition: &str| IndexRow {
+        schema_name: "public".into(),
+        index_name: name.into(),
+        table_name: "t".into(),
+        valid: false,
+        definition: definition.into(),
+        building: false,
+    };
+    let statement = "CREATE UNIQUE INDEX CONCURRENTLY ON t (email)";
+    let printed =
+        |name: &str| format!("CREATE UNIQUE INDEX {name} ON public.t USING btree (email)");
+    assert!(row("t_email_idx", &printed("t_email_idx")).generated_for(statement));
+    assert!(row("t_email_idx12", &printed("t_email_idx12")).generated_for(statement));
+    // A constraint's index, or a name a migration chose.
+    assert!(!row("t_email_key", &printed("t_email_key")).generated_for(statement));
+    assert!(!row("t_email_broken", &printed("t_email_broken")).generated_for(statement));
+    // Another definition.
+    assert!(!row(
+        "t_email_idx",
+        "CREATE INDEX t_email_idx ON public.t USING btree (email)"
+    )
+    .generated_for(statement));
+}

@@ -193,11 +193,12 @@ pub(crate) fn track_rules(
                 out.push((
                     line,
                     RETRY_UNSAFE,
-                    "CREATE INDEX CONCURRENTLY without an index name: a retry finds the index \
-                     an earlier attempt built (or left invalid) only by comparing definitions, \
-                     which fails where PostgreSQL prints it differently (a WHERE clause, a \
-                     cast), and then builds a second one under a new generated name; `rollout \
-                     status` cannot show its state either"
+                    "CREATE INDEX CONCURRENTLY without an index name: a retry after a crash \
+                     cannot tell the index an earlier attempt finished from one that was there \
+                     before, so it builds a second one under a new generated name; an invalid \
+                     leftover is found only by comparing definitions, which fails where \
+                     PostgreSQL prints it differently (a WHERE clause, a cast); `rollout status` \
+                     cannot show its state"
                         .into(),
                     "name the index: CREATE INDEX CONCURRENTLY IF NOT EXISTS name ON ...".into(),
                 ));
