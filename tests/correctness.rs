@@ -1198,6 +1198,14 @@ fn required_up(db: &TestDb, set: &TempSet) -> std::process::Output {
         .unwrap()
 }
 
+/// `rollout up --required-only` on `set`, which must succeed: its stderr.
+fn required_up_ok(db: &TestDb, set: &TempSet) -> String {
+    let out = required_up(db, set);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    err
+}
+
 /// `rollout -q up --required-only` on `set`, in the background, quiet.
 fn spawn_required_up(db: &TestDb, set: &TempSet) -> std::process::Child {
     db.rollout()
@@ -1509,9 +1517,7 @@ fn an_unnamed_index_build_left_invalid_is_repaired_by_its_definition() {
     db.conn()
         .batch_execute("DELETE FROM t WHERE y = 2")
         .unwrap();
-    let out = up();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let err = required_up_ok(&db, &set);
     assert!(err.contains("dropping invalid index t_x_idx"), "{err}");
     assert_eq!(indexes(), ["t_x_idx:true"]);
     assert_eq!(db.texts("SELECT v AS t FROM effects"), ["unique"]);
@@ -1528,9 +1534,7 @@ fn an_unnamed_index_build_left_invalid_is_repaired_by_its_definition() {
         "2_repair",
         "CREATE UNIQUE INDEX CONCURRENTLY ON t (y);\nDROP INDEX CONCURRENTLY t_y_broken;\n",
     );
-    let out = up();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    required_up_ok(&db, &set);
     assert_eq!(indexes(), ["t_x_idx:true", "t_y_idx:true"]);
 }
 
@@ -1556,7 +1560,6 @@ fn a_partition_detach_interrupted_halfway_is_completed_once() {
         "1_detach",
         "ALTER TABLE p DETACH PARTITION p1 CONCURRENTLY;\nINSERT INTO effects VALUES ('p1');\n",
     );
-    let up = || required_up(&db, &set);
     let partitions = || {
         db.texts(
             "SELECT inhrelid::regclass::text || ':' || inhdetachpending AS t FROM pg_inherits \
@@ -1588,9 +1591,7 @@ fn a_partition_detach_interrupted_halfway_is_completed_once() {
     blocker.batch_execute("COMMIT").unwrap();
     wait_until("the terminated backend to go", || db.advisory_locks() == 0);
     assert_eq!(partitions(), ["p1:true", "p2:false"]);
-    let out = up();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let err = required_up_ok(&db, &set);
     assert!(err.contains("DETACH PARTITION p1 FINALIZE"), "{err}");
     assert_eq!(partitions(), ["p2:false"]);
     assert_eq!(db.texts("SELECT v AS t FROM effects"), ["p1"]);
@@ -1612,9 +1613,7 @@ fn a_partition_detach_interrupted_halfway_is_completed_once() {
         db.advisory_locks() == 0
     });
     assert_eq!(partitions(), Vec::<String>::new(), "the server finished it");
-    let out = up();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let err = required_up_ok(&db, &set);
     assert!(
         err.contains("detaches a partition that is detached"),
         "{err}"
