@@ -392,6 +392,16 @@ impl Migrator {
         self.run_track(conn, Track::Deferred, &mut || None)
     }
 
+    /// As [`Migrator::run_deferred_on`], with the pooler check's second
+    /// connection (see [`Migrator::run_required_probed`]).
+    pub(crate) fn run_deferred_probed(
+        &self,
+        conn: &mut PgConnection,
+        probe: &mut dyn FnMut() -> Option<i32>,
+    ) -> Result<Report, Error> {
+        self.run_track(conn, Track::Deferred, probe)
+    }
+
     fn run_track(
         &self,
         conn: &mut PgConnection,
@@ -401,7 +411,14 @@ impl Migrator {
         let ledger = self.ledger()?;
         let mut report = Report::default();
 
-        match ledger::rows_fast(conn, &ledger) {
+        // Inside the caller's transaction, under a savepoint: a ledger not
+        // created yet must not leave that transaction aborted.
+        let fast = if crate::executor::in_transaction(conn) {
+            conn.transaction(|c| ledger::rows_fast(c, &ledger))
+        } else {
+            ledger::rows_fast(conn, &ledger)
+        };
+        match fast {
             Ok(rows) => {
                 let a = self.analyze(&rows, track);
                 report.deferred_pending = self.deferred_pending(&a, track);
@@ -427,14 +444,24 @@ impl Migrator {
             deadline: self.lock_deadline,
         };
         // Strict mode checks drift under the lock, so it always takes it.
+        // The last look also tells what the deferred track has left: the
+        // first one may have found no ledger at all (a fresh database).
+        let mut deferred_left = None;
         let mut still_needed = |c: &mut PgConnection| {
             self.strict
                 || match ledger::rows_fast(c, &ledger) {
-                    Ok(rows) => !self.analyze(&rows, track).pending.is_empty(),
+                    Ok(rows) => {
+                        let a = self.analyze(&rows, track);
+                        deferred_left = Some(self.deferred_pending(&a, track));
+                        !a.pending.is_empty()
+                    }
                     Err(_) => true,
                 }
         };
         let (guard, waited) = LockGuard::acquire(conn, keys, track, wait, &mut still_needed)?;
+        if let Some(n) = deferred_left {
+            report.deferred_pending = n;
+        }
         let Some(mut guard) = guard else {
             // Another process applied everything while this one waited.
             tracing::info!(

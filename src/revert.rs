@@ -429,6 +429,17 @@ impl Migrator {
             // Everything from here releases the deferred lock on the way
             // out, error or not.
             let result = (|| {
+                // Taken on this session's backend, as the required lock was
+                // (a pooler in transaction mode may hand out another).
+                if !lock::held_by_me(conn, deferred_keys[0])? {
+                    return Err(Error::new(
+                        ErrorKind::LockNotHeld,
+                        "the deferred track's advisory lock was granted but does not belong to \
+                         this session's backend: a connection pooler in transaction mode sits \
+                         between this process and PostgreSQL. Nothing was changed; connect \
+                         directly or through a pooler in session mode",
+                    ));
+                }
                 ledger::mark_interrupted(conn, &tables, Track::Deferred)?;
                 ledger::mark_interrupted(conn, &tables, Track::Required)?;
                 let rows = ledger::rows(conn, &tables)?;

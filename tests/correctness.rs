@@ -1627,3 +1627,252 @@ fn a_partition_detach_interrupted_halfway_is_completed_once() {
         ["1", "2"]
     );
 }
+
+/// `CREATE INDEX CONCURRENTLY IF NOT EXISTS` builds nothing when the name is
+/// taken by another table's index (PostgreSQL only notices it). Before, a
+/// table with no index at all was taken for "not visible" and the migration
+/// was recorded as applied without its index.
+#[test]
+fn an_index_name_taken_by_another_table_is_not_recorded_as_built() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required(
+        "1_tables",
+        "CREATE TABLE events (created_at timestamptz);\nCREATE TABLE other (x int);\n\
+         CREATE INDEX idx_created ON other (x);\n",
+    );
+    set.required_no_tx(
+        "2_index",
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS idx_created ON events (created_at);\n",
+    );
+    let out = required_up(&db, &set);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("2_index") && err.contains("idx_created") && err.contains("other"),
+        "{err}"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM __diesel_schema_migrations WHERE version = '2'"),
+        0
+    );
+    // Renamed, it builds and is recorded.
+    set.required_no_tx(
+        "2_index",
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS events_created_idx ON events (created_at);\n",
+    );
+    required_up_ok(&db, &set);
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM pg_indexes WHERE tablename = 'events' \
+             AND indexname = 'events_created_idx'"
+        ),
+        1
+    );
+}
+
+/// A grandfathered transactional migration with a `COMMIT` of its own (an
+/// old diesel workaround; the build refuses it in a new migration). Sent
+/// whole, the part before the `COMMIT` stayed committed with no ledger row,
+/// and the failure's statement-by-statement replay committed the rest
+/// again: each run added rows. It now runs statement by statement with its
+/// progress recorded, so every statement runs once.
+#[test]
+fn a_history_migration_with_its_own_commit_runs_each_statement_once() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("1_a", "CREATE TABLE a (v int);\n");
+    set.required(
+        "2_old_fix",
+        "INSERT INTO a VALUES (1);\nCOMMIT;\nINSERT INTO a VALUES (2);\nINSERT INTO b VALUES (3);\n\
+         BEGIN;\n",
+    );
+    std::fs::write(
+        set.required_dir()
+            .parent()
+            .unwrap()
+            .join("diesel-guard.toml"),
+        "start_after = \"2\"\n",
+    )
+    .unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Rows {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        t: String,
+    }
+    let rows = || {
+        use diesel::RunQueryDsl;
+        let mut c = db.conn();
+        diesel::sql_query("SELECT coalesce(string_agg(v::text, ',' ORDER BY v), '') AS t FROM a")
+            .get_result::<Rows>(&mut c)
+            .unwrap()
+            .t
+    };
+    for _ in 0..2 {
+        let out = required_up(&db, &set);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("2_old_fix")
+                && err.contains("up.sql:4")
+                && err.contains("\"b\" does not exist"),
+            "{err}"
+        );
+        assert_eq!(rows(), "1,2", "{err}");
+    }
+    // The cause fixed, the next run resumes at the statement that failed.
+    db.conn().batch_execute("CREATE TABLE b (v int)").unwrap();
+    required_up_ok(&db, &set);
+    assert_eq!(rows(), "1,2");
+    assert_eq!(db.count("SELECT count(*) AS n FROM b"), 1);
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM __diesel_schema_migrations WHERE version = '2'"),
+        1
+    );
+}
+
+/// A migration that must run outside a transaction, given a connection
+/// inside the caller's transaction, is refused before it runs: its own
+/// `COMMIT` would have committed the caller's transaction (and a failure's
+/// `ROLLBACK` undone the migrations applied before it in that run).
+#[test]
+fn a_no_transaction_migration_is_refused_inside_the_callers_transaction() {
+    use diesel::Connection;
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("1_t", "CREATE TABLE t (x int);\n");
+    set.migrator().run_required_on(&mut db.conn()).unwrap();
+    set.required("2_u", "CREATE TABLE u (x int);\n");
+    set.required_no_tx(
+        "3_fill",
+        "INSERT INTO t VALUES (1);\nINSERT INTO t VALUES (2);\n",
+    );
+    let mut conn = db.conn();
+    conn.begin_test_transaction().unwrap();
+    let err = set.migrator().run_required_on(&mut conn).unwrap_err();
+    assert_eq!(err.kind(), diesel_rollout::ErrorKind::Config, "{err}");
+    assert!(
+        err.to_string().contains("3_fill") && err.to_string().contains("no transaction open"),
+        "{err}"
+    );
+    // The caller's transaction is still open and usable: the migration
+    // before it is in it, and nothing of this one ran.
+    assert_eq!(
+        support::count_on(&mut conn, "SELECT count(*) AS n FROM u"),
+        0
+    );
+    assert_eq!(
+        support::count_on(&mut conn, "SELECT count(*) AS n FROM t"),
+        0
+    );
+    drop(conn);
+    // Rolled back with it: nothing of the run is left behind.
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM pg_tables WHERE tablename = 'u'"),
+        0
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM __diesel_schema_migrations WHERE version IN ('2', '3')"
+        ),
+        0
+    );
+}
+
+/// A replica that waited for the required lock while another applied the
+/// required track on a fresh database (no ledger yet, so its first look
+/// found nothing) still sees the pending deferred migrations and runs them,
+/// instead of reporting "deferred: nothing to apply".
+#[test]
+fn a_replica_that_waited_on_a_fresh_database_still_runs_the_deferred_track() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("1_t", "CREATE TABLE t (x int);\n");
+    set.deferred("2_t_x", "CREATE INDEX CONCURRENTLY t_x ON t (x);\n");
+    let cli = |args: &[&str]| {
+        let mut c = db.rollout();
+        c.arg("--migrations-dir")
+            .arg(set.required_dir())
+            .arg("--deferred-dir")
+            .arg(set.deferred_dir())
+            .args(args);
+        c
+    };
+    // Another replica holds the required lock: this one finds no ledger
+    // (a fresh database) and waits. The other applies the required track
+    // and keeps the lock a moment longer (the window between its last
+    // commit and its unlock), so this one's next look finds nothing
+    // pending while the lock is still taken.
+    let key = diesel_rollout::lock_key(
+        "public",
+        "__diesel_schema_migrations",
+        diesel_rollout::Track::Required,
+    );
+    let mut other = db.conn();
+    other
+        .batch_execute(&format!("SELECT pg_advisory_lock({key})"))
+        .unwrap();
+    let second = cli(&["--json", "up"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let active = |query: &str| {
+        db.count(&format!(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND query LIKE '{query}'"
+        ))
+    };
+    wait_until("the second process to wait for the lock", || {
+        // Its report of who holds the lock, sent once it waits.
+        active("%Who holds a bigint advisory lock%") > 0
+    });
+    set.migrator().run_required_on(&mut other).unwrap();
+    let out = second.wait_with_output().unwrap();
+    other
+        .batch_execute(&format!("SELECT pg_advisory_unlock({key})"))
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM __diesel_schema_migrations WHERE version = '2'"),
+        1,
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        json["deferred"]["applied"].as_array().map(Vec::len),
+        Some(1),
+        "{json}"
+    );
+}
+
+/// On a fresh database, a run inside the caller's transaction (a test's
+/// `begin_test_transaction`) applies the set there. Before, the first look
+/// at a ledger that did not exist yet aborted the caller's transaction, and
+/// the run failed with "current transaction is aborted".
+#[test]
+fn a_run_inside_the_callers_transaction_works_on_a_fresh_database() {
+    use diesel::Connection;
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("1_t", "CREATE TABLE t (x int);\n");
+    let mut conn = db.conn();
+    conn.begin_test_transaction().unwrap();
+    let report = set.migrator().run_required_on(&mut conn).unwrap();
+    assert_eq!(report.applied.len(), 1, "{report:?}");
+    assert_eq!(
+        support::count_on(&mut conn, "SELECT count(*) AS n FROM t"),
+        0
+    );
+    drop(conn);
+    // Rolled back with the caller's transaction.
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM pg_tables WHERE tablename = 't'"),
+        0
+    );
+}

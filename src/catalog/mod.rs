@@ -332,6 +332,19 @@ pub(crate) fn table_indexes(conn: &mut PgConnection, table: &str) -> QueryResult
         .load(conn)
 }
 
+/// Whether `table` names a relation under the session's search_path.
+fn table_visible(conn: &mut PgConnection, table: &str) -> QueryResult<bool> {
+    #[derive(QueryableByName)]
+    struct V {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        visible: bool,
+    }
+    sql_query("SELECT to_regclass($1) IS NOT NULL AS visible")
+        .bind::<Text, _>(table)
+        .get_result::<V>(conn)
+        .map(|v| v.visible)
+}
+
 fn table_of_index(conn: &mut PgConnection, index: &str) -> QueryResult<Option<String>> {
     #[derive(QueryableByName)]
     struct T {
@@ -558,13 +571,39 @@ pub(crate) fn confirm(
                         ""
                     }
                 ))),
-                // The table is not visible under that name (search_path):
-                // nothing to check against.
-                None if rows.is_empty() => Ok(()),
-                None => Err(fail(format!(
-                    "index {} does not exist on {table}",
-                    index.folded
-                ))),
+                None => {
+                    // IF NOT EXISTS skips the build when the name is taken
+                    // by any relation of the schema: another table's index.
+                    let quoted = format!("\"{}\"", index.folded.replace('"', "\"\""));
+                    let elsewhere =
+                        table_of_index(conn, &quoted).map_err(|e| catalog_error(m, line, e))?;
+                    if let Some(other) = elsewhere {
+                        return Err(Error::new(
+                            ErrorKind::MigrationFailed,
+                            format!(
+                                "migration {} at {}:{line}: index {} was not built on {table}: \
+                                 an index of that name already exists on {other}, so IF NOT \
+                                 EXISTS skipped the statement. Give the new index another \
+                                 name (or drop the other one) and deploy again",
+                                m.dir_name(),
+                                m.up_path(),
+                                index.folded
+                            ),
+                        )
+                        .at(m, Some(line)));
+                    }
+                    // The table is not visible under that name (search_path):
+                    // nothing to check against.
+                    if rows.is_empty()
+                        && !table_visible(conn, table).map_err(|e| catalog_error(m, line, e))?
+                    {
+                        return Ok(());
+                    }
+                    Err(fail(format!(
+                        "index {} does not exist on {table}",
+                        index.folded
+                    )))
+                }
             }
         }
         IndexOp::Create {

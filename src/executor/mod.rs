@@ -61,8 +61,48 @@ fn run(
     options: &Options<'_>,
 ) -> Result<Applied, Error> {
     let script = Script::of(m, direction)?;
+    let statements = if m.run_in_transaction() {
+        script.statements(m)?
+    } else {
+        Vec::new()
+    };
+    // Its own `COMMIT` or `BEGIN` would end the runner's transaction early:
+    // what came before stays committed without a ledger row. The build
+    // refuses it in a new migration and loads history that has it as
+    // `run_in_transaction = false`; a migration made by hand may still.
+    if let Some(s) = statements
+        .iter()
+        .find(|s| sql::is_transaction_control(&s.sql))
+    {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "{} runs in a transaction, but its {}:{} ends or opens one itself, which would \
+                 leave what comes before it committed and unrecorded. Nothing of it ran; give \
+                 it `run_in_transaction = false` (it then runs statement by statement, each \
+                 recorded as it completes) or remove the statement",
+                script.what(m),
+                script.path,
+                s.line
+            ),
+        )
+        .at(m, Some(s.line)));
+    }
+    if !m.run_in_transaction() && in_transaction(conn) {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "{} runs outside any transaction (`run_in_transaction = false`), so it cannot \
+                 run inside the transaction this connection has open: its statements would \
+                 commit or roll back the caller's transaction. Nothing of it ran; run the \
+                 migrations on a connection with no transaction open",
+                script.what(m)
+            ),
+        )
+        .at(m, None));
+    }
     if m.run_in_transaction() {
-        run_transactional(conn, tables, m, &script)
+        run_transactional(conn, tables, m, &script, &statements)
     } else {
         run_statements(conn, tables, m, &script, row, options)
     }
@@ -73,8 +113,8 @@ fn run_transactional(
     tables: &Tables,
     m: &Migration,
     script: &Script<'_>,
+    statements: &[sql::Statement],
 ) -> Result<Applied, Error> {
-    let statements = script.statements(m)?;
     let total = i32::try_from(statements.len()).unwrap_or(i32::MAX);
     let (doing, done) = script.verbs();
     let span = tracing::info_span!(
@@ -90,9 +130,9 @@ fn run_transactional(
     let (result, failed_at, recorded, failed_line) = if in_transaction(conn) {
         // Inside the caller's transaction: a savepoint per migration, as
         // diesel nests them, statement by statement.
-        run_nested(conn, tables, m, script, &statements, total)
+        run_nested(conn, tables, m, script, statements, total)
     } else {
-        run_whole(conn, tables, m, script, &statements, total)
+        run_whole(conn, tables, m, script, statements, total)
     };
     let elapsed = start.elapsed();
     match result {
@@ -181,7 +221,7 @@ fn run_transactional(
 }
 
 /// Whether the caller's connection is inside a transaction diesel opened.
-fn in_transaction(conn: &mut PgConnection) -> bool {
+pub(crate) fn in_transaction(conn: &mut PgConnection) -> bool {
     use diesel::connection::{AnsiTransactionManager, TransactionManager};
     AnsiTransactionManager::transaction_manager_status_mut(conn)
         .transaction_depth()

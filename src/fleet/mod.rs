@@ -374,7 +374,7 @@ fn up(
             r
         }
         fn deferred(&mut self, _required_blocked: bool) -> Result<usize, Error> {
-            let r = self.m.run_deferred_on(self.conn);
+            let r = self.m.run_deferred_probed(self.conn, &mut self.probe);
             self.add(r.as_ref().ok().or_else(|| r.as_ref().err()?.report()));
             r.map(|d| d.applied.len())
         }

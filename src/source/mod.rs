@@ -429,6 +429,42 @@ fn read_migration(
     if let Some((path, text)) = down.as_ref().filter(|_| !grandfathered) {
         check_sql(path, text, run_in_transaction, &mut new_only, false);
     }
+    // History that ends or opens a transaction itself (an old workaround,
+    // e.g. `COMMIT;` before `ALTER TYPE ... ADD VALUE`) cannot run inside
+    // the runner's transaction without leaving part of it committed and
+    // unrecorded: it runs statement by statement, each recorded as it
+    // completes, as `run_in_transaction = false` says.
+    let own_control = |text: &str| {
+        sql::split_statements(text)
+            .map(|v| {
+                v.iter()
+                    .find(|s| sql::is_transaction_control(&s.sql))
+                    .map(|s| s.line)
+            })
+            .ok()
+            .flatten()
+    };
+    let controlled = [
+        up_sql
+            .as_deref()
+            .and_then(own_control)
+            .map(|l| (&up_path, l)),
+        down.as_ref()
+            .and_then(|(p, t)| own_control(t).map(|l| (p, l))),
+    ];
+    let run_in_transaction = match controlled.iter().flatten().next() {
+        Some((path, line)) if grandfathered && run_in_transaction => {
+            new_only.push(problem(
+                path,
+                Some(*line),
+                "ends or opens a transaction itself, so the migration runs statement by \
+                 statement, each statement recorded as it completes, as if its metadata.toml \
+                 said `run_in_transaction = false` (say so there to silence this)",
+            ));
+            false
+        }
+        _ => run_in_transaction,
+    };
 
     let (version, name) = match parsed {
         Ok(v) => v,
