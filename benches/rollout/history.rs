@@ -15,7 +15,8 @@ use crate::harness::*;
 #[allow(dead_code)]
 mod generated;
 
-pub(crate) fn history(server: &Server, sizes: &Sizes, report: &mut String) {
+/// Returns diesel-rollout's total ÷ diesel_migrations' (the median runs).
+pub(crate) fn history(server: &Server, sizes: &Sizes, report: &mut String) -> f64 {
     let n = sizes.history;
     let dir = tempfile::tempdir().unwrap();
     let required = dir.path().join("migrations");
@@ -135,4 +136,5 @@ pub(crate) fn history(server: &Server, sizes: &Sizes, report: &mut String) {
          is), diesel-rollout recording its progress.\n"
     )
     .unwrap();
+    o.as_secs_f64() / d.as_secs_f64()
 }

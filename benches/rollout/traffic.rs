@@ -18,7 +18,27 @@ struct Sample {
     latency: f64,
 }
 
-pub(crate) fn traffic(server: &Server, sizes: &Sizes, report: &mut String, png: Option<&Path>) {
+/// What the summary at the end of the report quotes from section 5: medians
+/// over the runs.
+pub(crate) struct TrafficSummary {
+    /// p99 during the build ÷ idle p99: the deferred build, the same with
+    /// more memory, the bare build, the floor.
+    pub deferred: f64,
+    pub deferred_mwm: f64,
+    pub bare: f64,
+    pub floor: f64,
+    /// The slowest write (ms): the deferred build, with more memory, bare.
+    pub max_deferred: f64,
+    pub max_mwm: f64,
+    pub max_bare: f64,
+}
+
+pub(crate) fn traffic(
+    server: &Server,
+    sizes: &Sizes,
+    report: &mut String,
+    png: Option<&Path>,
+) -> TrafficSummary {
     let dir = tempfile::tempdir().unwrap();
     write_file(
         &dir.path().join("migrations/0001_create_events/up.sql"),
@@ -56,35 +76,53 @@ pub(crate) fn traffic(server: &Server, sizes: &Sizes, report: &mut String, png: 
     );
     std::fs::create_dir_all(dir.path().join("required/migrations_deferred")).unwrap();
 
-    let mut results = Vec::new();
-    for (label, sub) in [
+    let variants = [
         (
             "deferred `CREATE INDEX CONCURRENTLY` (diesel-rollout)",
             "deferred",
+        ),
+        (
+            "the same, with `deferred_maintenance_work_mem(Some(1024))` (diesel-rollout)",
+            "deferred_mwm",
         ),
         (
             "the same `CREATE INDEX CONCURRENTLY` from a bare connection (no harness)",
             "bare",
         ),
         ("plain `CREATE INDEX` in a required migration", "required"),
-    ] {
-        let runs: Vec<Run<'_>> = (0..sizes.traffic_runs)
-            .map(|_| one_build(server, sizes, dir.path(), label, sub, index))
-            .collect();
-        results.push(runs);
+        (
+            "floor: one backend only reading the table, as long as the deferred build (no build)",
+            "floor",
+        ),
+    ];
+    let mut results: Vec<Vec<Run<'_>>> = variants.iter().map(|_| Vec::new()).collect();
+    // Round by round, so a slow spell of this shared machine hits every
+    // variant; the floor runs as long as that round's deferred build.
+    for _ in 0..sizes.traffic_runs {
+        let mut deferred = Duration::from_secs(5);
+        for (i, (label, sub)) in variants.iter().enumerate() {
+            let run = one_build(server, sizes, dir.path(), label, sub, index, deferred);
+            if *sub == "deferred" {
+                deferred = run.built;
+            }
+            results[i].push(run);
+        }
     }
-
     writeln!(
         report,
         "## 5. Traffic during an index build (the headline)\n\nA table of {} rows; {} \
          connections write to it without pause (alternating single-row `INSERT` and `UPDATE`) \
          while a new release adds the index `{index}`: as a deferred `CREATE INDEX \
          CONCURRENTLY` through this harness (its session sets \
-         `max_parallel_maintenance_workers = 0`, the `deferred_parallel_workers` default), as \
-         the same statement sent by hand on a bare connection with the server's 2 parallel \
+         `max_parallel_maintenance_workers = 0`, the `deferred_parallel_workers` default), the \
+         same with `deferred_maintenance_work_mem(Some(1024))` (1 GiB for the build's sorts), \
+         as the same statement sent by hand on a bare connection with the server's 2 parallel \
          workers (the A/B that tells the harness's cost from the build's), or as a plain \
-         `CREATE INDEX` in a required migration. \"Ready\" is when the replica's start-up call \
-         returns. \"Idle p99\" is the same writers' p99 in the {IDLE_SECS} s before the release \
+         `CREATE INDEX` in a required migration. The floor row builds nothing: one backend \
+         reads the same table (`count(*)` in a loop, no parallel workers) for as long as that \
+         round's deferred build took, which is the least any build costs writers on this \
+         machine (every build reads the table at least once). \"Ready\" is when the replica's \
+         start-up call returns. \"Idle p99\" is the same writers' p99 in the {IDLE_SECS} s before the release \
          (the first half second left out), so the ratio is the build's cost to writers.\n\n\
          | build | ready after | index built after | write p50 | write p99 | idle p99 | p99 ÷ \
          idle p99 | write max | writes/s during build | writes/s before |\n\
@@ -134,14 +172,56 @@ pub(crate) fn traffic(server: &Server, sizes: &Sizes, report: &mut String, png: 
     };
     writeln!(
         report,
-        "\nMedians of {} runs each; the p99 ÷ idle p99 of each run: deferred {}; bare {}; \
-         plain {}.",
+        "\nMedians of {} runs each, the variants taking turns; the p99 ÷ idle p99 of each run: \
+         {}.",
         sizes.traffic_runs,
-        ratios(0),
-        ratios(1),
-        ratios(2)
+        (0..results.len())
+            .map(|i| format!("{} {}", short(results[i][0].sub), ratios(i)))
+            .collect::<Vec<_>>()
+            .join("; ")
     )
     .unwrap();
+    let median_ratio = |i: usize| {
+        let mut v: Vec<f64> = results[i]
+            .iter()
+            .map(|r| {
+                let mut d = r.during.clone();
+                d.sort_by(|a, b| a.total_cmp(b));
+                percentile(&d, 0.99) / r.idle_p99.max(1e-9)
+            })
+            .collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let floor = median_ratio(results.len() - 1).max(1e-9);
+    writeln!(
+        report,
+        "\nMedian p99 ratio against the floor's: {}.",
+        (0..results.len() - 1)
+            .map(|i| format!(
+                "{} {:.2}×",
+                short(results[i][0].sub),
+                median_ratio(i) / floor
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+    .unwrap();
+    let median_max = |i: usize| {
+        let mut v: Vec<f64> = results[i].iter().map(worst).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2] * 1e3
+    };
+    let summary = TrafficSummary {
+        deferred: median_ratio(0),
+        deferred_mwm: median_ratio(1),
+        bare: median_ratio(2),
+        floor: median_ratio(results.len() - 1),
+        max_deferred: median_max(0),
+        max_mwm: median_max(1),
+        max_bare: median_max(2),
+    };
+    phase_table(report, &results);
     let results: Vec<Run<'_>> = results
         .into_iter()
         .map(|mut runs| {
@@ -171,7 +251,10 @@ pub(crate) fn traffic(server: &Server, sizes: &Sizes, report: &mut String, png: 
          waiting on | other sessions running |\n|---|---|---|---|---|---|"
     )
     .unwrap();
-    for r in results.iter().filter(|r| r.sub != "required") {
+    for r in results
+        .iter()
+        .filter(|r| matches!(r.sub, "deferred" | "deferred_mwm" | "bare"))
+    {
         let Some(w) = slowest(r) else {
             continue;
         };
@@ -218,6 +301,93 @@ pub(crate) fn traffic(server: &Server, sizes: &Sizes, report: &mut String, png: 
          the replica is ready at once and the index arrives later.\n"
     )
     .unwrap();
+    summary
+}
+
+/// Where in a concurrent build the writers' p99 comes from: every write of
+/// every run, grouped by the build phase the sampler saw when it started.
+fn phase_table(report: &mut String, results: &[Vec<Run<'_>>]) {
+    writeln!(
+        report,
+        "\n### Write p99 by build phase\n\nEvery write of every run, grouped by the phase \
+         `pg_stat_progress_create_index` showed when the write started (\"-\" is the time the \
+         view shows no build: before the statement reaches the server and after it returns); \
+         the ratio is against the median idle p99 of the runs.\n\n| build | phase | time in \
+         phase | writes | write p99 | p99 ÷ idle p99 |\n|---|---|---|---|---|---|"
+    )
+    .unwrap();
+    for runs in results
+        .iter()
+        .filter(|r| matches!(r[0].sub, "deferred" | "deferred_mwm" | "bare"))
+    {
+        let mut idle: Vec<f64> = runs.iter().map(|r| r.idle_p99).collect();
+        idle.sort_by(|a, b| a.total_cmp(b));
+        let idle = idle[idle.len() / 2].max(1e-9);
+        // Phase -> (seconds in it, latencies of the writes started in it),
+        // in the order the phases first appear.
+        let mut phases: Vec<(String, f64, Vec<f64>)> = Vec::new();
+        fn slot(phases: &mut Vec<(String, f64, Vec<f64>)>, phase: &str) -> usize {
+            let name = if phase.is_empty() { "-" } else { phase };
+            match phases.iter().position(|p| p.0 == name) {
+                Some(i) => i,
+                None => {
+                    phases.push((name.to_string(), 0.0, Vec::new()));
+                    phases.len() - 1
+                }
+            }
+        }
+        for r in runs {
+            let end = r.start + r.window;
+            let probes: Vec<&Probe> = r
+                .probes
+                .iter()
+                .filter(|p| p.at >= r.start && p.at <= end)
+                .collect();
+            for pair in probes.windows(2) {
+                let i = slot(&mut phases, &pair[0].phase);
+                phases[i].1 += pair[1].at - pair[0].at;
+            }
+            for s in &r.samples {
+                let began = s.at - s.latency;
+                if s.at < r.start || began > end {
+                    continue;
+                }
+                // The phase of the last look before the write began.
+                let at = probes.partition_point(|p| p.at <= began);
+                let phase = at.checked_sub(1).map_or("", |i| probes[i].phase.as_str());
+                let i = slot(&mut phases, phase);
+                phases[i].2.push(s.latency);
+            }
+        }
+        for (phase, secs, mut lat) in phases {
+            if lat.is_empty() {
+                continue;
+            }
+            lat.sort_by(|a, b| a.total_cmp(b));
+            let p99 = percentile(&lat, 0.99);
+            writeln!(
+                report,
+                "| {} | `{}` | {secs:.1} s | {} | {:.2} ms | {:.1}× |",
+                runs[0].label,
+                phase.replace('|', "/"),
+                lat.len(),
+                p99 * 1e3,
+                p99 / idle
+            )
+            .unwrap();
+        }
+    }
+}
+
+/// A variant's name in one-line summaries.
+fn short(sub: &str) -> &'static str {
+    match sub {
+        "deferred" => "deferred",
+        "deferred_mwm" => "deferred with more memory",
+        "bare" => "bare",
+        "required" => "plain",
+        _ => "floor",
+    }
 }
 
 /// How long the writers run before the release starts.
@@ -276,14 +446,20 @@ fn one_build<'a>(
     label: &'a str,
     sub: &'a str,
     index: &str,
+    floor: Duration,
 ) -> Run<'a> {
     let (db, url) = server.database();
-    let base = dir.join(if sub == "bare" { "deferred" } else { sub });
+    let base = dir.join(if matches!(sub, "bare" | "floor" | "deferred_mwm") {
+        "deferred"
+    } else {
+        sub
+    });
     let set = MigrationSet::from_dirs(&base.join("migrations"), &base.join("migrations_deferred"))
         .unwrap();
     let m = Migrator::new(set)
         .required_statement_timeout(Duration::ZERO)
-        .deferred_progress_interval(Duration::from_secs(1));
+        .deferred_progress_interval(Duration::from_secs(1))
+        .deferred_maintenance_work_mem((sub == "deferred_mwm").then_some(1024));
     // The table exists and is filled before the release that adds the index.
     let first = MigrationSet::from_dirs(
         &dir.join("migrations"),
@@ -362,7 +538,7 @@ fn one_build<'a>(
         .unwrap();
     let begin = Instant::now();
     let (ready, built) = match sub {
-        "deferred" => {
+        "deferred" | "deferred_mwm" => {
             let (_, handle) = m.run(&pool).unwrap();
             let ready = begin.elapsed();
             let end = handle.wait(Duration::from_secs(3600));
@@ -373,6 +549,18 @@ fn one_build<'a>(
             let mut c = PgConnection::establish(&url).unwrap();
             c.batch_execute(&format!(
                 "CREATE INDEX CONCURRENTLY events_account_created_idx ON {index}"
+            ))
+            .unwrap();
+            (begin.elapsed(), begin.elapsed())
+        }
+        "floor" => {
+            let mut c = PgConnection::establish(&url).unwrap();
+            c.batch_execute(&format!(
+                "SET max_parallel_workers_per_gather = 0; \
+                 DO $$ DECLARE until timestamptz := clock_timestamp() + interval '{} ms'; \
+                 BEGIN WHILE clock_timestamp() < until LOOP PERFORM count(*) FROM events; \
+                 END LOOP; END $$",
+                floor.as_millis()
             ))
             .unwrap();
             (begin.elapsed(), begin.elapsed())
@@ -516,7 +704,7 @@ fn plot(png: &Path, results: &[Run<'_>]) {
         .draw()
         .unwrap();
     for (i, (label, points)) in series.iter().enumerate() {
-        let color = [BLUE, GREEN, RED][i % 3];
+        let color = [BLUE, RGBColor(230, 140, 0), RED, BLACK, RGBColor(0, 160, 0)][i % 5];
         chart
             .draw_series(LineSeries::new(
                 points.iter().map(|p| (p.0, p.1.max(0.1))),
