@@ -24,6 +24,8 @@ pub(crate) struct TrafficSummary {
     /// p99 during the build ÷ idle p99: the deferred build, the same with
     /// more memory, the bare build, the floor.
     pub deferred: f64,
+    /// The lowest and highest of the deferred build's runs.
+    pub deferred_spread: (f64, f64),
     pub deferred_mwm: f64,
     pub bare: f64,
     pub floor: f64,
@@ -214,6 +216,14 @@ pub(crate) fn traffic(
     };
     let summary = TrafficSummary {
         deferred: median_ratio(0),
+        deferred_spread: results[0]
+            .iter()
+            .map(|r| {
+                let mut d = r.during.clone();
+                d.sort_by(|a, b| a.total_cmp(b));
+                percentile(&d, 0.99) / r.idle_p99.max(1e-9)
+            })
+            .fold((f64::MAX, 0.0_f64), |(lo, hi), x| (lo.min(x), hi.max(x))),
         deferred_mwm: median_ratio(1),
         bare: median_ratio(2),
         floor: median_ratio(results.len() - 1),
