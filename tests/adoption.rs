@@ -112,6 +112,19 @@ fn a_history_applied_by_diesel_is_adopted_in_one_step() {
     }
     assert!(text(&rollout(&db, &dir, &["up"])).contains("required: nothing to apply"));
 
+    // A new tenant gets the whole history from rollout. The migrations that
+    // commit diesel's transaction themselves run statement by statement,
+    // each statement once, as diesel ran them.
+    let tenant = TestDb::new();
+    let out = rollout(&tenant, &dir, &["up"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(diesel_applied(&tenant).len(), N);
+    assert!(!h.committed_early.is_empty());
+    for t in &h.committed_early {
+        let early = format!("SELECT count(*) AS n FROM {t} WHERE name = 'committed early'");
+        assert_eq!((db.count(&early), tenant.count(&early)), (1, 1), "{t}");
+    }
+
     // A new migration: planned (exit 10), applied, then nothing pending.
     add(
         &dir,

@@ -38,15 +38,7 @@ pub(crate) fn by_dead_attempt(
 /// the index in the catalog (invalid): that is not gone, and the statement
 /// runs again to finish the drop.
 fn gone(conn: &mut PgConnection, index: &str) -> QueryResult<bool> {
-    #[derive(QueryableByName)]
-    struct Gone {
-        #[diesel(sql_type = diesel::sql_types::Bool)]
-        gone: bool,
-    }
-    sql_query("SELECT to_regclass($1) IS NULL AS gone")
-        .bind::<Text, _>(index)
-        .get_result::<Gone>(conn)
-        .map(|g| g.gone)
+    super::relation_exists(conn, index).map(|e| !e)
 }
 
 /// Whether a named `CREATE INDEX CONCURRENTLY` (without `IF NOT EXISTS`,

@@ -332,17 +332,18 @@ pub(crate) fn table_indexes(conn: &mut PgConnection, table: &str) -> QueryResult
         .load(conn)
 }
 
-/// Whether `table` names a relation under the session's search_path.
-fn table_visible(conn: &mut PgConnection, table: &str) -> QueryResult<bool> {
+/// Whether a relation answers to `name` (as written, on the session's
+/// `search_path`).
+pub(crate) fn relation_exists(conn: &mut PgConnection, name: &str) -> QueryResult<bool> {
     #[derive(QueryableByName)]
-    struct V {
+    struct Exists {
         #[diesel(sql_type = diesel::sql_types::Bool)]
-        visible: bool,
+        exists: bool,
     }
-    sql_query("SELECT to_regclass($1) IS NOT NULL AS visible")
-        .bind::<Text, _>(table)
-        .get_result::<V>(conn)
-        .map(|v| v.visible)
+    sql_query("SELECT to_regclass($1) IS NOT NULL AS exists")
+        .bind::<Text, _>(name)
+        .get_result::<Exists>(conn)
+        .map(|e| e.exists)
 }
 
 fn table_of_index(conn: &mut PgConnection, index: &str) -> QueryResult<Option<String>> {
@@ -595,7 +596,7 @@ pub(crate) fn confirm(
                     // The table is not visible under that name (search_path):
                     // nothing to check against.
                     if rows.is_empty()
-                        && !table_visible(conn, table).map_err(|e| catalog_error(m, line, e))?
+                        && !relation_exists(conn, table).map_err(|e| catalog_error(m, line, e))?
                     {
                         return Ok(());
                     }

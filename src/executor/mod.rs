@@ -61,33 +61,9 @@ fn run(
     options: &Options<'_>,
 ) -> Result<Applied, Error> {
     let script = Script::of(m, direction)?;
-    let statements = if m.run_in_transaction() {
-        script.statements(m)?
-    } else {
-        Vec::new()
-    };
-    // Its own `COMMIT` or `BEGIN` would end the runner's transaction early:
-    // what came before stays committed without a ledger row. The build
-    // refuses it in a new migration and loads history that has it as
-    // `run_in_transaction = false`; a migration made by hand may still.
-    if let Some(s) = statements
-        .iter()
-        .find(|s| sql::is_transaction_control(&s.sql))
-    {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "{} runs in a transaction, but its {}:{} ends or opens one itself, which would \
-                 leave what comes before it committed and unrecorded. Nothing of it ran; give \
-                 it `run_in_transaction = false` (it then runs statement by statement, each \
-                 recorded as it completes) or remove the statement",
-                script.what(m),
-                script.path,
-                s.line
-            ),
-        )
-        .at(m, Some(s.line)));
-    }
+    // A script with its own `COMMIT` or `BEGIN` never gets here as a
+    // transactional one: the build refuses it in a new migration and loads
+    // history that has it as `run_in_transaction = false` (source).
     if !m.run_in_transaction() && in_transaction(conn) {
         return Err(Error::new(
             ErrorKind::Config,
@@ -102,7 +78,7 @@ fn run(
         .at(m, None));
     }
     if m.run_in_transaction() {
-        run_transactional(conn, tables, m, &script, &statements)
+        run_transactional(conn, tables, m, &script)
     } else {
         run_statements(conn, tables, m, &script, row, options)
     }
@@ -113,8 +89,8 @@ fn run_transactional(
     tables: &Tables,
     m: &Migration,
     script: &Script<'_>,
-    statements: &[sql::Statement],
 ) -> Result<Applied, Error> {
+    let statements = &script.statements(m)?;
     let total = i32::try_from(statements.len()).unwrap_or(i32::MAX);
     let (doing, done) = script.verbs();
     let span = tracing::info_span!(

@@ -422,18 +422,12 @@ fn read_migration(
         ));
     }
 
-    if let Some(up) = &up_sql {
-        check_sql(&up_path, up, run_in_transaction, &mut new_only, true);
-    }
-    // down.sql matters to `revert` only: history is not held to it.
-    if let Some((path, text)) = down.as_ref().filter(|_| !grandfathered) {
-        check_sql(path, text, run_in_transaction, &mut new_only, false);
-    }
     // History that ends or opens a transaction itself (an old workaround,
     // e.g. `COMMIT;` before `ALTER TYPE ... ADD VALUE`) cannot run inside
     // the runner's transaction without leaving part of it committed and
     // unrecorded: it runs statement by statement, each recorded as it
-    // completes, as `run_in_transaction = false` says.
+    // completes, as `run_in_transaction = false` says. Decided before the
+    // checks below, so they judge the mode it runs in (one warning).
     let own_control = |text: &str| {
         sql::split_statements(text)
             .map(|v| {
@@ -444,19 +438,24 @@ fn read_migration(
             .ok()
             .flatten()
     };
-    let controlled = [
-        up_sql
-            .as_deref()
-            .and_then(own_control)
-            .map(|l| (&up_path, l)),
-        down.as_ref()
-            .and_then(|(p, t)| own_control(t).map(|l| (p, l))),
-    ];
-    let run_in_transaction = match controlled.iter().flatten().next() {
-        Some((path, line)) if grandfathered && run_in_transaction => {
+    // New migrations are refused by the checks instead: look at history only.
+    let controlled = (grandfathered && run_in_transaction)
+        .then(|| {
+            let up = up_sql
+                .as_deref()
+                .and_then(own_control)
+                .map(|l| (&up_path, l));
+            up.or_else(|| {
+                down.as_ref()
+                    .and_then(|(p, t)| own_control(t).map(|l| (p, l)))
+            })
+        })
+        .flatten();
+    let run_in_transaction = match controlled {
+        Some((path, line)) => {
             new_only.push(problem(
                 path,
-                Some(*line),
+                Some(line),
                 "ends or opens a transaction itself, so the migration runs statement by \
                  statement, each statement recorded as it completes, as if its metadata.toml \
                  said `run_in_transaction = false` (say so there to silence this)",
@@ -465,6 +464,13 @@ fn read_migration(
         }
         _ => run_in_transaction,
     };
+    if let Some(up) = &up_sql {
+        check_sql(&up_path, up, run_in_transaction, &mut new_only, true);
+    }
+    // down.sql matters to `revert` only: history is not held to it.
+    if let Some((path, text)) = down.as_ref().filter(|_| !grandfathered) {
+        check_sql(path, text, run_in_transaction, &mut new_only, false);
+    }
 
     let (version, name) = match parsed {
         Ok(v) => v,

@@ -16,6 +16,9 @@ pub struct History {
     pub concurrently_in_down: Vec<PathBuf>,
     /// How many run with `run_in_transaction = false`.
     pub no_transaction: usize,
+    /// Tables given one `'committed early'` row by a transactional
+    /// migration that commits itself halfway (an old workaround).
+    pub committed_early: Vec<String>,
 }
 
 /// The directory name of migration `i`: a 14-digit version, as diesel's
@@ -52,6 +55,7 @@ pub fn write_with(migrations: &Path, n: usize, legacy_problems: bool) -> History
         versions: Vec::new(),
         concurrently_in_down: Vec::new(),
         no_transaction: 0,
+        committed_early: Vec::new(),
     };
     for i in 0..n {
         let k = i % 12;
@@ -159,6 +163,20 @@ pub fn write_with(migrations: &Path, n: usize, legacy_problems: bool) -> History
                 Some(format!("DROP FUNCTION count_{t}();\n")),
                 None,
             ),
+            // Before `ALTER TYPE ... ADD VALUE` could run in a transaction,
+            // projects ended diesel's transaction by hand.
+            _ if legacy_problems && i % 48 == 23 => {
+                history.committed_early.push(t.clone());
+                (
+                    format!("commit_early_{t}"),
+                    format!(
+                        "-- ALTER TYPE ... ADD VALUE cannot run in a transaction block\nCOMMIT;\n\
+                         INSERT INTO {t} (name) VALUES ('committed early');\nBEGIN;\n"
+                    ),
+                    Some(format!("DELETE FROM {t} WHERE name = 'committed early';\n")),
+                    None,
+                )
+            }
             _ if legacy_problems && i % 48 == 11 => (
                 format!("created_at_index_{t}"),
                 format!("CREATE INDEX {t}_created_at ON {t} (created_at);\n"),
