@@ -335,15 +335,37 @@ pub(crate) fn table_indexes(conn: &mut PgConnection, table: &str) -> QueryResult
 /// Whether a relation answers to `name` (as written, on the session's
 /// `search_path`).
 pub(crate) fn relation_exists(conn: &mut PgConnection, name: &str) -> QueryResult<bool> {
-    #[derive(QueryableByName)]
-    struct Exists {
-        #[diesel(sql_type = diesel::sql_types::Bool)]
-        exists: bool,
-    }
-    sql_query("SELECT to_regclass($1) IS NOT NULL AS exists")
+    sql_query("SELECT to_regclass($1) IS NOT NULL AS found")
         .bind::<Text, _>(name)
-        .get_result::<Exists>(conn)
-        .map(|e| e.exists)
+        .get_result::<Found>(conn)
+        .map(|e| e.found)
+}
+
+/// A yes-or-no answer from the catalog.
+#[derive(QueryableByName)]
+struct Found {
+    #[diesel(sql_type = Bool)]
+    found: bool,
+}
+
+/// Whether `table` (as written) has an index that is not valid (being
+/// built, or left by a failed build). Asked before [`table_indexes`], whose
+/// plan alone costs ten times this query: an index statement with nothing
+/// to wait for or repair, the usual case, pays only this.
+fn has_invalid_index(conn: &mut PgConnection, table: &str) -> QueryResult<bool> {
+    sql_query(include_str!("../sql/invalid_index.sql"))
+        .bind::<Text, _>(table)
+        .get_result::<Found>(conn)
+        .map(|e| e.found)
+}
+
+/// Whether `table` (as written) has a valid index named `name` (as stored).
+fn has_valid_index(conn: &mut PgConnection, table: &str, name: &str) -> QueryResult<bool> {
+    sql_query(include_str!("../sql/valid_index.sql"))
+        .bind::<Text, _>(table)
+        .bind::<Text, _>(name)
+        .get_result::<Found>(conn)
+        .map(|e| e.found)
 }
 
 fn table_of_index(conn: &mut PgConnection, index: &str) -> QueryResult<Option<String>> {
@@ -484,6 +506,9 @@ pub(crate) fn prepare(
             Box::new(|r: &IndexRow| r.is_reindex_leftover(None)),
         ),
     };
+    if !has_invalid_index(conn, &table).map_err(|e| catalog_error(m, line, e))? {
+        return Ok(());
+    }
     let started = Instant::now();
     let mut logged = None::<Instant>;
     loop {
@@ -559,6 +584,9 @@ pub(crate) fn confirm(
             table,
             if_not_exists,
         } => {
+            if has_valid_index(conn, table, &index.folded).map_err(|e| catalog_error(m, line, e))? {
+                return Ok(());
+            }
             let rows = table_indexes(conn, table).map_err(|e| catalog_error(m, line, e))?;
             match rows.iter().find(|r| r.index_name == index.folded) {
                 Some(r) if r.valid => Ok(()),
@@ -612,6 +640,9 @@ pub(crate) fn confirm(
         } => {
             // The leftovers were dropped before it: an invalid one now is
             // the one it built.
+            if !has_invalid_index(conn, table).map_err(|e| catalog_error(m, line, e))? {
+                return Ok(());
+            }
             let rows = table_indexes(conn, table).map_err(|e| catalog_error(m, line, e))?;
             match rows.iter().find(|r| !r.valid && r.generated_for(statement)) {
                 Some(r) => Err(fail(format!(
@@ -640,6 +671,9 @@ fn check_no_invalid(
     line: usize,
     fail: impl Fn(String) -> Error,
 ) -> Result<(), Error> {
+    if !has_invalid_index(conn, table).map_err(|e| catalog_error(m, line, e))? {
+        return Ok(());
+    }
     let rows = table_indexes(conn, table).map_err(|e| catalog_error(m, line, e))?;
     match rows.iter().find(|r| !r.valid && !r.building) {
         Some(r) => Err(fail(format!(
