@@ -1876,3 +1876,37 @@ fn a_run_inside_the_callers_transaction_works_on_a_fresh_database() {
         0
     );
 }
+
+/// A transactional migration stopped by `statement_timeout` is not run a
+/// second time to find the failing line (PostgreSQL gives no position for a
+/// timeout): the replay ran the slow statement, and what it does outside
+/// the transaction (here `nextval`), once more, and held its locks as long
+/// again. The error still says what happened and that nothing is applied.
+#[test]
+fn a_timed_out_migration_is_not_run_again_to_find_its_line() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("1_seq", "CREATE SEQUENCE s;\n");
+    set.required(
+        "2_slow",
+        "SELECT nextval('s');\nCREATE TABLE t (x int);\nSELECT pg_sleep(3);\n",
+    );
+    let m = set
+        .migrator()
+        .required_statement_timeout(std::time::Duration::from_millis(700))
+        .lock_timeout_retry_deadline(std::time::Duration::ZERO);
+    let err = m.run_required(&db.url).unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.kind(), ErrorKind::MigrationFailed, "{text}");
+    assert!(text.contains("2_slow"), "{text}");
+    assert!(text.contains("statement timeout"), "{text}");
+    assert!(!text.contains("recording it in the ledger"), "{text}");
+    assert!(text.contains("not run again"), "{text}");
+    // The sequence moved once: the migration's statements ran once.
+    assert_eq!(db.count("SELECT last_value AS n FROM s"), 1);
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM pg_tables WHERE tablename = 't'"),
+        0,
+        "nothing of 2_slow is applied"
+    );
+}

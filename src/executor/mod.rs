@@ -10,6 +10,7 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
 
+use crate::catalog;
 use crate::error::{describe_db_error, is_connection_error, Error, ErrorKind};
 use crate::ledger::{self, LedgerRow, Tables};
 use crate::migration::Migration;
@@ -103,7 +104,7 @@ fn run_transactional(
     let _enter = span.enter();
     tracing::info!(statements = total, "{doing} {}", m.dir_name());
     let start = Instant::now();
-    let (result, failed_at, recorded, failed_line) = if in_transaction(conn) {
+    let (result, failed_at, stage, failed_line) = if in_transaction(conn) {
         // Inside the caller's transaction: a savepoint per migration, as
         // diesel nests them, statement by statement.
         run_nested(conn, tables, m, script, statements, total)
@@ -127,14 +128,17 @@ fn run_transactional(
             })
         }
         Err(e) => {
-            let (line, what) = match (failed_at, recorded) {
+            let (line, what) = match (failed_at, stage) {
                 (Some(s), _) => (
                     Some(failed_line.unwrap_or_else(|| error_line(script.sql, s, &e))),
-                    "its SQL",
+                    "its SQL".to_string(),
                 ),
                 // Deferred constraints are checked at COMMIT.
-                (None, true) => (None, "COMMIT"),
-                (None, false) => (None, "recording it in the ledger"),
+                (None, Stage::Commit) => (None, "COMMIT".to_string()),
+                (None, Stage::Ledger) => (None, "recording it in the ledger".to_string()),
+                (None, Stage::Unlocated(why)) => {
+                    (None, format!("its SQL or its ledger rows ({why})"))
+                }
             };
             let mut pg = describe_db_error(&e);
             let lock_timeout = is_lock_timeout(&e);
@@ -228,10 +232,10 @@ fn run_whole<'s>(
     };
     let batch = format!("{PREFIX}{}\n;\n{ledger_sql};\nCOMMIT", script.sql);
     let Err(e) = conn.batch_execute(&batch) else {
-        return (Ok(()), None, true, None);
+        return (Ok(()), None, Stage::Commit, None);
     };
     if is_connection_error(&e) {
-        return (Err(e), None, false, None);
+        return (Err(e), None, Stage::Ledger, None);
     }
     let _ = conn.batch_execute("ROLLBACK");
     // PostgreSQL's position counts characters of the whole batch.
@@ -258,12 +262,25 @@ fn run_whole<'s>(
             return (
                 Err(e),
                 at,
-                false,
+                Stage::Ledger,
                 Some(sql::line_of_offset(script.sql, byte)),
             );
         }
         // In the ledger statement.
-        return (Err(e), None, false, None);
+        return (Err(e), None, Stage::Ledger, None);
+    }
+    if is_lock_timeout(&e) {
+        // Not run again (it would wait as long again): the statement is the
+        // first that alters a table another session holds a lock on.
+        let at = statements.iter().find(|s| {
+            catalog::altered_table(&s.sql)
+                .is_some_and(|t| locked_by_another(conn, &t).unwrap_or(false))
+        });
+        let stage = Stage::Unlocated(NOT_REPLAYED);
+        return (Err(e), at, stage, at.map(|s| s.line));
+    }
+    if let Some(why) = not_replayed(&e) {
+        return (Err(e), None, Stage::Unlocated(why), None);
     }
     // No position: find the statement by running them again, rolled back.
     let (mut at, mut line) = (None, None);
@@ -277,19 +294,87 @@ fn run_whole<'s>(
         }
         let _ = conn.batch_execute("ROLLBACK");
     }
-    let recorded = at.is_none() && is_deferred_check(&e);
-    (Err(e), at, recorded, line)
+    let stage = if at.is_some() {
+        Stage::Ledger
+    } else if is_deferred_check(&e) {
+        Stage::Commit
+    } else {
+        Stage::Unlocated(
+            "its statements, run again in a transaction that was rolled back, did not fail again",
+        )
+    };
+    (Err(e), at, stage, line)
 }
 
 /// How a transactional run ended: the result, the statement that failed,
-/// whether the ledger rows were written (a failure then is at `COMMIT`),
-/// and the line of `up.sql` it failed at, when known.
+/// where it failed when not in a statement, and the line of `up.sql` it
+/// failed at, when known.
 type Outcome<'s> = (
     Result<(), DieselError>,
     Option<&'s sql::Statement>,
-    bool,
+    Stage,
     Option<usize>,
 );
+
+/// Where a transactional run failed, when no statement of it is known to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Writing its ledger rows.
+    Ledger,
+    /// At `COMMIT`, after its ledger rows were written (a deferred
+    /// constraint).
+    Commit,
+    /// Somewhere in its SQL or its ledger rows; why it is not known where.
+    Unlocated(&'static str),
+}
+
+const NOT_REPLAYED: &str = "PostgreSQL gave no position, and a statement that timed out or \
+                            was cancelled is not run again to find it";
+
+/// Why a failure with no position is not located by running the
+/// statements again (rolled back): after a timeout or a cancel the replay
+/// would hold the same locks, or run as long, a second time (a DBA's
+/// `pg_cancel_backend` undone); a deadlock, a serialization failure or the
+/// server running out of something may not happen again, so it would find
+/// nothing. Matched on PostgreSQL's English messages (diesel does not give
+/// the SQLSTATE); under another `lc_messages` these are replayed.
+fn not_replayed(e: &DieselError) -> Option<&'static str> {
+    let DieselError::DatabaseError(kind, info) = e else {
+        return Some("the error did not come from PostgreSQL");
+    };
+    let m = info.message();
+    let transient = [
+        "canceling statement due to",
+        "deadlock detected",
+        "could not obtain lock",
+        "could not serialize access",
+        "out of memory",
+        "out of shared memory",
+        "could not extend file",
+        "No space left on device",
+    ];
+    (matches!(
+        kind,
+        diesel::result::DatabaseErrorKind::SerializationFailure
+    ) || transient.iter().any(|t| m.contains(t)))
+    .then_some(NOT_REPLAYED)
+}
+
+/// Whether another session holds a granted lock on `table` (as written).
+fn locked_by_another(conn: &mut PgConnection, table: &str) -> QueryResult<bool> {
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        found: bool,
+    }
+    diesel::sql_query(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = to_regclass($1) \
+         AND granted AND pid <> pg_backend_pid()) AS found",
+    )
+    .bind::<diesel::sql_types::Text, _>(table)
+    .get_result::<Found>(conn)
+    .map(|f| f.found)
+}
 
 /// Whether an error is one PostgreSQL raises at `COMMIT` (a deferred
 /// constraint), which running the statements again does not reproduce.
@@ -316,7 +401,7 @@ fn run_nested<'s>(
     total: i32,
 ) -> Outcome<'s> {
     let mut failed_at = None;
-    let mut recorded = false;
+    let mut stage = Stage::Ledger;
     let result = conn.transaction::<(), DieselError, _>(|c| {
         for s in statements {
             if let Err(e) = c.batch_execute(&s.sql) {
@@ -328,8 +413,8 @@ fn run_nested<'s>(
             Direction::Up => ledger::record_success(c, tables, m, total)?,
             Direction::Down => ledger::record_revert(c, tables, m, &script.checksum, total)?,
         }
-        recorded = true;
+        stage = Stage::Commit;
         Ok(())
     });
-    (result, failed_at, recorded, None)
+    (result, failed_at, stage, None)
 }
