@@ -254,26 +254,38 @@ impl Migrator {
         // A newer migration that stopped halfway resumes after the
         // statements it recorded: reverting what it builds on would leave
         // those statements' work undone while the resume skips them.
+        // That holds for one this binary does not know too (a newer
+        // release's, after a deploy was rolled back): the ledger says it
+        // stopped halfway, which only a no-transaction migration can.
         let oldest = chosen.last().copied().unwrap_or_default();
-        for m in self.migrations().migrations() {
-            let half = rows
-                .iter()
-                .find(|r| normal(&r.version) == normal(m.version()))
-                .filter(|r| {
-                    r.failed() && !m.run_in_transaction() && r.statements_completed.unwrap_or(0) > 0
-                });
-            if let (Some(r), true) = (half, compare_versions(m.version(), oldest).is_gt()) {
-                return Err(refused(format!(
-                    "migration {} stopped halfway ({} statements done) and is newer than {oldest}, \
-                     which this would revert: its resume would skip work the revert undoes. \
-                     Finish it first (`rollout up`, then revert it too), or undo its statements \
-                     by hand and record that with `rollout resolve {} --rolled-back`",
-                    m.dir_name(),
-                    r.statements_completed.unwrap_or(0),
-                    m.version()
-                ))
-                .at(m, None));
+        for r in rows {
+            let known = self.migrations().get(&r.version);
+            let half = r.failed()
+                && r.statements_completed.unwrap_or(0) > 0
+                && known.is_none_or(|m| !m.run_in_transaction());
+            if !half || !compare_versions(&r.version, oldest).is_gt() {
+                continue;
             }
+            let (name, release) = match known {
+                Some(m) => (m.dir_name().to_string(), ""),
+                None => (
+                    format!("version {} (not known to this binary)", r.version),
+                    " with the release that has it",
+                ),
+            };
+            let e = refused(format!(
+                "migration {name} stopped halfway ({} statements done) and is newer than \
+                 {oldest}, which this would revert: its resume would skip work the revert \
+                 undoes. Finish it first (`rollout up`{release}, then revert it too), or undo \
+                 its statements by hand and record that with `rollout resolve {} \
+                 --rolled-back`{release}",
+                r.statements_completed.unwrap_or(0),
+                r.version
+            ));
+            return Err(match known {
+                Some(m) => e.at(m, None),
+                None => e,
+            });
         }
         for v in &chosen {
             let Some(m) = self.migrations().get(v) else {

@@ -434,3 +434,54 @@ fn an_attempts_table_commented_v2_with_every_column_is_read_whole() {
     assert!(!v.is_complete(), "{v:?}");
     assert!(v.failed[0].1.contains("revert stopped halfway"), "{v:?}");
 }
+
+/// A deploy rolled back to the release before: its `revert` must not undo
+/// what a newer release's no-transaction migration, stopped halfway, builds
+/// on, though this binary does not know that migration. Before, it checked
+/// only the migrations it knew: the table went, and the newer release's
+/// resume then skipped the statement whose work the revert had undone.
+#[test]
+fn an_old_release_does_not_revert_under_a_newer_half_applied_migration() {
+    let db = TestDb::new();
+    let new = TempSet::new();
+    let old = TempSet::new();
+    for set in [&new, &old] {
+        let t = set.required("1_t", "CREATE TABLE t (x int);\n");
+        down(&t, "DROP TABLE t;\n");
+    }
+    new.required_no_tx(
+        "2_fill",
+        "INSERT INTO t VALUES (1);\nINSERT INTO missing VALUES (1);\n",
+    );
+    let err = new.migrator().run_required(&db.url).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::MigrationFailed, "{err}");
+
+    let err = old
+        .migrator()
+        .revert(&mut db.conn(), RevertTarget::Count(1))
+        .unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.kind(), ErrorKind::RevertRefused, "{text}");
+    assert!(
+        text.contains("version 2 (not known to this binary)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("stopped halfway (1 statements done)"),
+        "{text}"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM t"),
+        1,
+        "t is still there"
+    );
+
+    // The newer release, redeployed once the cause is fixed, finishes it
+    // with statement 1's row in place.
+    db.conn()
+        .batch_execute("CREATE TABLE missing (x int)")
+        .unwrap();
+    new.migrator().run_required(&db.url).unwrap();
+    assert_eq!(db.count("SELECT count(*) AS n FROM t"), 1);
+    assert_eq!(db.count("SELECT count(*) AS n FROM missing"), 1);
+}
