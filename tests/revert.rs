@@ -485,3 +485,45 @@ fn an_old_release_does_not_revert_under_a_newer_half_applied_migration() {
     assert_eq!(db.count("SELECT count(*) AS n FROM t"), 1);
     assert_eq!(db.count("SELECT count(*) AS n FROM missing"), 1);
 }
+
+/// A team renames `1_x` to `01_x` so the directories sort (diesel orders
+/// versions as strings): `1` and `01` are one version to every read, and
+/// now to every write. Before, revert ran down.sql but deleted no row (it
+/// matched `01` exactly against the ledger's `1`), so the next revert ran
+/// down.sql again, and `resolve --rolled-back` recorded nothing.
+#[test]
+fn a_version_renamed_with_leading_zeros_is_reverted_once() {
+    let db = TestDb::new();
+    db.conn()
+        .batch_execute("CREATE TABLE log (what text)")
+        .unwrap();
+    let first = TempSet::new();
+    first.required("1_x", "CREATE TABLE x (id int);\n");
+    first.migrator().run_required(&db.url).unwrap();
+
+    let renamed = TempSet::new();
+    let dir = renamed.required("01_x", "CREATE TABLE x (id int);\n");
+    down(&dir, "DROP TABLE x;\nINSERT INTO log VALUES ('down');\n");
+    let m = renamed.migrator();
+    let report = m.revert(&mut db.conn(), RevertTarget::Count(1)).unwrap();
+    assert_eq!(report.reverted.len(), 1, "{report:?}");
+    let err = m
+        .revert(&mut db.conn(), RevertTarget::Count(1))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RevertRefused, "{err}");
+    assert_eq!(db.texts("SELECT what AS t FROM log"), ["down"]);
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM __diesel_schema_migrations"),
+        0
+    );
+    // Applied again under the new spelling, it is one applied version.
+    m.run_required(&db.url).unwrap();
+    let status = m.status(&mut db.conn()).unwrap();
+    assert_eq!(status.len(), 1, "one version: {status:?}");
+    assert_eq!(
+        status[0].state,
+        diesel_rollout::State::Applied,
+        "{status:?}"
+    );
+    assert!(!status[0].changed, "{status:?}");
+}

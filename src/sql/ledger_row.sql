@@ -1,6 +1,8 @@
 -- ledger_rows.sql for one version ($1), by the index on (version, id): where
 -- a no-transaction migration resumes, read before each attempt without
--- reading the whole ledger.
+-- reading the whole ledger. The version as spelled here (not `1` for `01`, as
+-- ledger_rows.sql reads it): read for a retry within one run, after an
+-- attempt this binary wrote.
 WITH latest AS (
     SELECT version, operation, outcome, error, statements_completed,
            statements_total, checksum, finished_at

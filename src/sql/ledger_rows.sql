@@ -1,18 +1,19 @@
 -- Per version: applied or not, when, the latest attempt (of any operation),
 -- and the checksum of up.sql as last applied (an 'up' that succeeded, or a
--- resolution as applied), in one query.
+-- resolution as applied), in one query. Versions are numbers: `01` and `1`
+-- are one version (a directory renamed to sort), one row.
 WITH latest AS (
-    SELECT DISTINCT ON (version) version, operation, outcome, error, statements_completed,
+    SELECT DISTINCT ON (ltrim(version, '0')) version, operation, outcome, error, statements_completed,
            statements_total, checksum, finished_at
     FROM {attempts}
     WHERE ledger = {ledger} OR ledger IS NULL
-    ORDER BY version, id DESC
+    ORDER BY ltrim(version, '0'), id DESC
 ), succeeded AS (
-    SELECT DISTINCT ON (version) version, checksum
+    SELECT DISTINCT ON (ltrim(version, '0')) version, checksum
     FROM {attempts}
     WHERE ((operation = 'up' AND outcome = 'success') OR (operation = 'resolve' AND outcome = 'applied'))
       AND (ledger = {ledger} OR ledger IS NULL)
-    ORDER BY version, id DESC
+    ORDER BY ltrim(version, '0'), id DESC
 )
 SELECT coalesce(m.version, l.version) AS version,
        m.version IS NOT NULL AS applied,
@@ -26,5 +27,5 @@ SELECT coalesce(m.version, l.version) AS version,
        coalesce({migrations_checksum}, s.checksum) AS applied_checksum,
        extract(epoch FROM l.finished_at)::float8 AS finished_epoch
 FROM {migrations} m
-FULL JOIN latest l ON l.version = m.version
-LEFT JOIN succeeded s ON s.version = coalesce(m.version, l.version)
+FULL JOIN latest l ON ltrim(l.version, '0') = ltrim(m.version, '0')
+LEFT JOIN succeeded s ON ltrim(s.version, '0') = ltrim(coalesce(m.version, l.version), '0')

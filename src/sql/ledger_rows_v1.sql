@@ -1,15 +1,15 @@
 -- ledger_rows.sql for an attempts table of an earlier layout (read before the
 -- lock upgrades it, or on a read-only server): only the columns layout 1 has.
 WITH latest AS (
-    SELECT DISTINCT ON (version) version, outcome, error, statements_completed,
+    SELECT DISTINCT ON (ltrim(version, '0')) version, outcome, error, statements_completed,
            statements_total, checksum, finished_at
     FROM {attempts}
-    ORDER BY version, id DESC
+    ORDER BY ltrim(version, '0'), id DESC
 ), succeeded AS (
-    SELECT DISTINCT ON (version) version, checksum
+    SELECT DISTINCT ON (ltrim(version, '0')) version, checksum
     FROM {attempts}
     WHERE outcome = 'success'
-    ORDER BY version, id DESC
+    ORDER BY ltrim(version, '0'), id DESC
 )
 SELECT coalesce(m.version, l.version) AS version,
        m.version IS NOT NULL AS applied,
@@ -23,5 +23,5 @@ SELECT coalesce(m.version, l.version) AS version,
        s.checksum AS applied_checksum,
        extract(epoch FROM l.finished_at)::float8 AS finished_epoch
 FROM {migrations} m
-FULL JOIN latest l ON l.version = m.version
-LEFT JOIN succeeded s ON s.version = coalesce(m.version, l.version)
+FULL JOIN latest l ON ltrim(l.version, '0') = ltrim(m.version, '0')
+LEFT JOIN succeeded s ON ltrim(s.version, '0') = ltrim(coalesce(m.version, l.version), '0')

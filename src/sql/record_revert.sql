@@ -1,7 +1,8 @@
 -- Inside a transactional revert, in one statement: the version row goes, and
 -- the 'down' attempt is recorded (now() is when the transaction started).
 WITH reverted AS (
-    DELETE FROM {migrations} WHERE version = $1
+    -- However the ledger spells the version (`1` for `01`).
+    DELETE FROM {migrations} WHERE ltrim(version, '0') = ltrim($1, '0')
 )
 INSERT INTO {attempts}
     (ledger, version, name, track, operation, checksum, outcome, started_at, finished_at,
