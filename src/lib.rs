@@ -164,7 +164,7 @@ pub use crate::foreground::{run_foreground, Foreground};
 #[cfg(feature = "lint")]
 pub use crate::lint::{lint_dirs, Finding, LintError, LintOptions, Severity, TRACK_RULES};
 #[cfg(feature = "runtime")]
-pub use crate::lock::{lock_key, LockHolder};
+pub use crate::lock::{check_direct, lock_key, LockHolder};
 #[cfg(feature = "runtime")]
 pub use crate::locks::TableLock;
 #[cfg(feature = "runtime")]

@@ -203,6 +203,56 @@ pub(crate) fn held_by_me(conn: &mut PgConnection, key: i64) -> Result<bool, Erro
 }
 
 /// This session's backend pid.
+/// What a pooler in transaction mode means for a migration, after `what`
+/// gave it away.
+fn pooler_message(what: &str, left: &str) -> String {
+    format!(
+        "{what}. A connection pooler in transaction mode (PgBouncer, Supavisor, RDS Proxy...) \
+         sits between this process and PostgreSQL, and session locks do not work through it. \
+         Migrate over a direct connection to the server (or a pooler in session mode).{left}"
+    )
+}
+
+/// Refuses `conn` when it reaches PostgreSQL through a connection pooler in
+/// transaction mode, which hands its server connection, and the session
+/// advisory locks taken on it, to other clients between transactions:
+/// opens a second connection to `database_url` (as `conn` was opened) and
+/// fails when that one is handed the same backend. `up` with a URL does
+/// this by itself; call it before [`Migrator::revert`], [`Migrator::redo`]
+/// or [`Migrator::resolve`] on a connection opened from a URL, as `rollout`
+/// does. A second connection that cannot be opened is not taken for a
+/// pooler.
+///
+/// [`Migrator::revert`]: crate::Migrator::revert
+/// [`Migrator::redo`]: crate::Migrator::redo
+/// [`Migrator::resolve`]: crate::Migrator::resolve
+///
+/// # Errors
+/// [`ErrorKind::LockNotHeld`] naming the pooler problem; a failed query on
+/// `conn` as [`ErrorKind::Connection`] or a database error.
+pub fn check_direct(conn: &mut PgConnection, database_url: &str) -> Result<(), Error> {
+    let me = backend_pid(conn).map_err(|e| Error::db("reading this session's backend", e))?;
+    if second_backend(database_url) == Some(me) {
+        return Err(Error::new(
+            ErrorKind::LockNotHeld,
+            pooler_message(
+                "a second connection to the same URL was handed this session's backend",
+                "",
+            ),
+        )
+        .unusable());
+    }
+    Ok(())
+}
+
+/// The backend pid a new connection to `database_url` is handed, if it
+/// can be opened.
+pub(crate) fn second_backend(database_url: &str) -> Option<i32> {
+    crate::connect(database_url)
+        .ok()
+        .and_then(|mut c| backend_pid(&mut c).ok())
+}
+
 pub(crate) fn backend_pid(conn: &mut PgConnection) -> QueryResult<i32> {
     #[derive(QueryableByName)]
     struct Pid {
@@ -392,23 +442,16 @@ impl<'c> LockGuard<'c> {
                 None => String::new(),
             }
         };
-        Error::new(
-            ErrorKind::LockNotHeld,
-            format!(
-                "the advisory lock {} does not belong to this session alone: {}. A connection \
-                 pooler in transaction mode (PgBouncer, Supavisor, RDS Proxy...) sits between \
-                 this process and PostgreSQL, and session locks do not work through it. \
-                 Migrate over a direct connection to the server (or a pooler in session \
-                 mode).{left}",
-                self.keys[0],
-                if shared_backend {
-                    "a second connection was handed the same backend"
-                } else {
-                    "pg_locks does not show it held by this session's backend"
-                }
-            ),
-        )
-        .unusable()
+        let what = format!(
+            "the advisory lock {} does not belong to this session alone: {}",
+            self.keys[0],
+            if shared_backend {
+                "a second connection was handed the same backend"
+            } else {
+                "pg_locks does not show it held by this session's backend"
+            }
+        );
+        Error::new(ErrorKind::LockNotHeld, pooler_message(&what, &left)).unusable()
     }
 
     /// The key of the resolved ledger table.

@@ -682,9 +682,5 @@ pub(crate) fn same_schema(ledger: &Ledger, before: &Tables, now: &Tables) -> Res
 /// taken, returning its backend pid: it tells a pooler in transaction mode
 /// apart from a direct connection.
 pub(crate) fn pooler_probe(database_url: &str) -> impl FnMut() -> Option<i32> + '_ {
-    move || {
-        crate::connect(database_url)
-            .ok()
-            .and_then(|mut c| lock::backend_pid(&mut c).ok())
-    }
+    move || lock::second_backend(database_url)
 }

@@ -146,7 +146,26 @@ fn pgbouncer_transaction_mode_is_refused_session_mode_works() {
     assert!(out.status.success(), "session mode: {}", text(&out));
     drop(session);
     invariants(&db);
-    say("pgbouncer: transaction_mode=refused(direct-connection message) session_mode=applied invariants=ok");
+
+    // revert, redo and resolve are refused through it as up is, before
+    // they take a lock or run any down.sql.
+    let tx = Bouncer::start(cluster.port(), "transaction");
+    let applied = "SELECT count(*) AS n FROM __diesel_schema_migrations";
+    let before = db.count(applied);
+    for args in [
+        &["resolve", "0004", "--rolled-back", "--force"][..],
+        &["revert"],
+        &["redo"],
+    ] {
+        let out = rollout_on(&tx.url(&db.name), args).output().unwrap();
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {t}");
+        assert!(t.contains("pooler in transaction mode"), "{args:?}: {t}");
+        assert_eq!(db.count(applied), before, "{args:?} changed nothing");
+    }
+    drop(tx);
+    assert_eq!(db.advisory_locks(), 0);
+    say("pgbouncer: transaction_mode=refused(direct-connection message; up, revert, redo, resolve) session_mode=applied invariants=ok");
 }
 
 /// A backend query on the cluster itself (not through the pooler).

@@ -1,7 +1,7 @@
 //! `rollout redo`: revert the newest applied migrations, then apply them
 //! again.
 
-use diesel_rollout::connect;
+use diesel_rollout::{check_direct, connect};
 
 use crate::render::{print_applied, print_json, print_reverted, report_json};
 use crate::{database_url, migrator, usage, Cli, Failure};
@@ -18,7 +18,9 @@ pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
         return Err(usage("--count must be 1 or more"));
     }
     let m = migrator(cli)?;
-    let mut conn = connect(database_url(cli)?)?;
+    let url = database_url(cli)?;
+    let mut conn = connect(url)?;
+    check_direct(&mut conn, url)?;
     let report = m.redo(&mut conn, args.count)?;
     if cli.json {
         print_json(&report_json(&report));

@@ -1,6 +1,6 @@
 //! `rollout resolve`: record how a migration repaired by hand ended.
 
-use diesel_rollout::{connect, Resolution};
+use diesel_rollout::{check_direct, connect, Resolution};
 
 use crate::render::{print_json, print_out};
 use crate::{database_url, migrator, usage, Cli, Failure};
@@ -31,7 +31,9 @@ pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
     };
     let version: String = args.version.chars().filter(|c| *c != '-').collect();
     let m = migrator(cli)?;
-    let mut conn = connect(database_url(cli)?)?;
+    let url = database_url(cli)?;
+    let mut conn = connect(url)?;
+    check_direct(&mut conn, url)?;
     if args.force {
         m.dangerous_resolve_any_state(&mut conn, &version, resolution, &args.note)?;
     } else {

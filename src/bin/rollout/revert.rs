@@ -1,7 +1,7 @@
 //! `rollout revert`: revert applied migrations with their down.sql, newest
 //! first.
 
-use diesel_rollout::{connect, RevertTarget};
+use diesel_rollout::{check_direct, connect, RevertTarget};
 
 use crate::render::{print_json, print_reverted, report_json};
 use crate::{database_url, migrator, usage, Cli, Failure};
@@ -23,7 +23,9 @@ pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
         (None, n) => RevertTarget::Count(n.unwrap_or(1)),
     };
     let m = migrator(cli)?;
-    let mut conn = connect(database_url(cli)?)?;
+    let url = database_url(cli)?;
+    let mut conn = connect(url)?;
+    check_direct(&mut conn, url)?;
     let report = m.revert(&mut conn, target)?;
     if cli.json {
         print_json(&report_json(&report));
