@@ -165,9 +165,9 @@ pub(super) fn run_statements(
         let died_here = row.is_some_and(|r| {
             unfinished(r)
                 && r.outcome.as_deref() == Some("interrupted")
-                && r.error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with(ledger::DIED))
+                && r.error.as_deref().is_some_and(|e| {
+                    e.starts_with(ledger::DIED) || e.starts_with(ledger::UNCONFIRMED)
+                })
                 && r.statements_completed.unwrap_or(0) as usize == i
                 && r.attempt_checksum
                     .as_deref()
@@ -306,13 +306,15 @@ pub(super) fn run_statements(
                 }
             }
             if let Err(e) = confirmed {
-                if let Err(le) = ledger::finish_attempt(
-                    conn,
-                    tables,
-                    id,
-                    hooks.failure_outcome,
-                    Some(&e.to_string()),
-                ) {
+                // A verdict (the index is invalid, or was never built) is a
+                // failure; a check that could not be made leaves the
+                // statement's outcome to the next attempt's look.
+                let (outcome, why) = if e.kind() == ErrorKind::MigrationFailed {
+                    (hooks.failure_outcome, e.to_string())
+                } else {
+                    ("interrupted", format!("{}: {e}", ledger::UNCONFIRMED))
+                };
+                if let Err(le) = ledger::finish_attempt(conn, tables, id, outcome, Some(&why)) {
                     tracing::warn!(error = %le, "could not record the failed attempt");
                 }
                 return Err(e);
