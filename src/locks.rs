@@ -16,6 +16,39 @@ pub struct TableLock {
     pub table: String,
 }
 
+/// The modes, as `pg_locks` names them, that conflict with `mode` (as
+/// [`TableLock`] names it): PostgreSQL's table of conflicting lock modes.
+/// Empty for `none` and `unknown`.
+pub(crate) fn conflicting(mode: &str) -> &'static [&'static str] {
+    const ALL: [&str; 8] = [
+        "AccessShareLock",
+        "RowShareLock",
+        "RowExclusiveLock",
+        "ShareUpdateExclusiveLock",
+        "ShareLock",
+        "ShareRowExclusiveLock",
+        "ExclusiveLock",
+        "AccessExclusiveLock",
+    ];
+    match mode {
+        "ACCESS SHARE" => &ALL[7..],
+        "ROW SHARE" => &ALL[6..],
+        "ROW EXCLUSIVE" => &ALL[4..],
+        "SHARE UPDATE EXCLUSIVE" => &ALL[3..],
+        "SHARE" => &[
+            "RowExclusiveLock",
+            "ShareUpdateExclusiveLock",
+            "ShareRowExclusiveLock",
+            "ExclusiveLock",
+            "AccessExclusiveLock",
+        ],
+        "SHARE ROW EXCLUSIVE" => &ALL[2..],
+        "EXCLUSIVE" => &ALL[1..],
+        "ACCESS EXCLUSIVE" => &ALL,
+        _ => &[],
+    }
+}
+
 /// How strong each mode is, for the strongest of several actions.
 const MODES: [&str; 8] = [
     "ACCESS SHARE",
@@ -354,6 +387,41 @@ fn alter_action(w: &Words<'_>, i: usize) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// PostgreSQL's conflict table is symmetric, and only SHARE and the
+    /// weaker row modes leave themselves out.
+    #[test]
+    fn the_conflict_table_is_postgresqls() {
+        let pg = |m: &str| {
+            m.split(' ')
+                .map(|w| format!("{}{}", &w[..1], w[1..].to_lowercase()))
+                .collect::<String>()
+                + "Lock"
+        };
+        for a in MODES {
+            for b in MODES {
+                assert_eq!(
+                    conflicting(a).contains(&pg(b).as_str()),
+                    conflicting(b).contains(&pg(a).as_str()),
+                    "{a} / {b}"
+                );
+            }
+        }
+        let selfish: Vec<&str> = MODES
+            .into_iter()
+            .filter(|m| conflicting(m).contains(&pg(m).as_str()))
+            .collect();
+        assert_eq!(
+            selfish,
+            [
+                "SHARE UPDATE EXCLUSIVE",
+                "SHARE ROW EXCLUSIVE",
+                "EXCLUSIVE",
+                "ACCESS EXCLUSIVE"
+            ]
+        );
+        assert!(conflicting("unknown").is_empty());
+    }
 
     fn modes(sql: &str) -> Vec<(String, String)> {
         of_statement(sql)

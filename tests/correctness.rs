@@ -1910,3 +1910,51 @@ fn a_timed_out_migration_is_not_run_again_to_find_its_line() {
         "nothing of 2_slow is applied"
     );
 }
+
+/// A lock timeout in a transactional migration is located without running
+/// it again: at the statement that needs a lock an older transaction
+/// holds, not at an earlier one whose table a reader, queued behind the
+/// migration's own lock, was handed at its rollback. The message names
+/// that table and line.
+#[test]
+fn a_lock_timeout_is_located_at_the_statement_that_waited() {
+    use std::time::Duration;
+    let db = TestDb::new();
+    db.conn()
+        .batch_execute("CREATE TABLE users (id int); CREATE TABLE orders (id int)")
+        .unwrap();
+    let set = TempSet::new();
+    set.required(
+        "1_two_tables",
+        "ALTER TABLE users ADD COLUMN x int;\nALTER TABLE orders ADD COLUMN y int;\n",
+    );
+    // An older transaction that read orders: statement 2 waits for it.
+    let mut holder = db.conn();
+    holder
+        .batch_execute("BEGIN; SELECT count(*) FROM orders")
+        .unwrap();
+    // A reader of users that arrives while the migration holds users.
+    let reader = {
+        let url = db.url.clone();
+        std::thread::spawn(move || {
+            use diesel::Connection;
+            std::thread::sleep(Duration::from_millis(300));
+            let mut c = diesel::PgConnection::establish(&url).unwrap();
+            c.batch_execute("BEGIN; SELECT count(*) FROM users")
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(1500));
+            c.batch_execute("COMMIT").unwrap();
+        })
+    };
+    let m = set
+        .migrator()
+        .required_lock_timeout(Duration::from_secs(1))
+        .lock_timeout_retry_deadline(Duration::ZERO);
+    let err = m.run_required(&db.url).unwrap_err();
+    reader.join().unwrap();
+    let text = err.to_string();
+    assert!(text.contains("lock timeout"), "{text}");
+    assert!(text.contains("up.sql:2 (probably"), "{text}");
+    assert!(text.contains("could not lock table orders"), "{text}");
+    assert_eq!(err.migration().and_then(|r| r.line), Some(2), "{text}");
+}

@@ -10,9 +10,9 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
 
-use crate::catalog;
 use crate::error::{describe_db_error, is_connection_error, Error, ErrorKind};
 use crate::ledger::{self, LedgerRow, Tables};
+use crate::locks;
 use crate::migration::Migration;
 use crate::report::Applied;
 use crate::source::sql;
@@ -136,6 +136,8 @@ fn run_transactional(
                 // Deferred constraints are checked at COMMIT.
                 (None, Stage::Commit) => (None, "COMMIT".to_string()),
                 (None, Stage::Ledger) => (None, "recording it in the ledger".to_string()),
+                // Guessed comes with its statement.
+                (None, Stage::Guessed) => (None, "its SQL".to_string()),
                 (None, Stage::Unlocated(why)) => {
                     (None, format!("its SQL or its ledger rows ({why})"))
                 }
@@ -143,9 +145,8 @@ fn run_transactional(
             let mut pg = describe_db_error(&e);
             let lock_timeout = is_lock_timeout(&e);
             if !is_connection_error(&e) {
-                if let Some(s) = failed_at {
-                    pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
-                }
+                let statement = failed_at.map_or("", |s| s.sql.as_str());
+                pg.push_str(&explain_lock_timeout(conn, statement, &e));
                 if let Err(le) = ledger::record_failure(
                     conn,
                     tables,
@@ -159,6 +160,11 @@ fn run_transactional(
                 }
             }
             let at = match line {
+                Some(l) if stage == Stage::Guessed => format!(
+                    "{}:{l} (probably: the first statement that needs a lock on a table an \
+                     older transaction holds)",
+                    script.path
+                ),
                 Some(l) => format!("{}:{l}", script.path),
                 None => script.path.clone(),
             };
@@ -213,10 +219,11 @@ pub(crate) fn in_transaction(conn: &mut PgConnection) -> bool {
 /// The migration's SQL and its ledger rows in one transaction, sent in one
 /// round trip (`BEGIN; script; ledger; COMMIT`). On failure (after a
 /// `ROLLBACK`) the statement that failed is found from PostgreSQL's error
-/// position, or else by running the statements again one at a time in a
-/// transaction that is rolled back: nothing of that costs the success path.
-/// Returns the result, the statement that failed, and whether the ledger
-/// rows were written (a failure then is at `COMMIT`).
+/// position; a lock timeout's from the locks other transactions hold; any
+/// other, unless a replay would repeat it (see [`not_replayed`]), by
+/// running the statements again one at a time in a transaction that is
+/// rolled back: nothing of that costs the success path. Returns the
+/// result, the statement that failed, where else it failed, and its line.
 fn run_whole<'s>(
     conn: &mut PgConnection,
     tables: &Tables,
@@ -231,11 +238,12 @@ fn run_whole<'s>(
         Direction::Down => ledger::record_revert_sql(tables, m, &script.checksum, total),
     };
     let batch = format!("{PREFIX}{}\n;\n{ledger_sql};\nCOMMIT", script.sql);
+    let sent = Instant::now();
     let Err(e) = conn.batch_execute(&batch) else {
         return (Ok(()), None, Stage::Commit, None);
     };
     if is_connection_error(&e) {
-        return (Err(e), None, Stage::Ledger, None);
+        return (Err(e), None, Stage::Unlocated("the connection broke"), None);
     }
     let _ = conn.batch_execute("ROLLBACK");
     // PostgreSQL's position counts characters of the whole batch.
@@ -270,13 +278,21 @@ fn run_whole<'s>(
         return (Err(e), None, Stage::Ledger, None);
     }
     if is_lock_timeout(&e) {
-        // Not run again (it would wait as long again): the statement is the
-        // first that alters a table another session holds a lock on.
+        // Not run again (it would wait as long again): probably the first
+        // statement that needs a lock on a table that a transaction older
+        // than this run holds in a conflicting mode (the readers queued
+        // behind the migration's own request came later).
+        let waited = sent.elapsed().as_secs_f64();
         let at = statements.iter().find(|s| {
-            catalog::altered_table(&s.sql)
-                .is_some_and(|t| locked_by_another(conn, &t).unwrap_or(false))
+            locks::of_statement(&s.sql).iter().any(|l| {
+                held_against(conn, &l.table, locks::conflicting(l.mode), waited).unwrap_or(false)
+            })
         });
-        let stage = Stage::Unlocated(NOT_REPLAYED);
+        let stage = if at.is_some() {
+            Stage::Guessed
+        } else {
+            Stage::Unlocated(NOT_REPLAYED)
+        };
         return (Err(e), at, stage, at.map(|s| s.line));
     }
     if let Some(why) = not_replayed(&e) {
@@ -284,7 +300,8 @@ fn run_whole<'s>(
     }
     // No position: find the statement by running them again, rolled back.
     let (mut at, mut line) = (None, None);
-    if conn.batch_execute("BEGIN").is_ok() {
+    let began = conn.batch_execute("BEGIN").is_ok();
+    if began {
         for s in statements {
             if let Err(again) = conn.batch_execute(&s.sql) {
                 at = Some(s);
@@ -296,6 +313,8 @@ fn run_whole<'s>(
     }
     let stage = if at.is_some() {
         Stage::Ledger
+    } else if !began {
+        Stage::Unlocated("PostgreSQL gave no position, and the statements could not be run again")
     } else if is_deferred_check(&e) {
         Stage::Commit
     } else {
@@ -326,10 +345,14 @@ enum Stage {
     Commit,
     /// Somewhere in its SQL or its ledger rows; why it is not known where.
     Unlocated(&'static str),
+    /// In the statement given, probably (a lock timeout located by the
+    /// locks other transactions hold).
+    Guessed,
 }
 
-const NOT_REPLAYED: &str = "PostgreSQL gave no position, and a statement that timed out or \
-                            was cancelled is not run again to find it";
+const NOT_REPLAYED: &str = "PostgreSQL gave no position, and after a timeout, a cancel, a \
+                            deadlock, a serialization failure or a resource error the \
+                            statements are not run again to find it";
 
 /// Why a failure with no position is not located by running the
 /// statements again (rolled back): after a timeout or a cancel the replay
@@ -352,6 +375,7 @@ fn not_replayed(e: &DieselError) -> Option<&'static str> {
         "out of shared memory",
         "could not extend file",
         "No space left on device",
+        "temporary file size exceeds",
     ];
     (matches!(
         kind,
@@ -360,20 +384,29 @@ fn not_replayed(e: &DieselError) -> Option<&'static str> {
     .then_some(NOT_REPLAYED)
 }
 
-/// Whether another session holds a granted lock on `table` (as written).
-fn locked_by_another(conn: &mut PgConnection, table: &str) -> QueryResult<bool> {
+/// Whether another session's transaction that began more than `secs`
+/// seconds ago holds a lock on `table` (as written) in one of `modes`.
+fn held_against(
+    conn: &mut PgConnection,
+    table: &str,
+    modes: &[&str],
+    secs: f64,
+) -> QueryResult<bool> {
+    use diesel::sql_types::{Array, Double, Text};
     #[derive(QueryableByName)]
     struct Found {
         #[diesel(sql_type = diesel::sql_types::Bool)]
         found: bool,
     }
-    diesel::sql_query(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = to_regclass($1) \
-         AND granted AND pid <> pg_backend_pid()) AS found",
-    )
-    .bind::<diesel::sql_types::Text, _>(table)
-    .get_result::<Found>(conn)
-    .map(|f| f.found)
+    if modes.is_empty() {
+        return Ok(false);
+    }
+    diesel::sql_query(include_str!("../sql/held_against.sql"))
+        .bind::<Text, _>(table)
+        .bind::<Array<Text>, _>(modes)
+        .bind::<Double, _>(secs)
+        .get_result::<Found>(conn)
+        .map(|f| f.found)
 }
 
 /// Whether an error is one PostgreSQL raises at `COMMIT` (a deferred

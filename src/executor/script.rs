@@ -180,9 +180,9 @@ pub(super) fn explain_lock_timeout(
     }
     let mut out = String::new();
     if let Some(table) = catalog::altered_table(statement) {
-        out.push_str(&format!(" It could not lock table {table} in time"));
+        out.push_str(&format!(". It could not lock table {table} in time"));
     } else {
-        out.push_str(" It could not take a lock in time");
+        out.push_str(". It could not take a lock in time");
     }
     let builds = catalog::builds_in_progress(conn).unwrap_or_default();
     if builds.is_empty() {
