@@ -298,7 +298,34 @@ pub(super) fn run_statements(
             .lock_timeout(lock_timeout));
         }
         if let Some(op) = &op {
-            let confirmed = catalog::confirm(conn, op, &s.sql, m, s.line);
+            let mut confirmed = catalog::confirm(conn, op, &s.sql, m, s.line);
+            // A check that could not be made (a shutdown's cancel landing on
+            // it): the statement's success proves its work done, but for
+            // `IF NOT EXISTS`, which may have skipped an invalid index; that
+            // one is left to the next attempt's look.
+            let not_a_verdict = confirmed
+                .as_ref()
+                .is_err_and(|e| e.kind() != ErrorKind::MigrationFailed);
+            let if_not_exists = matches!(
+                op,
+                catalog::IndexOp::Create {
+                    if_not_exists: true,
+                    ..
+                }
+            );
+            if not_a_verdict && !if_not_exists {
+                if let Err(e) = &confirmed {
+                    tracing::warn!(
+                        statement = i + 1,
+                        error = %e,
+                        "statement {} of {} succeeded; its check against the catalog could \
+                         not be made, and its success is taken as done",
+                        i + 1,
+                        m.dir_name()
+                    );
+                }
+                confirmed = Ok(());
+            }
             if confirmed.is_ok() {
                 for name in dropped.take() {
                     crate::metrics::invalid_index("repaired");
@@ -307,12 +334,13 @@ pub(super) fn run_statements(
             }
             if let Err(e) = confirmed {
                 // A verdict (the index is invalid, or was never built) is a
-                // failure; a check that could not be made leaves the
-                // statement's outcome to the next attempt's look.
-                let (outcome, why) = if e.kind() == ErrorKind::MigrationFailed {
-                    (hooks.failure_outcome, e.to_string())
-                } else {
+                // failure; an `IF NOT EXISTS` build whose check could not be
+                // made is left to the next attempt, which runs it again (a
+                // no-op once the index is there) and checks it.
+                let (outcome, why) = if not_a_verdict {
                     ("interrupted", format!("{}: {e}", ledger::UNCONFIRMED))
+                } else {
+                    (hooks.failure_outcome, e.to_string())
                 };
                 if let Err(le) = ledger::finish_attempt(conn, tables, id, outcome, Some(&why)) {
                     tracing::warn!(error = %le, "could not record the failed attempt");

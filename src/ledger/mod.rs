@@ -403,12 +403,12 @@ pub(crate) fn progress(conn: &mut PgConnection, t: &Tables, id: i64, done: i32) 
 /// died while it ran (a clean stop records another).
 pub(crate) const DIED: &str = "interrupted: the process applying it";
 
-/// How an attempt is recorded whose index statement finished but whose
-/// check against the catalog failed (cancelled, say): like one whose
-/// process died there, the next attempt asks the catalog whether the
-/// statement's work is done rather than running it again.
-pub(crate) const UNCONFIRMED: &str =
-    "interrupted: the statement finished, but checking its index in the catalog failed";
+/// How an attempt is recorded whose `CREATE INDEX CONCURRENTLY IF NOT
+/// EXISTS` finished but whose check against the catalog could not be made
+/// (cancelled, say): the next attempt runs it again, a no-op once the index
+/// is there, and checks it.
+pub(crate) const UNCONFIRMED: &str = "interrupted: the index statement finished but could not be \
+                                      checked";
 
 /// What [`progress`] runs, as text, to go in the same round trip as the
 /// statement it records.
