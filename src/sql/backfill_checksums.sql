@@ -2,10 +2,11 @@
 UPDATE {migrations} m
 SET checksum = s.checksum
 FROM (
-    SELECT DISTINCT ON (version) version, checksum
+    SELECT DISTINCT ON (ltrim(version, '0')) version, checksum
     FROM {attempts}
     WHERE ((operation = 'up' AND outcome = 'success') OR (operation = 'resolve' AND outcome = 'applied'))
       AND (ledger = {ledger} OR ledger IS NULL)
-    ORDER BY version, id DESC
+    ORDER BY ltrim(version, '0'), id DESC
 ) s
-WHERE s.version = m.version AND m.checksum IS NULL;
+-- However each spells the version (`1` for `01`).
+WHERE ltrim(s.version, '0') = ltrim(m.version, '0') AND m.checksum IS NULL;

@@ -2,17 +2,24 @@
 -- and the checksum of up.sql as last applied (an 'up' that succeeded, or a
 -- resolution as applied), in one query. Versions are numbers: `01` and `1`
 -- are one version (a directory renamed to sort), one row.
-WITH latest AS (
-    SELECT DISTINCT ON (ltrim(version, '0')) version, operation, outcome, error, statements_completed,
+WITH exact AS (
+    SELECT DISTINCT ON (version) id, version, operation, outcome, error, statements_completed,
            statements_total, checksum, finished_at
     FROM {attempts}
     WHERE ledger = {ledger} OR ledger IS NULL
-    ORDER BY ltrim(version, '0'), id DESC
-), succeeded AS (
-    SELECT DISTINCT ON (ltrim(version, '0')) version, checksum
+    ORDER BY version, id DESC
+), latest AS (
+    -- Of the few rows left, the newest per version however it is spelled.
+    SELECT DISTINCT ON (ltrim(version, '0')) * FROM exact ORDER BY ltrim(version, '0'), id DESC
+), succeeded_exact AS (
+    SELECT DISTINCT ON (version) id, version, checksum
     FROM {attempts}
     WHERE ((operation = 'up' AND outcome = 'success') OR (operation = 'resolve' AND outcome = 'applied'))
       AND (ledger = {ledger} OR ledger IS NULL)
+    ORDER BY version, id DESC
+), succeeded AS (
+    SELECT DISTINCT ON (ltrim(version, '0')) version, checksum
+    FROM succeeded_exact
     ORDER BY ltrim(version, '0'), id DESC
 )
 SELECT coalesce(m.version, l.version) AS version,
