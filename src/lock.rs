@@ -202,7 +202,6 @@ pub(crate) fn held_by_me(conn: &mut PgConnection, key: i64) -> Result<bool, Erro
         .map_err(|e| Error::db("checking that this session holds the advisory lock", e))
 }
 
-/// This session's backend pid.
 /// What a pooler in transaction mode means for a migration, after `what`
 /// gave it away.
 fn pooler_message(what: &str, left: &str) -> String {
@@ -253,6 +252,7 @@ pub(crate) fn second_backend(database_url: &str) -> Option<i32> {
         .and_then(|mut c| backend_pid(&mut c).ok())
 }
 
+/// This session's backend pid.
 pub(crate) fn backend_pid(conn: &mut PgConnection) -> QueryResult<i32> {
     #[derive(QueryableByName)]
     struct Pid {
