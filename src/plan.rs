@@ -5,17 +5,22 @@
 use diesel::prelude::*;
 
 use crate::error::Error;
-use crate::ledger;
+use crate::ledger::{self, LedgerRow};
+use crate::lock;
 use crate::locks::{self, TableLock};
 use crate::migration::{normal, Migration};
 use crate::migrator::Migrator;
+use crate::revert::RevertTarget;
 use crate::source::{sql, Track};
 
-/// What `up` would do now (see [`Migrator::plan`]).
+/// What `up` would do now (see [`Migrator::plan`]), or a revert or redo
+/// ([`Migrator::plan_revert`], [`Migrator::plan_redo`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Plan {
-    /// The pending migrations, in the order `up` would run them.
+    /// The pending migrations, in the order `up` would run them (for a
+    /// revert, the migrations it reverts, newest first; for a redo, those,
+    /// then the same applied again).
     pub steps: Vec<PlanStep>,
     /// What stops `up` or leaves the database incomplete beyond the steps:
     /// strict mode's refusal, a revert that stopped halfway.
@@ -76,24 +81,28 @@ pub enum PlanAction {
         error: String,
     },
     /// A no-transaction migration that stopped halfway: resumes after the
-    /// statements already done.
+    /// statements already done (in a revert's plan, of its `down.sql`).
     Resume {
         /// Statements already done (the next one is `done + 1`).
         done: usize,
     },
     /// `up` refuses to run it (a half-done migration whose `up.sql` or
-    /// statement split changed since): nothing after it runs either.
+    /// statement split changed since): nothing after it runs either. In a
+    /// revert's plan, the same for its `down.sql`.
     Refused {
         /// Why, and what to do.
         reason: String,
     },
+    /// In a revert's plan ([`Migrator::plan_revert`]): its `down.sql` runs
+    /// from the first statement and its version row goes.
+    Revert,
 }
 
 /// One statement of a planned migration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PlannedStatement {
-    /// 1-based line in `up.sql`.
+    /// 1-based line in `up.sql` (in `down.sql` for a revert step).
     pub line: usize,
     /// Its first line of text.
     pub first_line: String,
@@ -116,14 +125,7 @@ impl Migrator {
     /// # Errors
     /// When the ledger cannot be read.
     pub fn plan(&self, conn: &mut PgConnection) -> Result<Plan, Error> {
-        let tables = self.ledger()?.resolve(conn)?;
-        let mut rows = ledger::rows(conn, &tables)?;
-        for r in &mut rows {
-            if r.outcome.as_deref() == Some("running") {
-                r.outcome = Some("interrupted".into());
-            }
-        }
-        let rows = rows;
+        let rows = self.rows_for_plan(conn)?;
         let required = self.analyze(&rows, Track::Required);
         let deferred = self.analyze(&rows, Track::Deferred);
         let plan = self.deferred_plan(&rows);
@@ -165,16 +167,7 @@ impl Migrator {
                 PlanAction::Resume { done } => done,
                 _ => 0,
             };
-            let statements = statements
-                .into_iter()
-                .enumerate()
-                .map(|(i, s)| PlannedStatement {
-                    line: s.line,
-                    first_line: s.sql.lines().next().unwrap_or("").trim().to_string(),
-                    done: i < done,
-                    locks: locks::of_statement(&s.sql),
-                })
-                .collect();
+            let statements = planned(statements, done);
             steps.push(PlanStep {
                 version: m.version().to_string(),
                 dir_name: m.dir_name().to_string(),
@@ -219,6 +212,175 @@ impl Migrator {
         }
         Ok(Plan { steps, problems })
     }
+}
+
+/// Statements as a plan shows them, the first `done` marked done.
+fn planned(statements: Vec<sql::Statement>, done: usize) -> Vec<PlannedStatement> {
+    statements
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| PlannedStatement {
+            line: s.line,
+            first_line: s.sql.lines().next().unwrap_or("").trim().to_string(),
+            done: i < done,
+            locks: locks::of_statement(&s.sql),
+        })
+        .collect()
+}
+
+impl Migrator {
+    /// What [`Migrator::revert`] would do now, without changing anything
+    /// and without taking a lock (`rollout revert --dry-run`): the
+    /// migrations it would revert, newest first, each with its `down.sql`
+    /// statements and the locks they take, a revert that stopped halfway
+    /// resuming after the statements it did. What would stop the revert
+    /// now but may not later (another session leading the deferred track,
+    /// an index being built) is a problem of the plan.
+    ///
+    /// # Errors
+    /// What [`Migrator::revert`] refuses before it changes anything (the
+    /// same error), and a ledger that cannot be read.
+    pub fn plan_revert(
+        &self,
+        conn: &mut PgConnection,
+        target: &RevertTarget,
+    ) -> Result<Plan, Error> {
+        let rows = self.rows_for_plan(conn)?;
+        let targets = self.revert_targets(&rows, target)?;
+        self.revert_plan(conn, &rows, &targets)
+    }
+
+    /// What [`Migrator::redo`] would do now, without changing anything and
+    /// without taking a lock (`rollout redo --dry-run`): the reverts, as
+    /// [`Migrator::plan_revert`] gives them, then each migration applied
+    /// again, in version order.
+    ///
+    /// # Errors
+    /// As [`Migrator::plan_revert`], and strict mode's refusals.
+    pub fn plan_redo(&self, conn: &mut PgConnection, count: usize) -> Result<Plan, Error> {
+        let rows = self.rows_for_plan(conn)?;
+        let targets = self.revert_targets(&rows, &RevertTarget::Count(count))?;
+        self.check_drift_after_revert(&rows, &targets, &mut crate::report::Report::default())?;
+        let mut plan = self.revert_plan(conn, &rows, &targets)?;
+        for m in targets
+            .iter()
+            .rev()
+            .filter_map(|v| self.migrations().get(v))
+        {
+            let statements = sql::split_statements(m.up_sql()).unwrap_or_default();
+            plan.steps
+                .push(step(m, PlanAction::Apply, planned(statements, 0)));
+        }
+        Ok(plan)
+    }
+
+    /// The ledger as a plan reads it: an attempt still marked running
+    /// counts as one that stopped.
+    fn rows_for_plan(&self, conn: &mut PgConnection) -> Result<Vec<LedgerRow>, Error> {
+        let tables = self.ledger()?.resolve(conn)?;
+        let mut rows = ledger::rows(conn, &tables)?;
+        for r in &mut rows {
+            if r.outcome.as_deref() == Some("running") {
+                r.outcome = Some("interrupted".into());
+            }
+        }
+        Ok(rows)
+    }
+
+    fn revert_plan(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[LedgerRow],
+        targets: &[String],
+    ) -> Result<Plan, Error> {
+        let mut plan = Plan::default();
+        if self.has_deferred() {
+            let ledger = self.ledger()?;
+            let tables = ledger.resolve(conn)?;
+            let keys = self.keys(&ledger, &tables, Track::Deferred);
+            if let Some(h) = lock::holder(conn, &keys)? {
+                plan.problems.push(format!(
+                    "{h} leads the deferred track now: the revert is refused until it \
+                     finishes (`rollout deferred --wait`)"
+                ));
+            }
+        }
+        for m in targets.iter().filter_map(|v| self.migrations().get(v)) {
+            if let Some(why) = crate::revert::being_built(conn, m)? {
+                plan.problems.push(why);
+            }
+            let row = rows
+                .iter()
+                .find(|r| normal(&r.version) == normal(m.version()));
+            let down = m.down_sql().unwrap_or_default();
+            let statements = sql::split_statements(down).unwrap_or_default();
+            let done = row
+                .filter(|r| r.revert_half_done(m.run_in_transaction()))
+                .and_then(|r| r.statements_completed)
+                .map_or(0, |n| usize::try_from(n).unwrap_or(0));
+            let action = match row {
+                Some(r) if done > 0 => revert_resume_or_refusal(m, r, done, statements.len()),
+                _ => PlanAction::Revert,
+            };
+            let done = if matches!(action, PlanAction::Resume { .. }) {
+                done
+            } else {
+                0
+            };
+            plan.steps.push(step(m, action, planned(statements, done)));
+        }
+        Ok(plan)
+    }
+}
+
+/// A plan's step for `m`, outside `up`'s ordering (no deferred waits, no
+/// out-of-order check).
+fn step(m: &Migration, action: PlanAction, statements: Vec<PlannedStatement>) -> PlanStep {
+    PlanStep {
+        version: m.version().to_string(),
+        dir_name: m.dir_name().to_string(),
+        track: m.track(),
+        transaction: m.run_in_transaction(),
+        action,
+        waits_for: Vec::new(),
+        out_of_order: false,
+        statements,
+    }
+}
+
+/// A revert that stopped after `done` statements of `down.sql`: resumed,
+/// unless `down.sql` or its split changed since (the executor's checks).
+fn revert_resume_or_refusal(m: &Migration, r: &LedgerRow, done: usize, total: usize) -> PlanAction {
+    let down = m.down_sql().unwrap_or_default();
+    let same = r.attempt_checksum.as_deref().is_some_and(|c| {
+        c == crate::source::checksum_of_sql(down)
+            || crate::source::legacy_checksums(down).iter().any(|l| l == c)
+    });
+    if !same {
+        return PlanAction::Refused {
+            reason: format!(
+                "its revert stopped halfway ({done} statements done) and {} changed since, so \
+                 the revert refuses to resume it: restore the file that ran, or finish by hand \
+                 and record it with `rollout resolve {} --rolled-back` (or --applied)",
+                m.down_path(),
+                m.version()
+            ),
+        };
+    }
+    if r.statements_total.is_some_and(|n| n as usize != total) {
+        return PlanAction::Refused {
+            reason: format!(
+                "its revert stopped halfway ({done} of {} statements done) and {} splits into \
+                 {total} statements now, so the revert refuses to resume it: finish it with \
+                 the release that started it, or by hand and record it with `rollout resolve \
+                 {} --rolled-back`",
+                r.statements_total.unwrap_or(0),
+                m.down_path(),
+                m.version()
+            ),
+        };
+    }
+    PlanAction::Resume { done }
 }
 
 /// A no-transaction migration that stopped after `done` statements: `up`

@@ -204,13 +204,13 @@ impl Migrator {
         )
     }
 
-    fn has_deferred(&self) -> bool {
+    pub(crate) fn has_deferred(&self) -> bool {
         self.migrations().track(Track::Deferred).next().is_some()
     }
 
     /// The applied versions `target` names, newest first, each known to
     /// this binary with a `down.sql` that can run.
-    fn revert_targets(
+    pub(crate) fn revert_targets(
         &self,
         rows: &[LedgerRow],
         target: &RevertTarget,
@@ -221,6 +221,9 @@ impl Migrator {
             .map(|r| r.version.as_str())
             .collect();
         applied.sort_by(|a, b| compare_versions(b, a));
+        // One version, however many spellings the ledger holds (`1` and
+        // `01`, from a tool that compares them as text): reverted once.
+        applied.dedup_by(|a, b| normal(a) == normal(b));
         let chosen: Vec<&str> = match target {
             RevertTarget::Count(n) => applied.into_iter().take(*n).collect(),
             RevertTarget::To(v) => {
@@ -303,7 +306,7 @@ impl Migrator {
 
     /// Strict mode's checks as `up` will make them once `targets` are
     /// reverted, so a redo that `up` would refuse reverts nothing.
-    fn check_drift_after_revert(
+    pub(crate) fn check_drift_after_revert(
         &self,
         rows: &[LedgerRow],
         targets: &[String],
@@ -342,24 +345,8 @@ impl Migrator {
             let Some(m) = self.migrations().get(v) else {
                 continue;
             };
-            if m.track() == Track::Deferred {
-                let builds = catalog::builds_in_progress(conn)
-                    .map_err(|e| Error::db("reading index builds in progress", e))?;
-                let indexes = catalog::migration_indexes(conn, m, &builds)
-                    .map_err(|e| Error::db("reading the migration's indexes", e))?;
-                if let Some(i) = indexes
-                    .iter()
-                    .find(|i| i.state == crate::IndexState::Building)
-                {
-                    return Err(refused(format!(
-                        "deferred migration {} has index {} being built by another session \
-                         now: wait for the build (`rollout status` shows its progress), \
-                         then revert",
-                        m.dir_name(),
-                        i.name
-                    ))
-                    .at(m, None));
-                }
+            if let Some(why) = being_built(conn, m)? {
+                return Err(refused(why).at(m, None));
             }
         }
         for v in targets {
@@ -510,6 +497,29 @@ fn refused(message: String) -> Error {
 
 /// Whether `m`'s `down.sql` can run: it exists, has statements, and holds
 /// nothing that cannot run the way the migration runs.
+/// Why `m` cannot be reverted now: a deferred migration whose index
+/// another session is building.
+pub(crate) fn being_built(conn: &mut PgConnection, m: &Migration) -> Result<Option<String>, Error> {
+    if m.track() != Track::Deferred {
+        return Ok(None);
+    }
+    let builds = catalog::builds_in_progress(conn)
+        .map_err(|e| Error::db("reading index builds in progress", e))?;
+    let indexes = catalog::migration_indexes(conn, m, &builds)
+        .map_err(|e| Error::db("reading the migration's indexes", e))?;
+    Ok(indexes
+        .iter()
+        .find(|i| i.state == crate::IndexState::Building)
+        .map(|i| {
+            format!(
+                "deferred migration {} has index {} being built by another session now: wait \
+                 for the build (`rollout status` shows its progress), then revert",
+                m.dir_name(),
+                i.name
+            )
+        }))
+}
+
 fn check_down(m: &Migration) -> Result<(), Error> {
     let path = m.down_path();
     let Some(down) = m.down_sql() else {

@@ -160,6 +160,13 @@ fn a_revert_stopped_halfway_fails_verify_and_plan_until_it_is_finished() {
         text.contains("the revert of 1_tables stopped halfway (1 of"),
         "{text}"
     );
+    // A dry run of the revert says it resumes at statement 2.
+    let plan = m
+        .plan_revert(&mut db.conn(), &RevertTarget::Count(1))
+        .unwrap();
+    assert_eq!(plan.steps[0].action, PlanAction::Resume { done: 1 });
+    let done: Vec<bool> = plan.steps[0].statements.iter().map(|s| s.done).collect();
+    assert_eq!(done, [true, false, false, false]);
     db.conn()
         .batch_execute("CREATE FUNCTION revert_gate() RETURNS int LANGUAGE sql AS 'SELECT 1'")
         .unwrap();
@@ -526,4 +533,115 @@ fn a_version_renamed_with_leading_zeros_is_reverted_once() {
         "{status:?}"
     );
     assert!(!status[0].changed, "{status:?}");
+}
+
+/// The versions of a plan's steps, or of a report's reverted migrations.
+fn versions<'a>(v: impl Iterator<Item = &'a String>) -> Vec<String> {
+    v.cloned().collect()
+}
+
+/// On a generated 300-migration history (CRLF files, no-transaction
+/// builds, missing and empty down.sql files), a dry run of revert and redo
+/// changes nothing and says what the real one then does: the same
+/// migrations in the same order with as many statements, or the same
+/// refusal, word for word.
+#[test]
+fn a_dry_run_says_what_revert_and_redo_then_do_on_a_long_history() {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let required = dir.path().join("migrations");
+    let deferred = dir.path().join("migrations_deferred");
+    std::fs::create_dir_all(&deferred).unwrap();
+    support::history::write_with(&required, 300, false);
+    let m = diesel_rollout::Migrator::new(
+        diesel_rollout::MigrationSet::from_dirs(&required, &deferred).unwrap(),
+    );
+    m.run_required(&db.url).unwrap();
+    let state = || {
+        (
+            db.count("SELECT count(*) AS n FROM __diesel_schema_migrations"),
+            db.count("SELECT count(*) AS n FROM __diesel_rollout_attempts"),
+            db.advisory_locks(),
+        )
+    };
+    let (mut agreed, mut refused) = (0, 0);
+    for k in [1, 2, 3, 5, 8, 13, 21, 34, 55] {
+        let before = state();
+        let planned = m.plan_revert(&mut db.conn(), &RevertTarget::Count(k));
+        assert_eq!(
+            state(),
+            before,
+            "a dry run of revert --count {k} changed nothing"
+        );
+        let real = m.revert(&mut db.conn(), RevertTarget::Count(k));
+        match (planned, real) {
+            (Ok(plan), Ok(report)) => {
+                assert_eq!(
+                    versions(plan.steps.iter().map(|s| &s.version)),
+                    versions(report.reverted.iter().map(|a| &a.version)),
+                    "--count {k}"
+                );
+                for (s, a) in plan.steps.iter().zip(&report.reverted) {
+                    assert_eq!(s.action, PlanAction::Revert, "{}", s.dir_name);
+                    assert_eq!(s.statements.len(), a.statements, "{}", s.dir_name);
+                }
+                agreed += 1;
+                m.run_required(&db.url).unwrap();
+            }
+            (Err(p), Err(r)) => {
+                assert_eq!(p.kind(), r.kind(), "--count {k}");
+                assert_eq!(p.to_string(), r.to_string(), "--count {k}");
+                refused += 1;
+            }
+            (p, r) => panic!("--count {k}: the dry run gave {p:?}, the revert {r:?}"),
+        }
+        assert_eq!(state().0, 300, "all applied again after --count {k}");
+    }
+    assert!(
+        agreed > 0 && refused > 0,
+        "agreed {agreed}, refused {refused}"
+    );
+
+    // redo: the reverts, then the same applied again in version order.
+    let before = state();
+    let plan = m.plan_redo(&mut db.conn(), 1).unwrap();
+    assert_eq!(state(), before);
+    let report = m.redo(&mut db.conn(), 1).unwrap();
+    let mut expected = versions(report.reverted.iter().map(|a| &a.version));
+    expected.extend(versions(report.applied.iter().map(|a| &a.version)));
+    assert_eq!(versions(plan.steps.iter().map(|s| &s.version)), expected);
+    assert_eq!(plan.steps[1].action, PlanAction::Apply);
+
+    // The CLI: text and JSON, nothing changed, exit 0.
+    let before = state();
+    let out = db
+        .rollout()
+        .args(["revert", "--dry-run", "--migrations-dir"])
+        .arg(&required)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("dry run, nothing changed"), "{text}");
+    assert!(text.contains("reverted: its down.sql runs"), "{text}");
+    let out = db
+        .rollout()
+        .args(["--json", "redo", "--dry-run", "--migrations-dir"])
+        .arg(&required)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["dry_run"], "redo", "{json}");
+    assert_eq!(json["steps"][0]["action"], "revert", "{json}");
+    assert_eq!(json["steps"][1]["action"], "apply", "{json}");
+    assert_eq!(state(), before, "the CLI's dry runs changed nothing");
+    // `up --dry-run` is `plan`: nothing pending here.
+    let out = db
+        .rollout()
+        .args(["up", "--dry-run", "--migrations-dir"])
+        .arg(&required)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing pending"));
 }

@@ -3,7 +3,7 @@
 
 use diesel_rollout::{check_direct, connect};
 
-use crate::render::{print_applied, print_json, print_reverted, report_json};
+use crate::render::{print_applied, print_dry_run, print_json, print_reverted, report_json};
 use crate::{database_url, migrator, usage, Cli, Failure};
 
 #[derive(clap::Args)]
@@ -11,6 +11,9 @@ pub(crate) struct Args {
     /// How many of the newest applied migrations to redo [default: 1].
     #[arg(long, value_name = "N", default_value_t = 1)]
     count: usize,
+    /// Change nothing: show what would be reverted and applied again, each down.sql's and up.sql's statements with the locks they take. Exits 1 when redo would be refused.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
@@ -20,6 +23,10 @@ pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
     let m = migrator(cli)?;
     let url = database_url(cli)?;
     let mut conn = connect(url)?;
+    if args.dry_run {
+        let plan = m.plan_redo(&mut conn, args.count)?;
+        return Ok(print_dry_run("redo", &plan, cli.json));
+    }
     check_direct(&mut conn, url)?;
     let report = m.redo(&mut conn, args.count)?;
     if cli.json {

@@ -38,7 +38,6 @@ pub(crate) fn print_reverted(report: &diesel_rollout::Report) {
 
 /// The plan as text: a block per pending migration.
 pub(crate) fn plan_text(plan: &diesel_rollout::Plan) -> String {
-    use diesel_rollout::PlanAction;
     let mut out = if plan.is_empty() && plan.has_problems() {
         "nothing pending, but the database is not where `rollout up` leaves it:\n".to_string()
     } else if plan.is_empty() {
@@ -49,6 +48,42 @@ pub(crate) fn plan_text(plan: &diesel_rollout::Plan) -> String {
             plan.steps.len()
         )
     };
+    out.push_str(&steps_text(plan));
+    out
+}
+
+/// A revert's or a redo's plan (`--dry-run`): printed, or as JSON; exits 1
+/// when something would stop it now.
+pub(crate) fn print_dry_run(command: &str, plan: &diesel_rollout::Plan, json: bool) -> u8 {
+    if json {
+        let mut v = plan_json(plan);
+        v["dry_run"] = serde_json::json!(command);
+        print_json(&v);
+    } else {
+        let reverts = plan
+            .steps
+            .iter()
+            .filter(|s| !matches!(s.action, diesel_rollout::PlanAction::Apply))
+            .count();
+        let mut out = format!(
+            "dry run, nothing changed: `rollout {command}` would revert {reverts} migration(s), \
+             newest first{}:\n",
+            if command == "redo" {
+                ", then apply them again in version order"
+            } else {
+                ""
+            }
+        );
+        out.push_str(&steps_text(plan));
+        print_out(&out);
+    }
+    u8::from(plan.has_problems())
+}
+
+/// A plan's problems and steps, each step with its statements.
+fn steps_text(plan: &diesel_rollout::Plan) -> String {
+    use diesel_rollout::PlanAction;
+    let mut out = String::new();
     for p in &plan.problems {
         out.push_str(&format!("\nproblem: {p}\n"));
     }
@@ -69,6 +104,9 @@ pub(crate) fn plan_text(plan: &diesel_rollout::Plan) -> String {
                 done + 1
             )),
             PlanAction::Refused { reason } => out.push_str(&format!("\n  refused: {reason}")),
+            PlanAction::Revert => {
+                out.push_str("\n  reverted: its down.sql runs and its version row goes")
+            }
             _ => {}
         }
         if !step.waits_for.is_empty() {
@@ -120,6 +158,7 @@ pub(crate) fn plan_json(plan: &diesel_rollout::Plan) -> serde_json::Value {
                 PlanAction::Retry { error } => ("retry", serde_json::json!(error)),
                 PlanAction::Resume { done } => ("resume", serde_json::json!(done)),
                 PlanAction::Refused { reason } => ("refused", serde_json::json!(reason)),
+                PlanAction::Revert => ("revert", serde_json::Value::Null),
                 _ => ("apply", serde_json::Value::Null),
             };
             serde_json::json!({

@@ -3,7 +3,7 @@
 
 use diesel_rollout::{check_direct, connect, RevertTarget};
 
-use crate::render::{print_json, print_reverted, report_json};
+use crate::render::{print_dry_run, print_json, print_reverted, report_json};
 use crate::{database_url, migrator, usage, Cli, Failure};
 
 #[derive(clap::Args)]
@@ -14,6 +14,9 @@ pub(crate) struct Args {
     /// Revert every applied migration newer than VERSION (VERSION stays applied).
     #[arg(long, value_name = "VERSION")]
     to: Option<String>,
+    /// Change nothing: show what would be reverted, newest first, each down.sql's statements with the locks they take. Exits 1 when the revert would be refused.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
@@ -25,6 +28,10 @@ pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
     let m = migrator(cli)?;
     let url = database_url(cli)?;
     let mut conn = connect(url)?;
+    if args.dry_run {
+        let plan = m.plan_revert(&mut conn, &target)?;
+        return Ok(print_dry_run("revert", &plan, cli.json));
+    }
     check_direct(&mut conn, url)?;
     let report = m.revert(&mut conn, target)?;
     if cli.json {

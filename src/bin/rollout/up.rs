@@ -13,6 +13,9 @@ pub(crate) struct Args {
     /// Stop after the required track.
     #[arg(long)]
     required_only: bool,
+    /// Change nothing: show what `up` would do, as `rollout plan` does (the same output and exit codes).
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// Each track run as the CLI does it: the required track on a connection
@@ -57,6 +60,9 @@ impl Foreground for Tracks<'_> {
 }
 
 pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
+    if args.dry_run {
+        return crate::plan::run(cli, &crate::plan::Args {});
+    }
     let m = migrator(cli)?;
     let url = database_url(cli)?;
     if args.required_only {
