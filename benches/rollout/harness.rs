@@ -124,6 +124,38 @@ impl Server {
         );
         (out, n)
     }
+
+    /// As [`Server::statements`], plus the server time (ms) spent in the
+    /// statements whose text starts with one of `own` (the migrations' own
+    /// SQL, the same for every harness), so what is left of the wall time
+    /// is the harness's.
+    pub(crate) fn statements_own_time<T>(
+        &self,
+        database: &str,
+        own: &[&str],
+        f: impl FnOnce() -> T,
+    ) -> (T, i64, f64) {
+        let mut own_ms = 0.0;
+        let (out, n) = self.statements(database, || {
+            let out = f();
+            let like = own
+                .iter()
+                .map(|p| format!("query LIKE '{p}%'"))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            own_ms = scalar_f64(
+                &mut self.admin_conn(),
+                &format!(
+                    "SELECT coalesce(sum(total_exec_time + total_plan_time), 0)::float8 AS x \
+                     FROM pg_stat_statements \
+                     WHERE dbid = (SELECT oid FROM pg_database WHERE datname = '{database}') \
+                     AND ({like})"
+                ),
+            );
+            out
+        });
+        (out, n, own_ms)
+    }
 }
 
 pub(crate) fn scalar_i64(conn: &mut PgConnection, sql: &str) -> i64 {
