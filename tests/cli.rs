@@ -268,6 +268,30 @@ fn check_applies_the_embedded_set_in_a_scratch_database_and_drops_it() {
     );
 }
 
+/// A `dbname` parameter in the URL, which libpq lets override the path,
+/// does not take `check` to that database: before, the scratch database was
+/// created, and the migrations applied to the one the parameter named.
+#[test]
+fn check_with_a_dbname_parameter_stays_in_its_scratch_database() {
+    let db = TestDb::new();
+    let sep = if db.url.contains('?') { '&' } else { '?' };
+    let url = format!("{}{sep}dbname={}", db.url, db.name);
+    let out = rollout()
+        .env("DATABASE_URL", &url)
+        .arg("check")
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM pg_tables WHERE tablename = '__diesel_schema_migrations'"
+        ),
+        0,
+        "nothing was applied to the database the parameter names"
+    );
+}
+
 #[test]
 fn check_without_a_database_starts_its_own_server() {
     let out = rollout().arg("check").output().unwrap();

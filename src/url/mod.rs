@@ -154,7 +154,10 @@ fn redact_query(query: &str) -> String {
 }
 
 /// Replaces the database name in a `postgres://` or `postgresql://` URL,
-/// keeping user, password, host(s), port and query string.
+/// keeping user, password, host(s), port and the rest of the query string.
+/// A `dbname` query parameter, which libpq lets override the path, is
+/// removed: left in, it would connect to the database it names, not to
+/// `database`.
 ///
 /// The name is percent-encoded as needed. An empty `database` removes the
 /// database from the URL (libpq then uses the user name). Returns `None` for
@@ -168,6 +171,21 @@ pub fn with_database(url: &str, database: &str) -> Option<String> {
         percent_encode_into(database, &mut path);
     }
     parsed.url.set_path(&path);
+    if let Some(query) = parsed.url.query().map(str::to_string) {
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|pair| {
+                let key = pair.split('=').next().unwrap_or("");
+                secrets::percent_decode(key) != "dbname"
+            })
+            .collect();
+        if kept.len() != query.split('&').count() {
+            let kept = kept.join("&");
+            parsed
+                .url
+                .set_query((!kept.is_empty()).then_some(kept.as_str()));
+        }
+    }
     Some(parsed.into_string())
 }
 
@@ -545,6 +563,19 @@ mod tests {
         );
         // libpq knows the schemes in lower case only.
         assert_eq!(with_database("POSTGRES://host/old", "new"), None);
+        // A `dbname` parameter would win over the path: it goes.
+        assert_eq!(
+            with_database("postgres://h/old?dbname=real&sslmode=require", "new").as_deref(),
+            Some("postgres://h/new?sslmode=require")
+        );
+        assert_eq!(
+            with_database("postgres:///?host=/run/postgresql&db%6Eame=real", "new").as_deref(),
+            Some("postgres:///new?host=/run/postgresql")
+        );
+        assert_eq!(
+            with_database("postgres://h/?dbname=real", "new").as_deref(),
+            Some("postgres://h/new")
+        );
     }
 
     #[test]
