@@ -772,3 +772,30 @@ fn a_fleet_takes_a_300_migration_history_to_databases_and_schemas() {
     let again = schema_run(&["up"]);
     assert_eq!(json(&again)["summary"]["up_to_date"], 4, "{}", text(&again));
 }
+
+/// A required migration that changes its session (`SET
+/// session_replication_role = replica`, an old way to load data without
+/// triggers) leaves that change on its own connection: the deferred track
+/// of `fleet up` runs on a connection of its own, as `rollout up` runs it,
+/// and its update fires the audit trigger. Before, it ran on the required
+/// track's connection, and no trigger fired on any target.
+#[test]
+fn fleet_up_runs_the_deferred_track_on_a_connection_of_its_own() {
+    let set = TempSet::new();
+    set.required(
+        "1_audited",
+        "CREATE TABLE t (n int);\nINSERT INTO t VALUES (0);\nCREATE TABLE audit (n int);\n\
+         CREATE FUNCTION audit_t() RETURNS trigger LANGUAGE plpgsql AS \
+         $$BEGIN INSERT INTO audit VALUES (NEW.n); RETURN NEW; END$$;\n\
+         CREATE TRIGGER t_audit AFTER UPDATE ON t FOR EACH ROW EXECUTE FUNCTION audit_t();\n\
+         SET session_replication_role = replica;\n",
+    );
+    set.deferred("2_backfill", "UPDATE t SET n = 1;\n");
+    let dbs = databases(2);
+    let targets = dbs.iter().map(|d| Target::database(&d.url)).collect();
+    let report = Fleet::new(set.migrator(), targets).run(Operation::Up, &|_| {});
+    assert!(report.succeeded(), "{report:?}");
+    for db in &dbs {
+        assert_eq!(db.count("SELECT count(*) AS n FROM audit"), 1);
+    }
+}

@@ -342,7 +342,8 @@ impl Target {
 }
 
 /// Both tracks in the foreground, in the order [`run_foreground`] gives
-/// (as `rollout up`), on the target's one connection.
+/// (as `rollout up`): the required track on the target's connection, the
+/// deferred one on a connection of its own.
 ///
 /// [`run_foreground`]: crate::run_foreground
 fn up(
@@ -353,6 +354,7 @@ fn up(
 ) -> Result<Outcome, Error> {
     struct OnTarget<'a, P> {
         m: &'a Migrator,
+        url: &'a str,
         conn: &'a mut PgConnection,
         probe: P,
         report: &'a mut TargetReport,
@@ -374,13 +376,18 @@ fn up(
             r
         }
         fn deferred(&mut self, _required_blocked: bool) -> Result<usize, Error> {
-            let r = self.m.run_deferred_probed(self.conn, &mut self.probe);
+            // On a connection of its own, as `rollout up` and a service run
+            // it: session state a required migration left behind (a role,
+            // `session_replication_role = replica`) stays with that one.
+            let mut conn = self.m.connect_named(self.url)?;
+            let r = self.m.run_deferred_probed(&mut conn, &mut self.probe);
             self.add(r.as_ref().ok().or_else(|| r.as_ref().err()?.report()));
             r.map(|d| d.applied.len())
         }
     }
     let mut on = OnTarget {
         m,
+        url: target.url(),
         conn,
         probe: crate::migrator::pooler_probe(target.url()),
         report,

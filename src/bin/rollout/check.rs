@@ -6,7 +6,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use diesel::prelude::*;
 use diesel_rollout::cluster::ThrowawayCluster;
-use diesel_rollout::{connect, redact_url, with_database, ErrorKind, Report, Track};
+use diesel_rollout::{
+    connect, redact_url, run_foreground, with_database, Error, Foreground, Report, Track,
+};
 
 use crate::render::{
     print_json, print_out, report_json, status_json, status_table, verify_text, Colors,
@@ -21,6 +23,40 @@ pub(crate) struct Args {}
 pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
     let _ = args;
     check(cli)
+}
+
+/// Both tracks in the order `rollout up` runs them ([`run_foreground`]),
+/// each on a connection of its own, as `up` runs them: what a required
+/// migration leaves in its session (a role, `session_replication_role`)
+/// does not reach the deferred track.
+struct Scratch<'a> {
+    m: &'a diesel_rollout::Migrator,
+    url: &'a str,
+    required: Report,
+    deferred: Report,
+}
+
+impl Foreground for Scratch<'_> {
+    type Error = Error;
+
+    fn required(&mut self) -> Result<Report, Error> {
+        let result = self.m.run_required(self.url);
+        let report = match &result {
+            Ok(r) => Some(r),
+            Err(e) => e.report(),
+        };
+        if let Some(r) = report {
+            self.required.applied.extend(r.applied.iter().cloned());
+        }
+        result
+    }
+
+    fn deferred(&mut self, _required_blocked: bool) -> Result<usize, Error> {
+        let d = self.m.run_deferred_on(&mut connect(self.url)?)?;
+        let applied = d.applied.len();
+        self.deferred.applied.extend(d.applied);
+        Ok(applied)
+    }
 }
 
 /// Drops the scratch database of `rollout check`, whatever happened.
@@ -125,35 +161,17 @@ fn check(cli: &Cli) -> Result<u8, Failure> {
         name: name.clone(),
     };
     tracing::info!(database = %name, "applying every migration from scratch");
+    let mut tracks = Scratch {
+        m: &migrator,
+        url: &url,
+        required: Report::default(),
+        deferred: Report::default(),
+    };
+    run_foreground(&mut tracks)?;
+    let Scratch {
+        required, deferred, ..
+    } = tracks;
     let mut conn = connect(&url)?;
-    let (mut required, mut deferred) = (Report::default(), Report::default());
-    let mut last_blocked = None;
-    loop {
-        let blocked = match migrator.run_required_on(&mut conn) {
-            Ok(r) => {
-                required.applied.extend(r.applied);
-                None
-            }
-            Err(e) if e.kind() == ErrorKind::DeferredDependency => {
-                if let Some(r) = e.report() {
-                    required.applied.extend(r.applied.iter().cloned());
-                }
-                Some(e)
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let d = migrator.run_deferred_on(&mut conn)?;
-        let progress = !d.applied.is_empty();
-        deferred.applied.extend(d.applied);
-        let at = blocked
-            .as_ref()
-            .and_then(|e| e.migration().map(|m| m.version.clone()));
-        match blocked {
-            Some(e) if !progress && last_blocked == at => return Err(e.into()),
-            Some(_) => last_blocked = at,
-            None => break,
-        }
-    }
     let verification = migrator.verify(&mut conn)?;
     let rows = migrator.status(&mut conn)?;
     let pending_deferred = rows
