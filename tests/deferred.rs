@@ -649,3 +649,36 @@ fn deferred_builds_run_with_the_deferred_session_settings_foreground_and_backgro
         ]
     );
 }
+
+/// A leader stopped on its last allowed attempt (a rolling update stops
+/// the old replica mid-build) records the cancel as a stop, not a failure:
+/// the replica that started meanwhile takes the build over and finishes
+/// it. Before, the cancel was recorded `failed`, and the other replica took
+/// it for a leader that gave up.
+#[test]
+fn a_leader_stopped_on_its_last_attempt_is_taken_over() {
+    let db = TestDb::new();
+    let m = fast(migrator("deferred_build")).deferred_failure_retries(0);
+    m.run_required(&db.url).unwrap();
+    let writer = hold_writer(&db);
+    let old = m.start_deferred(pool(&db, 2));
+    wait_until("the build to start", Duration::from_secs(20), || {
+        building(&db)
+    });
+    let new = m.start_deferred(pool(&db, 2));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(old.stop(), DeferredState::Stopped);
+    // The old leader's attempt (the first) is a stop, not a failure.
+    assert_eq!(
+        db.texts(
+            "SELECT outcome AS t FROM __diesel_rollout_attempts \
+             WHERE version = '0002' ORDER BY id LIMIT 1"
+        ),
+        ["interrupted"]
+    );
+    drop(writer);
+    let end = new.wait(Duration::from_secs(60));
+    assert!(matches!(end, DeferredState::Done { .. }), "{end:?}");
+    assert_eq!(index_valid(&db, "things_val_idx"), Some(true));
+    assert_eq!(db.advisory_locks(), 0);
+}

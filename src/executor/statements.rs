@@ -259,20 +259,29 @@ pub(super) fn run_statements(
             // What stays done is what was recorded: a transaction the
             // migration opened itself took its statements' progress with it.
             let mut completed = i;
+            // A shutdown cancels the running statement (`StopMode::Cancel`):
+            // that is a stop, which the next run (this replica's or
+            // another's) resumes, not a failure a leader gives up on.
+            let stopping = (hooks.should_stop)();
             if !is_connection_error(&e) {
                 if let Ok(n) = ledger::attempt_progress(conn, tables, id) {
                     completed = usize::try_from(n).unwrap_or(i).min(i);
                 }
                 pg.push_str(&explain_lock_timeout(conn, &s.sql, &e));
-                if let Err(le) =
-                    ledger::finish_attempt(conn, tables, id, hooks.failure_outcome, Some(&pg))
-                {
+                let (outcome, why) = if stopping {
+                    ("interrupted", format!("stopped by shutdown: {pg}"))
+                } else {
+                    (hooks.failure_outcome, pg.clone())
+                };
+                if let Err(le) = ledger::finish_attempt(conn, tables, id, outcome, Some(&why)) {
                     tracing::warn!(error = %le, "could not record the failed attempt");
                 }
             }
             tracing::error!(error = %pg, statement = i + 1, line, "{} failed", script.what(m));
             let kind = if is_connection_error(&e) {
                 ErrorKind::Connection
+            } else if stopping {
+                ErrorKind::Stopped
             } else {
                 ErrorKind::MigrationFailed
             };
