@@ -606,7 +606,10 @@ impl Migrator {
                 }
             }
             let row = rows.get(normal(m.version())).copied();
-            let applied = self.apply_retrying_lock_timeouts(conn, tables, m, row, track)?;
+            let Some(applied) = self.apply_retrying_lock_timeouts(conn, tables, m, row, track)?
+            else {
+                continue;
+            };
             crate::metrics::migration_duration(track, m.version(), applied.duration);
             report.applied.push(applied);
         }
@@ -616,7 +619,8 @@ impl Migrator {
     /// Applies one migration; a failure on `lock_timeout` (nothing of the
     /// failed statement applied, the table's lock queue left at once) is
     /// retried with backoff until the lock-timeout retry deadline, each
-    /// retry logged with who was in the way.
+    /// retry logged with who was in the way. `None` when, by a retry, the
+    /// session it waited for (the other track's) had applied it.
     fn apply_retrying_lock_timeouts(
         &self,
         conn: &mut PgConnection,
@@ -624,7 +628,7 @@ impl Migrator {
         m: &Migration,
         first: Option<&LedgerRow>,
         track: Track,
-    ) -> Result<Applied, Error> {
+    ) -> Result<Option<Applied>, Error> {
         let deadline = Instant::now() + self.lock_retry_deadline;
         let mut backoff = Duration::from_millis(500);
         let mut attempt = 1u32;
@@ -639,6 +643,15 @@ impl Migrator {
             } else {
                 ledger::row(conn, tables, m.version())?
             };
+            if row.as_ref().is_some_and(|r| r.applied) {
+                tracing::info!(
+                    track = %track,
+                    version = m.version(),
+                    "migration {} was applied by the session it waited for",
+                    m.dir_name()
+                );
+                return Ok(None);
+            }
             let result =
                 executor::apply(conn, tables, m, row.as_ref(), &executor::Options::plain());
             match result {
@@ -656,7 +669,7 @@ impl Migrator {
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     attempt += 1;
                 }
-                other => return other,
+                other => return other.map(Some),
             }
         }
     }

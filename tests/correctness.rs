@@ -1958,3 +1958,53 @@ fn a_lock_timeout_is_located_at_the_statement_that_waited() {
     assert!(text.contains("could not lock table orders"), "{text}");
     assert_eq!(err.migration().and_then(|r| r.line), Some(2), "{text}");
 }
+
+/// A no-transaction migration moved from the deferred track to the
+/// required one in the next release, while the old release's leader still
+/// runs it: the new release does not run it alongside (each track takes
+/// only its own lock). It waits, as for a lock, finds it applied by the old
+/// release, and goes on; each statement's effect happens once. Before, it
+/// started the migration over from statement 1 next to the running one.
+#[test]
+fn a_migration_moved_to_the_other_track_is_not_run_twice_at_once() {
+    use diesel::Connection;
+    use std::time::{Duration, Instant};
+    let db = TestDb::new();
+    let (old, new) = (TempSet::new(), TempSet::new());
+    for set in [&old, &new] {
+        set.required("1_effects", "CREATE TABLE effects (v int);\n");
+    }
+    let fill = "INSERT INTO effects SELECT 5 FROM pg_sleep(2);\nINSERT INTO effects VALUES (6);\n";
+    old.deferred("5_fill", fill);
+    new.required_no_tx("5_fill", fill);
+    old.migrator().run_required(&db.url).unwrap();
+    let leader = {
+        let (url, m) = (db.url.clone(), old.migrator());
+        std::thread::spawn(move || {
+            let mut c = diesel::PgConnection::establish(&url).unwrap();
+            m.run_deferred_on(&mut c).map(|r| r.applied.len())
+        })
+    };
+    let started = Instant::now();
+    while db.count(
+        "SELECT count(*) AS n FROM __diesel_rollout_attempts \
+         WHERE version = '5' AND outcome = 'running'",
+    ) == 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the old leader never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let report = new.migrator().run_required(&db.url).unwrap();
+    assert!(
+        report.applied.iter().all(|a| a.version != "5"),
+        "{report:?}"
+    );
+    assert_eq!(leader.join().unwrap().unwrap(), 1);
+    assert_eq!(
+        db.texts("SELECT v::text AS t FROM effects ORDER BY v"),
+        ["5", "6"]
+    );
+}

@@ -61,6 +61,17 @@ fn run(
     row: Option<&LedgerRow>,
     options: &Options<'_>,
 ) -> Result<Applied, Error> {
+    // Running still, once this track marked its own dead attempts: another
+    // process runs it now, on the other track (a release that has it
+    // there), under a lock this one does not take.
+    let fresh;
+    let row = match row {
+        Some(r) if direction == Direction::Up && r.outcome.as_deref() == Some("running") => {
+            fresh = running_elsewhere(conn, tables, m, r)?;
+            fresh.as_ref()
+        }
+        _ => row,
+    };
     let script = Script::of(m, direction)?;
     // A script with its own `COMMIT` or `BEGIN` never gets here as a
     // transactional one: the build refuses it in a new migration and loads
@@ -204,6 +215,54 @@ fn run_transactional(
             .lock_timeout(lock_timeout))
         }
     }
+}
+
+/// A migration whose latest attempt is still running on another backend:
+/// refused while that backend lives (a lock timeout, which the required
+/// track retries until its deadline and the deferred leader later); once
+/// it is gone, its attempt is marked interrupted and read again, so the
+/// run resumes after its recorded statements.
+fn running_elsewhere(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    r: &LedgerRow,
+) -> Result<Option<LedgerRow>, Error> {
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        found: bool,
+    }
+    let alive = match r.attempt_backend_pid {
+        Some(pid) => {
+            diesel::sql_query(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+                 WHERE pid = $1 AND pid <> pg_backend_pid()) AS found",
+            )
+            .bind::<diesel::sql_types::Integer, _>(pid)
+            .get_result::<Found>(conn)
+            .map_err(|e| Error::db("looking for the backend of a running attempt", e))?
+            .found
+        }
+        None => false,
+    };
+    if alive {
+        return Err(Error::new(
+            ErrorKind::LockTimeout,
+            format!(
+                "migration {} is being applied now by another session (backend pid {}): \
+                 a release that has it on the other track runs it under that track's \
+                 lock. It is not run alongside; wait for that run to finish (`rollout \
+                 status`), then run again",
+                m.dir_name(),
+                r.attempt_backend_pid.unwrap_or_default()
+            ),
+        )
+        .at(m, None)
+        .lock_timeout(true));
+    }
+    ledger::mark_interrupted_version(conn, tables, m.version())?;
+    ledger::row(conn, tables, m.version())
 }
 
 /// Whether the caller's connection is inside a transaction diesel opened.

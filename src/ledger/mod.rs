@@ -48,6 +48,9 @@ pub(crate) struct LedgerRow {
     /// When the latest attempt finished (server clock, Unix seconds).
     #[diesel(sql_type = Nullable<Double>)]
     pub finished_epoch: Option<f64>,
+    /// The backend the latest attempt ran on (none before layout 3).
+    #[diesel(sql_type = Nullable<Integer>)]
+    pub attempt_backend_pid: Option<i32>,
 }
 
 impl LedgerRow {
@@ -179,6 +182,7 @@ pub(crate) fn rows_fast(conn: &mut PgConnection, ledger: &Ledger) -> QueryResult
             attempt_checksum: None,
             applied_checksum,
             finished_epoch: None,
+            attempt_backend_pid: None,
         })
         .collect())
 }
@@ -307,8 +311,23 @@ pub(crate) fn mark_interrupted(
 ) -> Result<usize, Error> {
     sql_query(&t.sql.mark_interrupted)
         .bind::<Text, _>(track.as_str())
+        .bind::<Nullable<Text>, _>(None::<&str>)
         .execute(conn)
         .map_err(|e| Error::db("marking interrupted attempts", e))
+}
+
+/// Marks the running attempt of `version` interrupted: one whose backend
+/// is gone, left by the other track.
+pub(crate) fn mark_interrupted_version(
+    conn: &mut PgConnection,
+    t: &Tables,
+    version: &str,
+) -> Result<usize, Error> {
+    sql_query(&t.sql.mark_interrupted)
+        .bind::<Text, _>("")
+        .bind::<Nullable<Text>, _>(Some(version))
+        .execute(conn)
+        .map_err(|e| Error::db("marking an interrupted attempt", e))
 }
 
 /// Records a started attempt (autocommit) and returns its id.

@@ -10,5 +10,6 @@ SELECT version,
        NULL::integer AS statements_total,
        NULL::text AS attempt_checksum,
        NULL::text AS applied_checksum,
-       NULL::float8 AS finished_epoch
+       NULL::float8 AS finished_epoch,
+       NULL::integer AS attempt_backend_pid
 FROM {migrations}

@@ -5,7 +5,7 @@
 -- attempt this binary wrote.
 WITH latest AS (
     SELECT version, operation, outcome, error, statements_completed,
-           statements_total, checksum, finished_at
+           statements_total, checksum, finished_at, backend_pid
     FROM {attempts}
     WHERE version = $1 AND (ledger = {ledger} OR ledger IS NULL)
     ORDER BY id DESC
@@ -31,7 +31,8 @@ SELECT coalesce(m.version, l.version) AS version,
        l.statements_total,
        l.checksum AS attempt_checksum,
        coalesce({migrations_checksum}, s.checksum) AS applied_checksum,
-       extract(epoch FROM l.finished_at)::float8 AS finished_epoch
+       extract(epoch FROM l.finished_at)::float8 AS finished_epoch,
+       l.backend_pid AS attempt_backend_pid
 FROM m
 FULL JOIN latest l ON l.version = m.version
 LEFT JOIN succeeded s ON s.version = coalesce(m.version, l.version)

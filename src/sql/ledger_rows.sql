@@ -4,7 +4,7 @@
 -- are one version (a directory renamed to sort), one row.
 WITH exact AS (
     SELECT DISTINCT ON (version) id, version, operation, outcome, error, statements_completed,
-           statements_total, checksum, finished_at
+           statements_total, checksum, finished_at, backend_pid
     FROM {attempts}
     WHERE ledger = {ledger} OR ledger IS NULL
     ORDER BY version, id DESC
@@ -32,7 +32,8 @@ SELECT coalesce(m.version, l.version) AS version,
        l.statements_total,
        l.checksum AS attempt_checksum,
        coalesce({migrations_checksum}, s.checksum) AS applied_checksum,
-       extract(epoch FROM l.finished_at)::float8 AS finished_epoch
+       extract(epoch FROM l.finished_at)::float8 AS finished_epoch,
+       l.backend_pid AS attempt_backend_pid
 FROM {migrations} m
 FULL JOIN latest l ON ltrim(l.version, '0') = ltrim(m.version, '0')
 LEFT JOIN succeeded s ON ltrim(s.version, '0') = ltrim(coalesce(m.version, l.version), '0')

@@ -21,7 +21,8 @@ SELECT coalesce(m.version, l.version) AS version,
        l.statements_total,
        l.checksum AS attempt_checksum,
        s.checksum AS applied_checksum,
-       extract(epoch FROM l.finished_at)::float8 AS finished_epoch
+       extract(epoch FROM l.finished_at)::float8 AS finished_epoch,
+       NULL::integer AS attempt_backend_pid
 FROM {migrations} m
 FULL JOIN latest l ON ltrim(l.version, '0') = ltrim(m.version, '0')
 LEFT JOIN succeeded s ON ltrim(s.version, '0') = ltrim(coalesce(m.version, l.version), '0')
