@@ -26,7 +26,8 @@ fn many_dir(n: usize) -> tempfile::TempDir {
     dir
 }
 
-pub(crate) fn many(server: &Server, sizes: &Sizes, report: &mut String) {
+/// Returns diesel-rollout's total and harness time ÷ diesel_migrations'.
+pub(crate) fn many(server: &Server, sizes: &Sizes, report: &mut String) -> (f64, f64) {
     let n = sizes.many;
     let dir = many_dir(n);
     let set = MigrationSet::from_dirs(
@@ -119,6 +120,10 @@ pub(crate) fn many(server: &Server, sizes: &Sizes, report: &mut String) {
          machine, most of it in `CREATE TABLE`.\n"
     )
     .unwrap();
+    (
+        o.as_secs_f64() / d.as_secs_f64(),
+        oh.as_secs_f64() / dh.as_secs_f64(),
+    )
 }
 
 /// The statements that took the most server time in `database` (to see
