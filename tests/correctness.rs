@@ -2008,3 +2008,51 @@ fn a_migration_moved_to_the_other_track_is_not_run_twice_at_once() {
         ["5", "6"]
     );
 }
+
+/// The other way round: the new release runs the migration on its required
+/// track while the old release's deferred leader looks. The leader waits
+/// (a retry, nothing recorded), finds it applied, and is done; each effect
+/// once. Before, its retry ran the applied migration again: statement 1 a
+/// second time, then a duplicate version row, retried with backoff.
+#[test]
+fn a_deferred_leader_waits_for_the_required_track_of_a_newer_release() {
+    use std::time::{Duration, Instant};
+    let db = TestDb::new();
+    let (old, new) = (TempSet::new(), TempSet::new());
+    for set in [&old, &new] {
+        set.required("1_effects", "CREATE TABLE effects (v int);\n");
+    }
+    let fill = "INSERT INTO effects SELECT 5 FROM pg_sleep(2);\nINSERT INTO effects VALUES (6);\n";
+    old.deferred("5_fill", fill);
+    new.required_no_tx("5_fill", fill);
+    old.migrator().run_required(&db.url).unwrap();
+    let required = {
+        let (url, m) = (db.url.clone(), new.migrator());
+        std::thread::spawn(move || m.run_required(&url).map(|r| r.applied.len()))
+    };
+    let started = Instant::now();
+    while db.count(
+        "SELECT count(*) AS n FROM __diesel_rollout_attempts \
+         WHERE version = '5' AND outcome = 'running'",
+    ) == 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the new release never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let end = once(old.migrator())
+        .deferred_failure_retries(20)
+        .deferred_failure_backoff(Duration::from_millis(200))
+        .run_deferred(pool(&db));
+    assert!(
+        matches!(end, diesel_rollout::DeferredState::Done { .. }),
+        "{end:?}"
+    );
+    assert_eq!(required.join().unwrap().unwrap(), 1);
+    assert_eq!(
+        db.texts("SELECT v::text AS t FROM effects ORDER BY v"),
+        ["5", "6"]
+    );
+}

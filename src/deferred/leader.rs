@@ -445,6 +445,17 @@ fn lead(
                     let row = rows
                         .iter()
                         .find(|r| normal(&r.version) == normal(migration.version()));
+                    if row.is_some_and(|r| r.applied) {
+                        // Applied meanwhile by a session it waited for (a
+                        // release that has it on the required track).
+                        tracing::info!(
+                            version = migration.version(),
+                            "deferred migration {} was applied by another session",
+                            migration.dir_name()
+                        );
+                        shared.metrics(|x| x.pending = x.pending.saturating_sub(1));
+                        break;
+                    }
                     let started = Instant::now();
                     let outcome = executor::apply(conn, tables, migration, row, &options);
                     match outcome {
