@@ -239,7 +239,7 @@ fn main() {
              catalog question before (is any index of the table invalid?) and after (is this \
              one valid?), the full look at the table's indexes only when one is not valid. \
              (Asked with the full look each time, whose plan alone took about 0.5 ms, the \
-             history below was 1.10× diesel's.) In §3's history, 8% of the migrations are of \
+             history of §3 was 1.10× diesel's.) In §3's history, 8% of the migrations are of \
              that kind{}.\n",
             history_ratio.map_or(String::new(), |r| format!(
                 ", and the whole history took {r:.2}× diesel_migrations' time in this run"
