@@ -82,12 +82,12 @@ impl Migrator {
     /// many extra processes an index build may start. `None` keeps the
     /// server's setting (PostgreSQL's default is 2). Default `Some(0)`: a
     /// background build runs in its one backend and leaves the other cores
-    /// to the traffic it must not slow (on 2 cores, in two full runs of
+    /// to the traffic it must not slow (on 2 cores, in three full runs of
     /// BENCHMARKS.md §5, what a deferred build did to the writers' p99 was
-    /// 0.94× and 0.38× what one backend merely reading the table did, the
-    /// same build with the server's 2 workers 1.44× and 1.17×; the build
-    /// about 1.35× longer). Raise it where cores are spare and the
-    /// build's length matters more.
+    /// 0.94×, 0.38× and 1.15× what one backend merely reading the table
+    /// did, the same build with the server's 2 workers 1.44×, 1.17× and
+    /// 1.66×; the build about 1.4× longer). Raise it where cores are spare
+    /// and the build's length matters more.
     pub fn deferred_parallel_workers(mut self, workers: Option<u32>) -> Self {
         self.deferred.parallel_workers = workers.map(|n| n.min(1024));
         self
@@ -99,10 +99,10 @@ impl Migrator {
     /// come while its validation sorts more than fits and spills to disk
     /// (`BufFileWrite`), writers waiting on `LWLock:BufferContent`: with
     /// enough for the sort (1 GiB for 3 million rows of two columns) the
-    /// slowest write during the build fell from 380 ms to 13 ms and from
-    /// 350 ms to 10 ms in two full runs of BENCHMARKS.md §5 (medians of
-    /// their runs); the writers' p99 did not fall. Each build may use this
-    /// much memory.
+    /// slowest write during the build fell from 380 ms to 13 ms, from 350
+    /// ms to 10 ms and from 545 ms to 10 ms in three full runs of
+    /// BENCHMARKS.md §5 (medians of their runs); the writers' p99 did not
+    /// fall reliably. Each build may use this much memory.
     pub fn deferred_maintenance_work_mem(mut self, mib: Option<u32>) -> Self {
         self.deferred.maintenance_work_mem_mb = mib.map(|n| n.clamp(1, 2_097_151));
         self
