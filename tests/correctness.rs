@@ -1959,6 +1959,37 @@ fn a_lock_timeout_is_located_at_the_statement_that_waited() {
     assert_eq!(err.migration().and_then(|r| r.line), Some(2), "{text}");
 }
 
+/// Two releases of one project: the old has `5_fill` (a slow statement,
+/// then another, each leaving a row) on the deferred track, the new on the
+/// required one. The old release's required track is applied.
+fn moved_to_the_required_track(db: &TestDb) -> (TempSet, TempSet) {
+    let (old, new) = (TempSet::new(), TempSet::new());
+    for set in [&old, &new] {
+        set.required("1_effects", "CREATE TABLE effects (v int);\n");
+    }
+    let fill = "INSERT INTO effects SELECT 5 FROM pg_sleep(2);\nINSERT INTO effects VALUES (6);\n";
+    old.deferred("5_fill", fill);
+    new.required_no_tx("5_fill", fill);
+    old.migrator().run_required(&db.url).unwrap();
+    (old, new)
+}
+
+/// Waits until an attempt of `version` is running.
+fn wait_until_running(db: &TestDb, version: &str) {
+    let started = std::time::Instant::now();
+    while db.count(&format!(
+        "SELECT count(*) AS n FROM __diesel_rollout_attempts \
+         WHERE version = '{version}' AND outcome = 'running'"
+    )) == 0
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "no attempt of {version} started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A no-transaction migration moved from the deferred track to the
 /// required one in the next release, while the old release's leader still
 /// runs it: the new release does not run it alongside (each track takes
@@ -1968,16 +1999,8 @@ fn a_lock_timeout_is_located_at_the_statement_that_waited() {
 #[test]
 fn a_migration_moved_to_the_other_track_is_not_run_twice_at_once() {
     use diesel::Connection;
-    use std::time::{Duration, Instant};
     let db = TestDb::new();
-    let (old, new) = (TempSet::new(), TempSet::new());
-    for set in [&old, &new] {
-        set.required("1_effects", "CREATE TABLE effects (v int);\n");
-    }
-    let fill = "INSERT INTO effects SELECT 5 FROM pg_sleep(2);\nINSERT INTO effects VALUES (6);\n";
-    old.deferred("5_fill", fill);
-    new.required_no_tx("5_fill", fill);
-    old.migrator().run_required(&db.url).unwrap();
+    let (old, new) = moved_to_the_required_track(&db);
     let leader = {
         let (url, m) = (db.url.clone(), old.migrator());
         std::thread::spawn(move || {
@@ -1985,18 +2008,7 @@ fn a_migration_moved_to_the_other_track_is_not_run_twice_at_once() {
             m.run_deferred_on(&mut c).map(|r| r.applied.len())
         })
     };
-    let started = Instant::now();
-    while db.count(
-        "SELECT count(*) AS n FROM __diesel_rollout_attempts \
-         WHERE version = '5' AND outcome = 'running'",
-    ) == 0
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the old leader never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_running(&db, "5");
     let report = new.migrator().run_required(&db.url).unwrap();
     assert!(
         report.applied.iter().all(|a| a.version != "5"),
@@ -2016,32 +2028,14 @@ fn a_migration_moved_to_the_other_track_is_not_run_twice_at_once() {
 /// second time, then a duplicate version row, retried with backoff.
 #[test]
 fn a_deferred_leader_waits_for_the_required_track_of_a_newer_release() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let db = TestDb::new();
-    let (old, new) = (TempSet::new(), TempSet::new());
-    for set in [&old, &new] {
-        set.required("1_effects", "CREATE TABLE effects (v int);\n");
-    }
-    let fill = "INSERT INTO effects SELECT 5 FROM pg_sleep(2);\nINSERT INTO effects VALUES (6);\n";
-    old.deferred("5_fill", fill);
-    new.required_no_tx("5_fill", fill);
-    old.migrator().run_required(&db.url).unwrap();
+    let (old, new) = moved_to_the_required_track(&db);
     let required = {
         let (url, m) = (db.url.clone(), new.migrator());
         std::thread::spawn(move || m.run_required(&url).map(|r| r.applied.len()))
     };
-    let started = Instant::now();
-    while db.count(
-        "SELECT count(*) AS n FROM __diesel_rollout_attempts \
-         WHERE version = '5' AND outcome = 'running'",
-    ) == 0
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the new release never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_running(&db, "5");
     let end = once(old.migrator())
         .deferred_failure_retries(20)
         .deferred_failure_backoff(Duration::from_millis(200))
