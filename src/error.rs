@@ -21,7 +21,10 @@ pub enum ErrorKind {
     Database,
     /// A migration's SQL failed. Earlier migrations stay applied.
     MigrationFailed,
-    /// The advisory lock was not acquired before the configured deadline.
+    /// The advisory lock was not acquired before the configured deadline;
+    /// or a no-transaction migration was still being applied by another
+    /// session on the other track (a release that has it there) when its
+    /// lock-timeout retries ran out.
     LockTimeout,
     /// The advisory lock was granted but is not held by this session's
     /// backend: a pooler in transaction mode sits between us and the server.
