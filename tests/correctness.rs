@@ -2050,3 +2050,38 @@ fn a_deferred_leader_waits_for_the_required_track_of_a_newer_release() {
         ["5", "6"]
     );
 }
+
+/// An attempt left `running` on the other track by a client that died
+/// behind a session pooler: its backend lives on (the pooler keeps it) but
+/// holds no advisory lock any more (`DISCARD ALL`). It does not hold the
+/// migration back: the run resumes after the statement it recorded.
+#[test]
+fn a_running_attempt_whose_backend_holds_no_lock_is_resumed() {
+    use diesel::Connection;
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("1_effects", "CREATE TABLE effects (v int);\n");
+    set.required_no_tx(
+        "5_fill",
+        "INSERT INTO effects VALUES (5);\nINSERT INTO missing VALUES (6);\n",
+    );
+    let m = set
+        .migrator()
+        .lock_timeout_retry_deadline(std::time::Duration::ZERO);
+    m.run_required(&db.url).unwrap_err();
+    // The pooler's backend: alive, idle, no advisory lock.
+    let mut kept = diesel::PgConnection::establish(&db.url).unwrap();
+    let pid = support::count_on(&mut kept, "SELECT pg_backend_pid()::bigint AS n");
+    db.conn()
+        .batch_execute(&format!(
+            "UPDATE __diesel_rollout_attempts SET outcome = 'running', track = 'deferred', \
+             finished_at = NULL, error = NULL, backend_pid = {pid} WHERE version = '5'; \
+             CREATE TABLE missing (v int)"
+        ))
+        .unwrap();
+    let report = m.run_required(&db.url).unwrap();
+    assert_eq!(report.applied.len(), 1, "{report:?}");
+    assert_eq!(report.applied[0].statements, 1, "resumed at statement 2");
+    assert_eq!(db.count("SELECT count(*) AS n FROM effects"), 1);
+    drop(kept);
+}

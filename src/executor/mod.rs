@@ -218,10 +218,11 @@ fn run_transactional(
 }
 
 /// A migration whose latest attempt is still running on another backend:
-/// refused while that backend lives (a lock timeout, which the required
-/// track retries until its deadline and the deferred leader later); once
-/// it is gone, its attempt is marked interrupted and read again, so the
-/// run resumes after its recorded statements.
+/// refused while that backend holds an advisory lock, its track's (as a
+/// lock timeout, which the required track retries until its deadline and
+/// the deferred leader later); once it does not, its attempt is marked
+/// interrupted and read again, so the run resumes after its recorded
+/// statements.
 fn running_elsewhere(
     conn: &mut PgConnection,
     tables: &Tables,
@@ -236,8 +237,11 @@ fn running_elsewhere(
     let alive = match r.attempt_backend_pid {
         Some(pid) => {
             diesel::sql_query(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
-                 WHERE pid = $1 AND pid <> pg_backend_pid()) AS found",
+                // Alive and still holding its track's advisory lock: a
+                // backend a session pooler keeps after its client died has
+                // had the lock freed (`DISCARD ALL`), and does not count.
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 \
+                 AND locktype = 'advisory' AND granted AND pid <> pg_backend_pid()) AS found",
             )
             .bind::<diesel::sql_types::Integer, _>(pid)
             .get_result::<Found>(conn)
