@@ -158,6 +158,16 @@ impl Server {
     }
 }
 
+/// Which harness goes first in run `run`: they take turns, so drift on a
+/// shared machine (and whatever follows creating a database) evens out.
+pub(crate) fn in_turn(run: usize) -> [&'static str; 2] {
+    if run % 2 == 0 {
+        ["ours", "diesel"]
+    } else {
+        ["diesel", "ours"]
+    }
+}
+
 pub(crate) fn scalar_i64(conn: &mut PgConnection, sql: &str) -> i64 {
     #[derive(QueryableByName)]
     struct N {

@@ -28,12 +28,7 @@ pub(crate) fn history(server: &Server, sizes: &Sizes, report: &mut String) -> f6
     let (mut ours_s, mut diesel_s) = (0, 0);
     let (mut ours_db, mut diesel_db) = (None, None);
     for run in 0..sizes.many_runs {
-        // Alternate which goes first, so drift on a shared machine evens out.
-        for which in if run % 2 == 0 {
-            ["ours", "diesel"]
-        } else {
-            ["diesel", "ours"]
-        } {
+        for which in in_turn(run) {
             let (db, url) = server.database();
             if which == "ours" {
                 let ((_, t), s) =

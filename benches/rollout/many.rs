@@ -45,13 +45,7 @@ pub(crate) fn many(server: &Server, sizes: &Sizes, report: &mut String) -> (f64,
         t.saturating_sub(std::time::Duration::from_secs_f64(own_ms / 1000.0))
     };
     for run in 0..sizes.many_runs {
-        // Alternate which goes first, so drift on a shared machine (and
-        // whatever follows creating a database) evens out.
-        for which in if run % 2 == 0 {
-            ["ours", "diesel"]
-        } else {
-            ["diesel", "ours"]
-        } {
+        for which in in_turn(run) {
             let (db, url) = server.database();
             if which == "ours" {
                 let ((_, t), s, own_ms) = server
