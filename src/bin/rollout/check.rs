@@ -41,10 +41,7 @@ impl Foreground for Scratch<'_> {
 
     fn required(&mut self) -> Result<Report, Error> {
         let result = self.m.run_required(self.url);
-        let report = match &result {
-            Ok(r) => Some(r),
-            Err(e) => e.report(),
-        };
+        let report = crate::render::report_of(&result);
         if let Some(r) = report {
             self.required.applied.extend(r.applied.iter().cloned());
         }

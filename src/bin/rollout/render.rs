@@ -184,6 +184,16 @@ pub(crate) fn plan_json(plan: &diesel_rollout::Plan) -> serde_json::Value {
     })
 }
 
+/// What a track's run applied, whether it succeeded or not.
+pub(crate) fn report_of(
+    result: &Result<diesel_rollout::Report, diesel_rollout::Error>,
+) -> Option<&diesel_rollout::Report> {
+    match result {
+        Ok(r) => Some(r),
+        Err(e) => e.report(),
+    }
+}
+
 pub(crate) fn print_json(value: &serde_json::Value) {
     print_out(&format!("{value:#}\n"));
 }

@@ -36,10 +36,7 @@ impl Foreground for Tracks<'_> {
 
     fn required(&mut self) -> Result<Report, Error> {
         let result = self.m.run_required(self.url);
-        let report = match &result {
-            Ok(r) => Some(r),
-            Err(e) => e.report(),
-        };
+        let report = crate::render::report_of(&result);
         if let Some(r) = report {
             if !self.cli.json {
                 print_applied("required", r);
