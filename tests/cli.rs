@@ -252,7 +252,17 @@ fn missing_database_url_is_a_usage_error() {
 #[test]
 fn check_applies_the_embedded_set_in_a_scratch_database_and_drops_it() {
     let db = TestDb::new();
-    let out = db.rollout().arg("check").output().unwrap();
+    let child = db
+        .rollout()
+        .arg("check")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The scratch database is named after the process, so other tests'
+    // `check` runs on the same server do not count.
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(
@@ -262,7 +272,9 @@ fn check_applies_the_embedded_set_in_a_scratch_database_and_drops_it() {
     assert!(stdout.contains("verify: complete"), "{stdout}");
     assert!(stdout.contains("create_audit_events"), "{stdout}");
     assert_eq!(
-        db.count("SELECT count(*) AS n FROM pg_database WHERE datname LIKE 'rollout_check_%'"),
+        db.count(&format!(
+            "SELECT count(*) AS n FROM pg_database WHERE datname LIKE 'rollout_check_{pid}_%'"
+        )),
         0,
         "the scratch database is dropped"
     );

@@ -68,7 +68,8 @@ fn busy_table_fails_fast_and_retries_until_the_deadline() {
             while !stop.load(Ordering::SeqCst) {
                 let n = diesel::sql_query(
                     "SELECT count(*) AS n FROM pg_locks \
-                     WHERE relation = 'busy_items'::regclass AND NOT granted",
+                     WHERE relation = 'busy_items'::regclass AND NOT granted \
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
                 )
                 .get_result::<N>(&mut c)
                 .unwrap()
@@ -109,7 +110,8 @@ fn busy_table_fails_fast_and_retries_until_the_deadline() {
     assert_eq!(
         db.count(
             "SELECT count(*) AS n FROM pg_locks \
-             WHERE relation = 'busy_items'::regclass AND NOT granted"
+             WHERE relation = 'busy_items'::regclass AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         ),
         0,
         "nothing left waiting on the table"
