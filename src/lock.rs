@@ -38,6 +38,18 @@ fn key_of(text: &str, what: impl std::fmt::Display) -> i64 {
     i64::from_be_bytes(bytes)
 }
 
+/// The session advisory lock a run holds while it runs one
+/// `run_in_transaction = false` migration, whichever track has it: two
+/// releases that have the migration on different tracks (each under only
+/// its own track's lock) do not run it at once. The version as the ledger
+/// compares it (leading zeros dropped).
+pub(crate) fn claim_key(schema: &str, table: &str, version: &str) -> i64 {
+    key_of(
+        &format!("{schema}.{table}:{}", crate::migration::normal(version)),
+        "claim",
+    )
+}
+
 /// The transaction-level advisory lock under which the ledger tables of
 /// `schema.table` are created or upgraded, whichever track's lock is held.
 pub(crate) fn ledger_ddl_key(schema: &str, table: &str) -> i64 {

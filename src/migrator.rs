@@ -605,9 +605,7 @@ impl Migrator {
                     .at(m, None));
                 }
             }
-            let row = rows.get(normal(m.version())).copied();
-            let Some(applied) = self.apply_retrying_lock_timeouts(conn, tables, m, row, track)?
-            else {
+            let Some(applied) = self.apply_retrying_lock_timeouts(conn, tables, m, track)? else {
                 continue;
             };
             crate::metrics::migration_duration(track, m.version(), applied.duration);
@@ -619,41 +617,28 @@ impl Migrator {
     /// Applies one migration; a failure on `lock_timeout` (nothing of the
     /// failed statement applied, the table's lock queue left at once) is
     /// retried with backoff until the lock-timeout retry deadline, each
-    /// retry logged with who was in the way. `None` when, by a retry, the
-    /// session it waited for (the other track's) had applied it.
+    /// retry logged with who was in the way. `None` when another session (the
+    /// other track's) applied it meanwhile.
     fn apply_retrying_lock_timeouts(
         &self,
         conn: &mut PgConnection,
         tables: &Tables,
         m: &Migration,
-        first: Option<&LedgerRow>,
         track: Track,
     ) -> Result<Option<Applied>, Error> {
         let deadline = Instant::now() + self.lock_retry_deadline;
         let mut backoff = Duration::from_millis(500);
         let mut attempt = 1u32;
         loop {
-            // Where a no-transaction migration resumes: the row read under
-            // the lock for the first attempt (nothing else writes this
-            // version meanwhile), read again (one indexed query) for a retry.
-            let row = if m.run_in_transaction() {
-                None
-            } else if attempt == 1 {
-                first.cloned()
-            } else {
-                ledger::row(conn, tables, m.version())?
-            };
-            if row.as_ref().is_some_and(|r| r.applied) {
+            let result = executor::apply(conn, tables, m, &executor::Options::plain());
+            if let Ok(None) = result {
                 tracing::info!(
                     track = %track,
                     version = m.version(),
-                    "migration {} was applied by the session it waited for",
+                    "migration {} was applied by another session meanwhile",
                     m.dir_name()
                 );
-                return Ok(None);
             }
-            let result =
-                executor::apply(conn, tables, m, row.as_ref(), &executor::Options::plain());
             match result {
                 Err(e) if e.is_lock_timeout() && Instant::now() + backoff < deadline => {
                     tracing::warn!(
@@ -669,7 +654,7 @@ impl Migrator {
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     attempt += 1;
                 }
-                other => return other.map(Some),
+                other => return other,
             }
         }
     }

@@ -2085,3 +2085,88 @@ fn a_running_attempt_whose_backend_holds_no_lock_is_resumed() {
     assert_eq!(db.count("SELECT count(*) AS n FROM effects"), 1);
     drop(kept);
 }
+
+/// The new release's required track gets to a migration only after an
+/// earlier one waited on a lock; meanwhile the old release's deferred
+/// leader, which has it on its track, applied it. The new release finds it
+/// applied and does not run it again (a no-transaction one reads its row
+/// afresh under the migration's own lock; one made transactional as it
+/// moved, failing on the version row, finds it applied and reports no
+/// failure). Before, it ran
+/// it from the row it read when it planned: a no-transaction one's effects
+/// twice, a transactional one failed on the duplicate version row.
+fn the_other_track_applied_it_meanwhile(no_tx: bool) {
+    use std::time::Duration;
+    let db = TestDb::new();
+    db.conn()
+        .batch_execute("CREATE TABLE gate (v int)")
+        .unwrap();
+    let (old, new) = (TempSet::new(), TempSet::new());
+    for set in [&old, &new] {
+        set.required("1_effects", "CREATE TABLE effects (v int);\n");
+    }
+    let fill = "INSERT INTO effects VALUES (5);\nINSERT INTO effects VALUES (6);\n";
+    new.required(
+        "4_gate",
+        "INSERT INTO effects SELECT count(*)::int + 4 FROM gate;\n",
+    );
+    // The deferred track runs outside a transaction; the new release may
+    // have made it a transactional one as it moved it.
+    old.deferred("5_fill", fill);
+    if no_tx {
+        new.required_no_tx("5_fill", fill);
+    } else {
+        new.required("5_fill", fill);
+    }
+    old.migrator().run_required(&db.url).unwrap();
+    let mut blocker = db.conn();
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE gate IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let required = {
+        let url = db.url.clone();
+        let m = new
+            .migrator()
+            .required_lock_timeout(Duration::from_secs(30));
+        std::thread::spawn(move || m.run_required(&url))
+    };
+    wait_until("4_gate to wait for the table", || {
+        db.count(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND datname = current_database() AND pid <> pg_backend_pid() \
+             AND query LIKE '%count(*)::int + 4 FROM gate%'",
+        ) > 0
+    });
+    let end = once(old.migrator()).run_deferred(pool(&db));
+    assert!(
+        matches!(end, diesel_rollout::DeferredState::Done { .. }),
+        "{end:?}"
+    );
+    blocker.batch_execute("COMMIT").unwrap();
+    let report = required.join().unwrap().unwrap();
+    let versions: Vec<_> = report.applied.iter().map(|a| a.version.as_str()).collect();
+    assert_eq!(versions, ["4"], "{report:?}");
+    assert_eq!(
+        db.texts("SELECT v::text AS t FROM effects ORDER BY v"),
+        ["4", "5", "6"],
+        "each effect once"
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM __diesel_rollout_attempts \
+             WHERE version = '5' AND outcome <> 'success'"
+        ),
+        0,
+        "no failed attempt of 5_fill is recorded"
+    );
+}
+
+#[test]
+fn a_migration_the_other_track_applied_while_earlier_ones_ran_is_not_run_again() {
+    the_other_track_applied_it_meanwhile(true);
+}
+
+#[test]
+fn a_transactional_migration_the_other_track_applied_meanwhile_is_not_a_failure() {
+    the_other_track_applied_it_meanwhile(false);
+}

@@ -440,26 +440,22 @@ fn lead(
                         },
                         poll: Duration::from_secs(2),
                     };
-                    // Re-read the row: it tells where a retry resumes.
-                    let rows = ledger::rows(conn, tables).map_err(Led::Lost)?;
-                    let row = rows
-                        .iter()
-                        .find(|r| normal(&r.version) == normal(migration.version()));
-                    if row.is_some_and(|r| r.applied) {
-                        // Applied meanwhile by a session it waited for (a
-                        // release that has it on the required track).
-                        tracing::info!(
-                            version = migration.version(),
-                            "deferred migration {} was applied by another session",
-                            migration.dir_name()
-                        );
-                        shared.metrics(|x| x.pending = x.pending.saturating_sub(1));
-                        break;
-                    }
                     let started = Instant::now();
-                    let outcome = executor::apply(conn, tables, migration, row, &options);
+                    // The migration's ledger row is read afresh where it runs.
+                    let outcome = executor::apply(conn, tables, migration, &options);
                     match outcome {
-                        Ok(_) => {
+                        Ok(None) => {
+                            // Applied meanwhile by another session (a release
+                            // that has it on the required track).
+                            tracing::info!(
+                                version = migration.version(),
+                                "deferred migration {} was applied by another session",
+                                migration.dir_name()
+                            );
+                            shared.metrics(|x| x.pending = x.pending.saturating_sub(1));
+                            break;
+                        }
+                        Ok(Some(_)) => {
                             shared.metrics(|x| {
                                 x.migration_durations
                                     .push((migration.version().to_string(), started.elapsed()));

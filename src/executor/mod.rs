@@ -12,6 +12,7 @@ use diesel::result::Error as DieselError;
 
 use crate::error::{describe_db_error, is_connection_error, Error, ErrorKind};
 use crate::ledger::{self, LedgerRow, Tables};
+use crate::lock;
 use crate::locks;
 use crate::migration::Migration;
 use crate::report::Applied;
@@ -26,23 +27,52 @@ use self::statements::run_statements;
 
 /// Applies `m` on `conn`: a transactional migration in one transaction
 /// with its ledger rows; a `run_in_transaction = false` one statement by
-/// statement, with progress recorded after each and resuming after the last
-/// statement `row` (its latest attempt) says completed. Call under the
-/// track's lock, with `tables` resolved.
+/// statement, with progress recorded after each and resuming after the
+/// last statement its latest attempt says completed, under the
+/// migration's own lock (see [`lock::claim_key`]), its ledger row read
+/// afresh once that is held. Call under the track's lock, with `tables`
+/// resolved. `None`: another session applied it meanwhile (a release that
+/// has it on the other track), and nothing of it ran here.
 pub(crate) fn apply(
     conn: &mut PgConnection,
     tables: &Tables,
     m: &Migration,
-    row: Option<&LedgerRow>,
     options: &Options<'_>,
-) -> Result<Applied, Error> {
-    run(conn, tables, m, Direction::Up, row, options)
+) -> Result<Option<Applied>, Error> {
+    if m.run_in_transaction() {
+        return run(conn, tables, m, Direction::Up, None, options);
+    }
+    let schema = tables.schema.as_deref().unwrap_or("public");
+    let key = lock::claim_key(schema, &tables.migrations_table, m.version());
+    if !lock::try_lock(conn, key)? {
+        return Err(Error::new(
+            ErrorKind::LockTimeout,
+            format!(
+                "migration {} is being applied now by another session (it holds the                  migration's own lock, advisory lock {key}): a release that has it on the                  other track runs it under that track's lock. It is not run alongside; wait                  for that run to finish (`rollout status`), then run again",
+                m.dir_name()
+            ),
+        )
+        .at(m, None)
+        .lock_timeout(true));
+    }
+    let mut claim = Claim { conn, key };
+    // What the caller read may be stale by now: the other track may have
+    // applied it, or stopped halfway, while earlier migrations ran.
+    let row = ledger::row(&mut claim, tables, m.version())?;
+    let result = if row.as_ref().is_some_and(|r| r.applied) {
+        Ok(None)
+    } else {
+        run(&mut claim, tables, m, Direction::Up, row.as_ref(), options)
+    };
+    drop(claim);
+    result
 }
 
 /// Reverts applied migration `m` with its `down.sql`, the way [`apply`]
 /// applies it (in one transaction with its ledger rows, or statement by
 /// statement with progress recorded and the same resume), removing its
-/// version row. The caller has checked `down.sql` can run.
+/// version row. The caller has checked `down.sql` can run, and holds both
+/// tracks' locks.
 pub(crate) fn revert(
     conn: &mut PgConnection,
     tables: &Tables,
@@ -50,7 +80,45 @@ pub(crate) fn revert(
     row: Option<&LedgerRow>,
     options: &Options<'_>,
 ) -> Result<Applied, Error> {
-    run(conn, tables, m, Direction::Down, row, options)
+    run(conn, tables, m, Direction::Down, row, options)?.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Database,
+            format!(
+                "the revert of {} found it reverted by another session meanwhile",
+                m.dir_name()
+            ),
+        )
+        .at(m, None)
+    })
+}
+
+/// A migration's own advisory lock, held while it runs; released on drop
+/// (panics included).
+struct Claim<'c> {
+    conn: &'c mut PgConnection,
+    key: i64,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        // A broken connection has let go of it already.
+        if let Err(e) = lock::unlock(self.conn, self.key) {
+            tracing::warn!(error = %e, key = self.key, "could not release a migration's own lock");
+        }
+    }
+}
+
+impl std::ops::Deref for Claim<'_> {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        self.conn
+    }
+}
+
+impl std::ops::DerefMut for Claim<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn
+    }
 }
 
 fn run(
@@ -60,10 +128,11 @@ fn run(
     direction: Direction,
     row: Option<&LedgerRow>,
     options: &Options<'_>,
-) -> Result<Applied, Error> {
+) -> Result<Option<Applied>, Error> {
     // Running still, once this track marked its own dead attempts: another
     // process runs it now, on the other track (a release that has it
-    // there), under a lock this one does not take.
+    // there, or an earlier release that takes no migration's own lock),
+    // under a lock this one does not take.
     let fresh;
     let row = match row {
         Some(r) if direction == Direction::Up && r.outcome.as_deref() == Some("running") => {
@@ -92,7 +161,7 @@ fn run(
     if m.run_in_transaction() {
         run_transactional(conn, tables, m, &script)
     } else {
-        run_statements(conn, tables, m, &script, row, options)
+        run_statements(conn, tables, m, &script, row, options).map(Some)
     }
 }
 
@@ -101,7 +170,7 @@ fn run_transactional(
     tables: &Tables,
     m: &Migration,
     script: &Script<'_>,
-) -> Result<Applied, Error> {
+) -> Result<Option<Applied>, Error> {
     let statements = &script.statements(m)?;
     let total = i32::try_from(statements.len()).unwrap_or(i32::MAX);
     let (doing, done) = script.verbs();
@@ -130,14 +199,15 @@ fn run_transactional(
                 "{done} {}",
                 m.dir_name()
             );
-            Ok(Applied {
+            Ok(Some(Applied {
                 version: m.version().to_string(),
                 dir_name: m.dir_name().to_string(),
                 track: m.track(),
                 duration: elapsed,
                 statements: statements.len(),
-            })
+            }))
         }
+        Err(e) if applied_meanwhile(conn, tables, m, script, &e) => Ok(None),
         Err(e) => {
             let (line, what) = match (failed_at, stage) {
                 (Some(s), _) => (
@@ -215,6 +285,32 @@ fn run_transactional(
             .lock_timeout(lock_timeout))
         }
     }
+}
+
+/// Whether a transactional migration failed because another session
+/// applied it meanwhile (a release that has it on the other track, under a
+/// lock this one does not take): its version row, or what it creates, was
+/// there by the time this one's transaction got to it, and nothing of this
+/// run is left (it rolled back). One read, on the failure path only.
+fn applied_meanwhile(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    script: &Script<'_>,
+    e: &DieselError,
+) -> bool {
+    if script.direction != Direction::Up || is_connection_error(e) {
+        return false;
+    }
+    let applied = matches!(ledger::row(conn, tables, m.version()), Ok(Some(r)) if r.applied);
+    if applied {
+        tracing::info!(
+            error = %describe_db_error(e),
+            "{} failed as another session applied it meanwhile: nothing of this run is left",
+            m.dir_name()
+        );
+    }
+    applied
 }
 
 /// A migration whose latest attempt is still running on another backend:
