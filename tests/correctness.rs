@@ -2170,3 +2170,57 @@ fn a_migration_the_other_track_applied_while_earlier_ones_ran_is_not_run_again()
 fn a_transactional_migration_the_other_track_applied_meanwhile_is_not_a_failure() {
     the_other_track_applied_it_meanwhile(false);
 }
+
+/// `REINDEX ... CONCURRENTLY` succeeds past indexes it cannot rebuild, and
+/// so does the migration: a partitioned table's own index (`ON ONLY`,
+/// valid once every partition has one attached), and an index a failed
+/// build left invalid, which `REINDEX TABLE CONCURRENTLY` skips. The skipped
+/// one is named in a warning with the statement that repairs it. Before,
+/// each was reported INVALID after the statement, on every run: the deploy
+/// stopped there for good.
+#[test]
+fn reindex_concurrently_passes_indexes_it_does_not_rebuild() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required(
+        "1_tables",
+        "CREATE TABLE p (id int, v int) PARTITION BY RANGE (id);\n\
+         CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10);\n\
+         CREATE INDEX p_v_idx ON ONLY p (v);\n\
+         CREATE TABLE t (a int, b int);\n\
+         INSERT INTO t VALUES (1, 1), (1, 2);\n\
+         CREATE INDEX t_b ON t (b);\n",
+    );
+    set.migrator().run_required(&db.url).unwrap();
+    db.conn()
+        .batch_execute("CREATE UNIQUE INDEX CONCURRENTLY t_a_key ON t (a)")
+        .unwrap_err();
+    assert_eq!(index_valid(&db, "t_a_key"), Some(false));
+    set.required_no_tx(
+        "2_reindex",
+        "REINDEX TABLE CONCURRENTLY p;\n\
+         REINDEX INDEX CONCURRENTLY p_v_idx;\n\
+         REINDEX TABLE CONCURRENTLY t;\n\
+         REINDEX INDEX CONCURRENTLY t_b;\n",
+    );
+    let out = db
+        .rollout()
+        .args(["up", "--required-only", "--migrations-dir"])
+        .arg(set.required_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("skipped index public.t_a_key on t, which is INVALID")
+            && stderr.contains("REINDEX INDEX CONCURRENTLY \"public\".\"t_a_key\""),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("p_v_idx"), "{stderr}");
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM __diesel_schema_migrations WHERE version = '2'"),
+        1
+    );
+    assert_eq!(index_valid(&db, "t_b"), Some(true));
+    assert_eq!(index_valid(&db, "t_a_key"), Some(false), "left as it was");
+}

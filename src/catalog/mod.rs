@@ -19,8 +19,11 @@ use crate::migration::Migration;
 use crate::report::{IndexBuildProgress, IndexState, IndexStatus};
 use crate::source::sql::{self, SqlToken, TokenKind};
 
+mod confirm;
 pub(crate) mod finished;
 pub(crate) mod partition;
+
+pub(crate) use self::confirm::confirm;
 
 /// An identifier as written and as PostgreSQL folds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,6 +287,10 @@ pub(crate) struct IndexRow {
     pub definition: String,
     #[diesel(sql_type = Bool)]
     pub building: bool,
+    /// A partitioned table's own index (`relkind` `I`): valid once every
+    /// partition has one attached.
+    #[diesel(sql_type = Bool)]
+    pub partitioned: bool,
 }
 
 impl IndexRow {
@@ -553,134 +560,6 @@ pub(crate) fn prepare(
             .at(m, Some(line)));
         }
         std::thread::sleep(checks.poll);
-    }
-}
-
-/// After a concurrent index statement: the index exists and is valid, and
-/// no `REINDEX` leftovers remain.
-pub(crate) fn confirm(
-    conn: &mut PgConnection,
-    op: &IndexOp,
-    statement: &str,
-    m: &Migration,
-    line: usize,
-) -> Result<(), Error> {
-    let fail = |what: String| {
-        Error::new(
-            ErrorKind::MigrationFailed,
-            format!(
-                "migration {} at {}:{line}: {what}. The statement reported success, but the \
-                 catalog says otherwise; the next run drops the invalid index and builds it \
-                 again",
-                m.dir_name(),
-                m.up_path()
-            ),
-        )
-        .at(m, Some(line))
-    };
-    match op {
-        IndexOp::Create {
-            index: Some(index),
-            table,
-            if_not_exists,
-        } => {
-            if has_valid_index(conn, table, &index.folded).map_err(|e| catalog_error(m, line, e))? {
-                return Ok(());
-            }
-            let rows = table_indexes(conn, table).map_err(|e| catalog_error(m, line, e))?;
-            match rows.iter().find(|r| r.index_name == index.folded) {
-                Some(r) if r.valid => Ok(()),
-                Some(r) => Err(fail(format!(
-                    "index {} on {} is INVALID{}",
-                    r.index_name,
-                    r.table_name,
-                    if *if_not_exists {
-                        " (IF NOT EXISTS skipped an invalid index)"
-                    } else {
-                        ""
-                    }
-                ))),
-                None => {
-                    // IF NOT EXISTS skips the build when the name is taken
-                    // by any relation of the schema: another table's index.
-                    let quoted = format!("\"{}\"", index.folded.replace('"', "\"\""));
-                    let elsewhere =
-                        table_of_index(conn, &quoted).map_err(|e| catalog_error(m, line, e))?;
-                    if let Some(other) = elsewhere {
-                        return Err(Error::new(
-                            ErrorKind::MigrationFailed,
-                            format!(
-                                "migration {} at {}:{line}: index {} was not built on {table}: \
-                                 an index of that name already exists on {other}, so IF NOT \
-                                 EXISTS skipped the statement. Give the new index another \
-                                 name (or drop the other one) and deploy again",
-                                m.dir_name(),
-                                m.up_path(),
-                                index.folded
-                            ),
-                        )
-                        .at(m, Some(line)));
-                    }
-                    // The table is not visible under that name (search_path):
-                    // nothing to check against.
-                    if rows.is_empty()
-                        && !relation_exists(conn, table).map_err(|e| catalog_error(m, line, e))?
-                    {
-                        return Ok(());
-                    }
-                    Err(fail(format!(
-                        "index {} does not exist on {table}",
-                        index.folded
-                    )))
-                }
-            }
-        }
-        IndexOp::Create {
-            index: None, table, ..
-        } => {
-            // The leftovers were dropped before it: an invalid one now is
-            // the one it built.
-            if !has_invalid_index(conn, table).map_err(|e| catalog_error(m, line, e))? {
-                return Ok(());
-            }
-            let rows = table_indexes(conn, table).map_err(|e| catalog_error(m, line, e))?;
-            match rows.iter().find(|r| !r.valid && r.generated_for(statement)) {
-                Some(r) => Err(fail(format!(
-                    "index {} it built on {} is INVALID",
-                    r.index_name, r.table_name
-                ))),
-                None => Ok(()),
-            }
-        }
-        IndexOp::Drop { .. } => Ok(()),
-        IndexOp::ReindexIndex { index, .. } => {
-            let Some(table) = table_of_index(conn, index).map_err(|e| catalog_error(m, line, e))?
-            else {
-                return Ok(());
-            };
-            check_no_invalid(conn, &table, m, line, fail)
-        }
-        IndexOp::ReindexTable { table } => check_no_invalid(conn, table, m, line, fail),
-    }
-}
-
-fn check_no_invalid(
-    conn: &mut PgConnection,
-    table: &str,
-    m: &Migration,
-    line: usize,
-    fail: impl Fn(String) -> Error,
-) -> Result<(), Error> {
-    if !has_invalid_index(conn, table).map_err(|e| catalog_error(m, line, e))? {
-        return Ok(());
-    }
-    let rows = table_indexes(conn, table).map_err(|e| catalog_error(m, line, e))?;
-    match rows.iter().find(|r| !r.valid && !r.building) {
-        Some(r) => Err(fail(format!(
-            "index {} on {} is INVALID after REINDEX CONCURRENTLY",
-            r.index_name, r.table_name
-        ))),
-        None => Ok(()),
     }
 }
 

@@ -95,6 +95,7 @@ fn reindex_leftovers_are_recognised_by_name() {
         valid: false,
         definition: String::new(),
         building: false,
+        partitioned: false,
     };
     assert!(row("t_a_idx_ccnew").is_reindex_leftover(Some("t_a_idx")));
     assert!(row("t_a_idx_ccold2").is_reindex_leftover(None));
@@ -117,6 +118,7 @@ fn an_unnamed_build_is_told_by_a_generated_name_and_its_definition() {
         valid: false,
         definition: definition.into(),
         building: false,
+        partitioned: false,
     };
     let statement = "CREATE UNIQUE INDEX CONCURRENTLY ON t (email)";
     let printed =

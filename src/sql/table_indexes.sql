@@ -7,6 +7,7 @@ SELECT n.nspname AS schema_name,
        t.relname AS table_name,
        i.indisvalid AS valid,
        pg_get_indexdef(c.oid) AS definition,
+       c.relkind = 'I' AS partitioned,
        EXISTS (
            SELECT 1 FROM pg_stat_progress_create_index p
            WHERE p.datname = current_database()
