@@ -280,6 +280,54 @@ fn check_applies_the_embedded_set_in_a_scratch_database_and_drops_it() {
     );
 }
 
+/// `rollout check` stopped by SIGTERM (a CI job cancelled) while a
+/// migration runs: it exits 130 saying so, and leaves no scratch database
+/// behind. Before, the database stayed on the server, one per cancel.
+#[test]
+fn check_stopped_by_a_signal_drops_its_scratch_database() {
+    use std::time::{Duration, Instant};
+    let db = TestDb::new();
+    let set = support::TempSet::new();
+    set.required("1_slow", "SELECT pg_sleep(60);\n");
+    let child = db
+        .rollout()
+        .args(["check", "--migrations-dir"])
+        .arg(set.required_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let sleeping = format!(
+        "SELECT count(*) AS n FROM pg_stat_activity \
+         WHERE datname LIKE 'rollout_check_{pid}_%' AND query LIKE '%pg_sleep(60)%'"
+    );
+    let started = Instant::now();
+    while db.count(&sleeping) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the migration never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) AS n FROM pg_database WHERE datname LIKE 'rollout_check_{pid}_%'"
+        )),
+        0,
+        "the scratch database is dropped"
+    );
+}
+
 /// A `dbname` parameter in the URL, which libpq lets override the path,
 /// does not take `check` to that database: before, the scratch database was
 /// created, and the migrations applied to the one the parameter named.

@@ -2,6 +2,8 @@
 
 #[cfg(feature = "lint")]
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use diesel::prelude::*;
@@ -56,22 +58,43 @@ impl Foreground for Scratch<'_> {
     }
 }
 
+/// The scratch database while it exists (admin URL, name), for whichever
+/// comes first: [`ScratchDb`]'s drop, or a Ctrl-C or SIGTERM.
+static SCRATCH: Mutex<Option<(String, String)>> = Mutex::new(None);
+/// Set by the first Ctrl-C or SIGTERM.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 /// Drops the scratch database of `rollout check`, whatever happened.
-struct ScratchDb {
-    admin_url: String,
-    name: String,
-}
+struct ScratchDb;
 
 impl Drop for ScratchDb {
     fn drop(&mut self) {
-        if let Ok(mut conn) = connect(&self.admin_url) {
-            let _ = diesel::sql_query(format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut conn);
+        drop_scratch();
+    }
+}
+
+/// Drops the scratch database once. The lock is held until the drop is
+/// done, so `check` (its [`ScratchDb`] drop) waits for an interrupt's
+/// drop instead of exiting under it.
+fn drop_scratch() {
+    let mut scratch = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((admin_url, name)) = scratch.take() {
+        if let Ok(mut conn) = connect(&admin_url) {
+            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .execute(&mut conn);
         }
     }
+}
+
+/// A Ctrl-C or SIGTERM: the scratch database is dropped at once, which
+/// ends the sessions applying migrations to it (so the run stops where it
+/// is), and `check` then exits 130. A second one exits at once.
+fn on_interrupt() {
+    if INTERRUPTED.swap(true, Ordering::SeqCst) {
+        std::process::exit(130);
+    }
+    tracing::warn!("interrupted: dropping the scratch database");
+    drop_scratch();
 }
 
 /// `rollout check` lints first the set it applies: the directories given,
@@ -119,6 +142,21 @@ fn lint_before_check(cli: &Cli) -> Result<(), Failure> {
 }
 
 fn check(cli: &Cli) -> Result<u8, Failure> {
+    // Only fails when a handler is set already, which nothing else does.
+    let _ = ctrlc::set_handler(on_interrupt);
+    let result = check_scratch(cli);
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        return Err(Failure {
+            code: 130,
+            message: "`rollout check` was interrupted: it stopped where it was, and its scratch \
+                      database is dropped (nothing else was touched)"
+                .to_string(),
+        });
+    }
+    result
+}
+
+fn check_scratch(cli: &Cli) -> Result<u8, Failure> {
     lint_before_check(cli)?;
     let migrator = migrator(cli)?;
     let started = Instant::now();
@@ -141,8 +179,13 @@ fn check(cli: &Cli) -> Result<u8, Failure> {
             redact_url(&admin_url)
         ))
     })?;
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        return Ok(130);
+    }
     {
         let mut admin = connect(&admin_url)?;
+        // Under the lock, so an interrupt waits for it and then drops it.
+        let mut scratch = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
         diesel::sql_query(format!("CREATE DATABASE \"{name}\""))
             .execute(&mut admin)
             .map_err(|e| {
@@ -152,11 +195,9 @@ fn check(cli: &Cli) -> Result<u8, Failure> {
                     redact_url(&admin_url)
                 ))
             })?;
+        *scratch = Some((admin_url.clone(), name.clone()));
     }
-    let _scratch = ScratchDb {
-        admin_url: admin_url.clone(),
-        name: name.clone(),
-    };
+    let _scratch = ScratchDb;
     tracing::info!(database = %name, "applying every migration from scratch");
     let mut tracks = Scratch {
         m: &migrator,
