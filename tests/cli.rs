@@ -273,7 +273,7 @@ fn check_applies_the_embedded_set_in_a_scratch_database_and_drops_it() {
     assert!(stdout.contains("create_audit_events"), "{stdout}");
     assert_eq!(
         db.count(&format!(
-            "SELECT count(*) AS n FROM pg_database WHERE datname LIKE 'rollout_check_{pid}_%'"
+            "SELECT count(*) AS n FROM pg_database WHERE datname ~ '^rollout_check_{pid}_[0-9]+$'"
         )),
         0,
         "the scratch database is dropped"
@@ -300,7 +300,7 @@ fn check_stopped_by_a_signal_drops_its_scratch_database() {
     let pid = child.id();
     let sleeping = format!(
         "SELECT count(*) AS n FROM pg_stat_activity \
-         WHERE datname LIKE 'rollout_check_{pid}_%' AND query LIKE '%pg_sleep(60)%'"
+         WHERE datname ~ '^rollout_check_{pid}_[0-9]+$' AND query LIKE '%pg_sleep(60)%'"
     );
     let started = Instant::now();
     while db.count(&sleeping) == 0 {
@@ -321,7 +321,7 @@ fn check_stopped_by_a_signal_drops_its_scratch_database() {
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert_eq!(
         db.count(&format!(
-            "SELECT count(*) AS n FROM pg_database WHERE datname LIKE 'rollout_check_{pid}_%'"
+            "SELECT count(*) AS n FROM pg_database WHERE datname ~ '^rollout_check_{pid}_[0-9]+$'"
         )),
         0,
         "the scratch database is dropped"

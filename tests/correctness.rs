@@ -1938,8 +1938,19 @@ fn a_lock_timeout_is_located_at_the_statement_that_waited() {
         let url = db.url.clone();
         std::thread::spawn(move || {
             use diesel::Connection;
-            std::thread::sleep(Duration::from_millis(300));
             let mut c = diesel::PgConnection::establish(&url).unwrap();
+            // Once the migration holds users and waits for orders.
+            let started = std::time::Instant::now();
+            while support::count_on(
+                &mut c,
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND datname = current_database() AND pid <> pg_backend_pid() \
+                 AND query LIKE '%ALTER TABLE orders ADD COLUMN y%'",
+            ) == 0
+            {
+                assert!(started.elapsed() < Duration::from_secs(30));
+                std::thread::sleep(Duration::from_millis(10));
+            }
             c.batch_execute("BEGIN; SELECT count(*) FROM users")
                 .unwrap();
             std::thread::sleep(Duration::from_millis(1500));
@@ -1948,7 +1959,7 @@ fn a_lock_timeout_is_located_at_the_statement_that_waited() {
     };
     let m = set
         .migrator()
-        .required_lock_timeout(Duration::from_secs(1))
+        .required_lock_timeout(Duration::from_secs(2))
         .lock_timeout_retry_deadline(Duration::ZERO);
     let err = m.run_required(&db.url).unwrap_err();
     reader.join().unwrap();

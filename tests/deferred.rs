@@ -69,18 +69,12 @@ fn run_returns_while_a_slow_deferred_migration_is_still_running() {
     let db = TestDb::new();
     let pool = pool(&db, 3);
     let m = fast(migrator("deferred_build"));
-    let started = Instant::now();
     let (report, handle) = m.run(&pool).unwrap();
-    let ready_after = started.elapsed();
     assert_eq!(report.applied.len(), 1);
     // The deferred migration sleeps 1.5 s before building: ready before it.
     assert!(
         !handle.is_finished(),
         "ready before the deferred track ends"
-    );
-    assert!(
-        ready_after < Duration::from_millis(1500),
-        "run waited for the deferred track: {ready_after:?}"
     );
     wait_until(
         "the deferred migration to run",
@@ -110,8 +104,11 @@ fn eight_replicas_one_leads_the_others_report_not_leader_at_once() {
     fast(migrator("deferred_build"))
         .run_required(&db.url)
         .unwrap();
+    // The leader's build waits for this writer, so every other replica,
+    // however late it starts on a loaded machine, finds it leading.
+    let writer = hold_writer(&db);
     let start = Instant::now();
-    let children: Vec<(Child, Instant)> = (0..8)
+    let mut children: Vec<(Child, Instant)> = (0..8)
         .map(|_| {
             let c = db
                 .rollout()
@@ -124,6 +121,18 @@ fn eight_replicas_one_leads_the_others_report_not_leader_at_once() {
             (c, Instant::now())
         })
         .collect();
+    wait_until(
+        "the 7 other replicas to exit",
+        Duration::from_secs(60),
+        || {
+            children
+                .iter_mut()
+                .filter_map(|(c, _)| c.try_wait().unwrap())
+                .count()
+                >= 7
+        },
+    );
+    drop(writer);
     let mut leaders = 0;
     let mut not_leaders = 0;
     for (child, _) in children {
@@ -148,7 +157,7 @@ fn eight_replicas_one_leads_the_others_report_not_leader_at_once() {
         }
     }
     assert_eq!((leaders, not_leaders), (1, 7));
-    assert!(start.elapsed() < Duration::from_secs(30));
+    assert!(start.elapsed() < Duration::from_secs(90));
     assert_eq!(db.texts("SELECT version AS t FROM effects"), ["0002"]);
     assert_eq!(index_valid(&db, "things_val_idx"), Some(true));
     assert_eq!(db.advisory_locks(), 0);
@@ -299,7 +308,8 @@ fn with_a_pool_of_two_the_service_still_gets_a_connection() {
     assert!(pool.state().connections <= 2);
     let sessions = db.count(
         "SELECT count(*) AS n FROM pg_stat_activity \
-         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+         WHERE datname = current_database() AND pid <> pg_backend_pid() \
+         AND backend_type = 'client backend'",
     );
     assert!(sessions <= 2, "{sessions} sessions for a pool of 2");
     drop(conn);
@@ -512,7 +522,7 @@ fn a_leader_pausing_between_retries_is_not_taken_for_one_that_gave_up() {
     let pool = pool(&db, 4);
     let m = fast(migrator("deferred_unique"))
         .deferred_failure_retries(1)
-        .deferred_failure_backoff(Duration::from_secs(2));
+        .deferred_failure_backoff(Duration::from_secs(6));
     m.run_required(&db.url).unwrap();
     let leader = m.start_deferred(pool.clone());
     wait_until(

@@ -441,7 +441,7 @@ fn releasing_the_lock_wakes_waiters_and_waiters_stop_listening() {
     let set = support::TempSet::new();
     set.required(
         "1_slow",
-        "SELECT pg_sleep(0.5);\nCREATE TABLE a (id BIGINT PRIMARY KEY);\n",
+        "SELECT pg_sleep(2);\nCREATE TABLE a (id BIGINT PRIMARY KEY);\n",
     );
     let m = set.migrator();
     let mut listener = db.conn();
@@ -457,7 +457,16 @@ fn releasing_the_lock_wakes_waiters_and_waiters_stop_listening() {
         let (m, url) = (m.clone(), db.url.clone());
         std::thread::spawn(move || m.run_required(&url))
     };
-    std::thread::sleep(Duration::from_millis(150));
+    // The holder has the lock (not a fixed pause: a loaded machine may
+    // take longer to connect).
+    let started = std::time::Instant::now();
+    while db.advisory_locks() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the holder never took the lock"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mut waiter_conn = db.conn();
     let report = m.run_required_on(&mut waiter_conn).unwrap();
     assert!(

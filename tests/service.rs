@@ -74,6 +74,13 @@ fn readyz_is_200_while_the_deferred_migration_still_runs() {
     // write taken meanwhile makes the build wait, so it is still running
     // when we look.
     let dir = fixture("deferred_build");
+    // And a snapshot older than the build, taken before the service starts:
+    // the build waits for it too, however slowly this machine gets to the
+    // writer above.
+    let mut snapshot = db.conn();
+    snapshot
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
+        .unwrap();
     let mut child = Command::new(example_binary())
         .env("DATABASE_URL", &db.url)
         .env("MIGRATIONS_DIR", &dir)
@@ -125,6 +132,7 @@ fn readyz_is_200_while_the_deferred_migration_still_runs() {
     assert_eq!(pending["state"], "pending");
 
     drop(writer);
+    drop(snapshot);
     wait_until("the deferred track to finish", || {
         get(&addr, "/migrations").1.contains(r#""state":"done""#)
     });

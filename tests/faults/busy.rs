@@ -87,7 +87,7 @@ fn busy_table_fails_fast_and_retries_until_the_deadline() {
     let started = Instant::now();
     let out = up(
         "busy_v2",
-        &["--lock-timeout", "300ms", "--lock-retry-deadline", "3s"],
+        &["--lock-timeout", "300ms", "--lock-retry-deadline", "4s"],
     )
     .output()
     .unwrap();
