@@ -158,6 +158,22 @@ impl Migration {
     }
 }
 
+/// Every spelling of version `v` with leading zeros, up to 32 characters
+/// (and `v` itself): the values an indexed lookup matches so that `0001`
+/// and `1` are one version, as [`normal`] makes them.
+pub(crate) fn spellings(v: &str) -> Vec<String> {
+    const LONGEST: usize = 32;
+    let n = normal(v);
+    let shortest = if n == "0" { "" } else { n };
+    let mut all: Vec<String> = (shortest.len().max(1)..=LONGEST.max(shortest.len()))
+        .map(|len| format!("{shortest:0>len$}"))
+        .collect();
+    if !all.iter().any(|s| s == v) {
+        all.push(v.to_string());
+    }
+    all
+}
+
 /// The version without leading zeros, so `0001` and `1` match.
 pub(crate) fn normal(v: &str) -> &str {
     let t = v.trim_start_matches('0');
@@ -348,5 +364,26 @@ impl MigrationSource<Pg> for MigrationSet {
             .cloned()
             .map(|m| Box::new(m) as Box<dyn migration::Migration<Pg>>)
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{normal, spellings};
+
+    #[test]
+    fn every_spelling_of_a_version_normalises_to_it() {
+        let all = spellings("0001");
+        assert!(all.contains(&"1".to_string()) && all.contains(&"0001".to_string()));
+        assert!(all.iter().all(|s| normal(s) == "1"));
+        assert_eq!(all.iter().map(String::len).max(), Some(32));
+        let zero = spellings("0");
+        assert!(zero.contains(&"0".to_string()) && zero.contains(&"000".to_string()));
+        assert!(!zero.contains(&String::new()));
+        let long = spellings("20240101120000");
+        assert_eq!(long[0], "20240101120000");
+        assert!(long.contains(&"020240101120000".to_string()));
+        let longer = "1".repeat(40);
+        assert_eq!(spellings(&longer), vec![longer]);
     }
 }

@@ -2235,3 +2235,37 @@ fn reindex_concurrently_passes_indexes_it_does_not_rebuild() {
     assert_eq!(index_valid(&db, "t_b"), Some(true));
     assert_eq!(index_valid(&db, "t_a_key"), Some(false), "left as it was");
 }
+
+/// A no-transaction migration stopped halfway, then renamed with a leading
+/// zero (`5_fill` → `05_fill`) before the next deploy: the ledger row read
+/// under the migration's own lock is found under either spelling, so the
+/// run resumes after the statement that completed instead of running it
+/// again.
+#[test]
+fn a_half_applied_migration_renamed_with_a_leading_zero_resumes() {
+    let db = TestDb::new();
+    let (before, after) = (TempSet::new(), TempSet::new());
+    for set in [&before, &after] {
+        set.required("1_effects", "CREATE TABLE effects (v int);\n");
+    }
+    before.required_no_tx(
+        "5_fill",
+        "INSERT INTO effects VALUES (5);\nINSERT INTO missing VALUES (6);\n",
+    );
+    after.required_no_tx(
+        "05_fill",
+        "INSERT INTO effects VALUES (5);\nINSERT INTO missing VALUES (6);\n",
+    );
+    let quick = |set: &TempSet| {
+        set.migrator()
+            .lock_timeout_retry_deadline(std::time::Duration::ZERO)
+    };
+    quick(&before).run_required(&db.url).unwrap_err();
+    db.conn()
+        .batch_execute("CREATE TABLE missing (v int)")
+        .unwrap();
+    let report = quick(&after).run_required(&db.url).unwrap();
+    assert_eq!(report.applied.len(), 1, "{report:?}");
+    assert_eq!(report.applied[0].statements, 1, "resumed at statement 2");
+    assert_eq!(db.count("SELECT count(*) AS n FROM effects"), 1);
+}

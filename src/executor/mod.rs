@@ -48,7 +48,10 @@ pub(crate) fn apply(
         return Err(Error::new(
             ErrorKind::LockTimeout,
             format!(
-                "migration {} is being applied now by another session (it holds the                  migration's own lock, advisory lock {key}): a release that has it on the                  other track runs it under that track's lock. It is not run alongside; wait                  for that run to finish (`rollout status`), then run again",
+                "migration {} is being applied now by another session (it holds the \
+                 migration's own lock, advisory lock {key}): a release that has it on the \
+                 other track runs it under that track's lock. It is not run alongside; wait \
+                 for that run to finish (`rollout status`), then run again",
                 m.dir_name()
             ),
         )

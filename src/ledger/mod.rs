@@ -201,9 +201,10 @@ pub(crate) fn rows(conn: &mut PgConnection, t: &Tables) -> Result<Vec<LedgerRow>
         .map_err(|e| Error::db("reading the migration ledger", e))
 }
 
-/// The ledger row of one version (as [`rows`] would give it), read by the
-/// attempts table's index rather than the whole ledger: where an attempt of
-/// that migration resumes. `t` is resolved.
+/// The ledger row of one version (as [`rows`] would give it, `01` and `1`
+/// one version), read by the tables' indexes rather than the whole ledger:
+/// whether it is applied, and where an attempt of it resumes. `t` is
+/// resolved.
 pub(crate) fn row(
     conn: &mut PgConnection,
     t: &Tables,
@@ -216,7 +217,7 @@ pub(crate) fn row(
             .find(|r| crate::migration::normal(&r.version) == crate::migration::normal(version)));
     }
     sql_query(&t.sql.ledger_row)
-        .bind::<Text, _>(version)
+        .bind::<diesel::sql_types::Array<Text>, _>(crate::migration::spellings(version))
         .get_result(conn)
         .optional()
         .map_err(|e| Error::db("reading the migration ledger", e))

@@ -1,25 +1,26 @@
--- ledger_rows.sql for one version ($1), by the index on (version, id): where
--- a no-transaction migration resumes, read before each attempt without
--- reading the whole ledger. The version as spelled here (not `1` for `01`, as
--- ledger_rows.sql reads it): read for a retry within one run, after an
--- attempt this binary wrote.
+-- ledger_rows.sql for one version, by the indexes on version: where a
+-- no-transaction migration resumes, and whether it is applied, read before
+-- each attempt without reading the whole ledger. $1 holds every spelling of
+-- the version with leading zeros (`1`, `01`, `001`, ...), so a ledger that
+-- spells it otherwise than this binary is read as ledger_rows.sql reads it,
+-- and the indexes still serve the lookup.
 WITH latest AS (
     SELECT version, operation, outcome, error, statements_completed,
            statements_total, checksum, finished_at, backend_pid
     FROM {attempts}
-    WHERE version = $1 AND (ledger = {ledger} OR ledger IS NULL)
+    WHERE version = ANY($1) AND (ledger = {ledger} OR ledger IS NULL)
     ORDER BY id DESC
     LIMIT 1
 ), succeeded AS (
-    SELECT version, checksum
+    SELECT checksum
     FROM {attempts}
-    WHERE version = $1
+    WHERE version = ANY($1)
       AND ((operation = 'up' AND outcome = 'success') OR (operation = 'resolve' AND outcome = 'applied'))
       AND (ledger = {ledger} OR ledger IS NULL)
     ORDER BY id DESC
     LIMIT 1
 ), m AS (
-    SELECT * FROM {migrations} WHERE version = $1
+    SELECT * FROM {migrations} WHERE version = ANY($1) ORDER BY run_on DESC LIMIT 1
 )
 SELECT coalesce(m.version, l.version) AS version,
        m.version IS NOT NULL AS applied,
@@ -34,5 +35,5 @@ SELECT coalesce(m.version, l.version) AS version,
        extract(epoch FROM l.finished_at)::float8 AS finished_epoch,
        l.backend_pid AS attempt_backend_pid
 FROM m
-FULL JOIN latest l ON l.version = m.version
-LEFT JOIN succeeded s ON s.version = coalesce(m.version, l.version)
+FULL JOIN latest l ON true
+LEFT JOIN succeeded s ON true
