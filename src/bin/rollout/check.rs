@@ -63,6 +63,8 @@ impl Foreground for Scratch<'_> {
 static SCRATCH: Mutex<Option<(String, String)>> = Mutex::new(None);
 /// Set by the first Ctrl-C or SIGTERM.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// What a failed drop of the scratch database left, and how to finish it.
+static LEFT: Mutex<Option<String>> = Mutex::new(None);
 
 /// Drops the scratch database of `rollout check`, whatever happened.
 struct ScratchDb;
@@ -75,26 +77,40 @@ impl Drop for ScratchDb {
 
 /// Drops the scratch database once. The lock is held until the drop is
 /// done, so `check` (its [`ScratchDb`] drop) waits for an interrupt's
-/// drop instead of exiting under it.
+/// drop instead of exiting under it. A drop that fails is logged with the
+/// statement that finishes it, and remembered for the interrupted message.
 fn drop_scratch() {
     let mut scratch = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((admin_url, name)) = scratch.take() {
-        if let Ok(mut conn) = connect(&admin_url) {
-            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                .execute(&mut conn);
-        }
+    let Some((admin_url, name)) = scratch.take() else {
+        return;
+    };
+    let dropped = connect(&admin_url)
+        .map_err(|e| e.to_string())
+        .and_then(|mut conn| {
+            diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .execute(&mut conn)
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = dropped {
+        let left = format!(
+            "the scratch database {name} could not be dropped ({e}): drop it with \
+             `DROP DATABASE \"{name}\"`"
+        );
+        tracing::warn!("{left}");
+        *LEFT.lock().unwrap_or_else(|e| e.into_inner()) = Some(left);
     }
 }
 
-/// A Ctrl-C or SIGTERM: the scratch database is dropped at once, which
-/// ends the sessions applying migrations to it (so the run stops where it
-/// is), and `check` then exits 130. A second one exits at once.
+/// A Ctrl-C or SIGTERM: the scratch database is dropped at once (on a
+/// thread of its own, so that a second signal still exits at once), which
+/// ends the sessions applying migrations to it, so the run stops where it
+/// is; `check` then exits 130.
 fn on_interrupt() {
     if INTERRUPTED.swap(true, Ordering::SeqCst) {
         std::process::exit(130);
     }
     tracing::warn!("interrupted: dropping the scratch database");
-    drop_scratch();
+    std::thread::spawn(drop_scratch);
 }
 
 /// `rollout check` lints first the set it applies: the directories given,
@@ -146,11 +162,19 @@ fn check(cli: &Cli) -> Result<u8, Failure> {
     let _ = ctrlc::set_handler(on_interrupt);
     let result = check_scratch(cli);
     if INTERRUPTED.load(Ordering::SeqCst) {
+        // An interrupt's drop may still run: wait for it.
+        drop_scratch();
+        let left = LEFT.lock().unwrap_or_else(|e| e.into_inner()).take();
         return Err(Failure {
             code: 130,
-            message: "`rollout check` was interrupted: it stopped where it was, and its scratch \
-                      database is dropped (nothing else was touched)"
-                .to_string(),
+            message: match left {
+                Some(left) => {
+                    format!("`rollout check` was interrupted: it stopped where it was, but {left}")
+                }
+                None => "`rollout check` was interrupted: it stopped where it was, and its \
+                         scratch database is dropped (nothing else was touched)"
+                    .to_string(),
+            },
         });
     }
     result
@@ -179,13 +203,14 @@ fn check_scratch(cli: &Cli) -> Result<u8, Failure> {
             redact_url(&admin_url)
         ))
     })?;
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        return Ok(130);
-    }
     {
         let mut admin = connect(&admin_url)?;
-        // Under the lock, so an interrupt waits for it and then drops it.
+        // Under the lock, so an interrupt either came before (and is seen
+        // here) or waits for it and then drops it.
         let mut scratch = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return Ok(130);
+        }
         diesel::sql_query(format!("CREATE DATABASE \"{name}\""))
             .execute(&mut admin)
             .map_err(|e| {
