@@ -196,8 +196,11 @@ impl Migrator {
                 } else {
                     note.to_string()
                 };
-                ledger::record_resolution(conn, tables, m, outcome, &note)
-                    .map_err(|e| Error::db("recording the resolution", e).at(m, None))?;
+                // Not while a release that has it on the other track runs it.
+                crate::executor::claimed(conn, tables, m, |conn| {
+                    ledger::record_resolution(conn, tables, m, outcome, &note)
+                        .map_err(|e| Error::db("recording the resolution", e).at(m, None))
+                })?;
                 tracing::info!(version = m.version(), outcome, "resolved {}", m.dir_name());
                 Ok(())
             }),

@@ -2269,3 +2269,103 @@ fn a_half_applied_migration_renamed_with_a_leading_zero_resumes() {
     assert_eq!(report.applied[0].statements, 1, "resumed at statement 2");
     assert_eq!(db.count("SELECT count(*) AS n FROM effects"), 1);
 }
+
+/// `resolve --force` of a migration that a release with it on the other
+/// track is running right now (its deferred leader, under the deferred lock
+/// only; a plain `resolve` refuses a pending migration anyway):
+/// refused while that run holds the migration's own lock, so the next `up`
+/// does not start it over beside the running one. Before, the resolution
+/// was recorded under the required lock alone.
+#[test]
+fn resolve_refuses_a_migration_the_other_track_is_running() {
+    use diesel::Connection;
+    use diesel_rollout::{ErrorKind, Resolution};
+    let db = TestDb::new();
+    let (old, new) = (TempSet::new(), TempSet::new());
+    for set in [&old, &new] {
+        set.required("1_effects", "CREATE TABLE effects (v int);\n");
+    }
+    let fill = "INSERT INTO effects VALUES (5);\nINSERT INTO effects SELECT 6 FROM pg_sleep(3);\n";
+    old.deferred("5_fill", fill);
+    new.required_no_tx("5_fill", fill);
+    old.migrator().run_required(&db.url).unwrap();
+    let leader = {
+        let (url, m) = (db.url.clone(), old.migrator());
+        std::thread::spawn(move || {
+            let mut c = diesel::PgConnection::establish(&url).unwrap();
+            m.run_deferred_on(&mut c).map(|r| r.applied.len())
+        })
+    };
+    wait_until("statement 2 to run", || {
+        db.count(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
+             AND datname = current_database() AND query LIKE 'INSERT INTO effects SELECT 6%'",
+        ) > 0
+    });
+    let err = new
+        .migrator()
+        .dangerous_resolve_any_state(&mut db.conn(), "5", Resolution::RolledBack, "")
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::LockTimeout, "{err}");
+    assert!(err.to_string().contains("being applied now"), "{err}");
+    assert_eq!(leader.join().unwrap().unwrap(), 1);
+    assert_eq!(
+        db.texts("SELECT v::text AS t FROM effects ORDER BY v"),
+        ["5", "6"]
+    );
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM __diesel_rollout_attempts WHERE operation = 'resolve'"),
+        0,
+        "no resolution recorded"
+    );
+}
+
+/// An attempt left `running` by a release that takes no migration's own
+/// lock (one before it), whose backend still holds that release's track
+/// lock: the migration is not run alongside; the run waits as on a lock
+/// timeout. Once that backend has let go, the attempt is resumed after the
+/// statement it recorded.
+#[test]
+fn an_attempt_running_under_a_release_without_the_migrations_own_lock_is_waited_for() {
+    use diesel::Connection;
+    use diesel_rollout::{ErrorKind, Track};
+    let db = TestDb::new();
+    let set = TempSet::new();
+    set.required("1_effects", "CREATE TABLE effects (v int);\n");
+    set.required_no_tx(
+        "5_fill",
+        "INSERT INTO effects VALUES (5);\nINSERT INTO missing VALUES (6);\n",
+    );
+    let m = set
+        .migrator()
+        .lock_timeout_retry_deadline(std::time::Duration::ZERO);
+    m.run_required(&db.url).unwrap_err();
+    // The older release's leader: alive, holding the deferred lock.
+    let mut kept = diesel::PgConnection::establish(&db.url).unwrap();
+    let key = m.lock_keys(&mut kept, Track::Deferred).unwrap()[0];
+    kept.batch_execute(&format!("SELECT pg_advisory_lock({key})"))
+        .unwrap();
+    let pid = support::count_on(&mut kept, "SELECT pg_backend_pid()::bigint AS n");
+    db.conn()
+        .batch_execute(&format!(
+            "UPDATE __diesel_rollout_attempts SET outcome = 'running', track = 'deferred', \
+             finished_at = NULL, error = NULL, backend_pid = {pid} WHERE version = '5'; \
+             CREATE TABLE missing (v int)"
+        ))
+        .unwrap();
+    let err = m.run_required(&db.url).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::LockTimeout, "{err}");
+    assert!(
+        err.to_string().contains(&format!("backend pid {pid}")),
+        "{err}"
+    );
+    assert_eq!(db.count("SELECT count(*) AS n FROM effects"), 1);
+    drop(kept);
+    wait_until("the older release's backend to let go", || {
+        db.advisory_locks() == 0
+    });
+    let report = m.run_required(&db.url).unwrap();
+    assert_eq!(report.applied.len(), 1, "{report:?}");
+    assert_eq!(report.applied[0].statements, 1, "resumed at statement 2");
+    assert_eq!(db.count("SELECT count(*) AS n FROM effects"), 1);
+}

@@ -452,7 +452,10 @@ fn lead(
                                 "deferred migration {} was applied by another session",
                                 migration.dir_name()
                             );
-                            shared.metrics(|x| x.pending = x.pending.saturating_sub(1));
+                            shared.metrics(|x| {
+                                x.pending = x.pending.saturating_sub(1);
+                                crate::metrics::deferred_pending(x.pending);
+                            });
                             break;
                         }
                         Ok(Some(_)) => {

@@ -42,6 +42,27 @@ pub(crate) fn apply(
     if m.run_in_transaction() {
         return run(conn, tables, m, Direction::Up, None, options);
     }
+    claimed(conn, tables, m, |conn| {
+        // What the caller read may be stale by now: the other track may
+        // have applied it, or stopped halfway, while earlier migrations ran.
+        let row = ledger::row(conn, tables, m.version())?;
+        if row.as_ref().is_some_and(|r| r.applied) {
+            return Ok(None);
+        }
+        run(conn, tables, m, Direction::Up, row.as_ref(), options)
+    })
+}
+
+/// Runs `f` holding `m`'s own advisory lock ([`lock::claim_key`]), which
+/// every run of a `run_in_transaction = false` migration holds, on either
+/// track, and `rollout resolve` too: refused as a lock timeout while
+/// another session holds it.
+pub(crate) fn claimed<T>(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    f: impl FnOnce(&mut PgConnection) -> Result<T, Error>,
+) -> Result<T, Error> {
     let schema = tables.schema.as_deref().unwrap_or("public");
     let key = lock::claim_key(schema, &tables.migrations_table, m.version());
     if !lock::try_lock(conn, key)? {
@@ -59,16 +80,7 @@ pub(crate) fn apply(
         .lock_timeout(true));
     }
     let mut claim = Claim { conn, key };
-    // What the caller read may be stale by now: the other track may have
-    // applied it, or stopped halfway, while earlier migrations ran.
-    let row = ledger::row(&mut claim, tables, m.version())?;
-    let result = if row.as_ref().is_some_and(|r| r.applied) {
-        Ok(None)
-    } else {
-        run(&mut claim, tables, m, Direction::Up, row.as_ref(), options)
-    };
-    drop(claim);
-    result
+    f(&mut claim)
 }
 
 /// Reverts applied migration `m` with its `down.sql`, the way [`apply`]
