@@ -224,18 +224,29 @@ pub(crate) fn classify(statement: &str) -> Option<IndexOp> {
     }
     if is_word(t.first(), "reindex") {
         let mut i = 1;
+        // `REINDEX (CONCURRENTLY [boolean], ...)`, the option list of
+        // PostgreSQL 14 on, as well as the keyword after the kind.
+        let mut concurrently = false;
         if t.get(i).is_some_and(|p| p.kind == TokenKind::Punct('(')) {
             while t.get(i).is_some_and(|p| p.kind != TokenKind::Punct(')')) {
+                if is_word(t.get(i), "concurrently") {
+                    let value = t.get(i + 1).map(|v| v.text.to_ascii_lowercase());
+                    concurrently = !matches!(value.as_deref(), Some("false" | "off" | "0"));
+                }
                 i += 1;
             }
             i += 1;
         }
         let kind = t.get(i)?.text.to_ascii_lowercase();
         i += 1;
-        if !is_word(t.get(i), "concurrently") {
+        if is_word(t.get(i), "concurrently") {
+            concurrently = true;
+            i += 1;
+        }
+        if !concurrently {
             return None;
         }
-        let (text, last, _) = qualified_name(&t, i + 1)?;
+        let (text, last, _) = qualified_name(&t, i)?;
         return match kind.as_str() {
             "index" => Some(IndexOp::ReindexIndex {
                 index: text,

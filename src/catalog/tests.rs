@@ -80,6 +80,26 @@ fn recognises_concurrent_index_statements() {
     assert_eq!(classify("DROP INDEX t_x"), None);
     assert_eq!(classify("DROP TABLE t"), None);
     assert_eq!(classify("REINDEX TABLE t"), None);
+    // PostgreSQL 14's option list.
+    assert_eq!(
+        classify("REINDEX (CONCURRENTLY) TABLE t"),
+        Some(IndexOp::ReindexTable { table: "t".into() })
+    );
+    assert_eq!(
+        classify("REINDEX (VERBOSE, CONCURRENTLY true) TABLE s.t"),
+        Some(IndexOp::ReindexTable {
+            table: "s.t".into()
+        })
+    );
+    assert!(matches!(
+        classify("reindex (concurrently on) index i"),
+        Some(IndexOp::ReindexIndex { .. })
+    ));
+    assert_eq!(classify("REINDEX (CONCURRENTLY false) TABLE t"), None);
+    assert_eq!(
+        classify("REINDEX (CONCURRENTLY off, VERBOSE) TABLE t"),
+        None
+    );
     assert_eq!(
         altered_table("ALTER TABLE IF EXISTS ONLY public.items ADD COLUMN x int"),
         Some("public.items".into())
