@@ -4,23 +4,38 @@
 -- the version with leading zeros (`1`, `01`, `001`, ...), so a ledger that
 -- spells it otherwise than this binary is read as ledger_rows.sql reads it,
 -- and the indexes still serve the lookup.
-WITH latest AS (
-    SELECT version, operation, outcome, error, statements_completed,
-           statements_total, checksum, finished_at, backend_pid
-    FROM {attempts}
-    WHERE version = ANY($1) AND (ledger = {ledger} OR ledger IS NULL)
-    ORDER BY id DESC
+WITH spelling AS (
+    SELECT unnest($1::text[]) AS v
+), latest AS (
+    SELECT a.* FROM spelling CROSS JOIN LATERAL (
+        SELECT id, version, operation, outcome, error, statements_completed,
+               statements_total, checksum, finished_at, backend_pid
+        FROM {attempts}
+        WHERE version = spelling.v AND (ledger = {ledger} OR ledger IS NULL)
+        ORDER BY id DESC
+        LIMIT 1
+    ) a
+    ORDER BY a.id DESC
     LIMIT 1
 ), succeeded AS (
-    SELECT checksum
-    FROM {attempts}
-    WHERE version = ANY($1)
-      AND ((operation = 'up' AND outcome = 'success') OR (operation = 'resolve' AND outcome = 'applied'))
-      AND (ledger = {ledger} OR ledger IS NULL)
-    ORDER BY id DESC
+    SELECT a.checksum FROM spelling CROSS JOIN LATERAL (
+        SELECT id, checksum
+        FROM {attempts}
+        WHERE version = spelling.v
+          AND ((operation = 'up' AND outcome = 'success') OR (operation = 'resolve' AND outcome = 'applied'))
+          AND (ledger = {ledger} OR ledger IS NULL)
+        ORDER BY id DESC
+        LIMIT 1
+    ) a
+    ORDER BY a.id DESC
     LIMIT 1
 ), m AS (
-    SELECT * FROM {migrations} WHERE version = ANY($1) ORDER BY run_on DESC LIMIT 1
+    SELECT mm.* FROM spelling CROSS JOIN LATERAL (
+        -- LIMIT keeps it a lookup by the primary key per spelling.
+        SELECT * FROM {migrations} WHERE version = spelling.v LIMIT 1
+    ) mm
+    ORDER BY mm.run_on DESC
+    LIMIT 1
 )
 SELECT coalesce(m.version, l.version) AS version,
        m.version IS NOT NULL AS applied,
