@@ -2400,3 +2400,38 @@ fn reindex_with_the_option_list_drops_an_earlier_tries_leftover() {
     );
     assert_eq!(index_valid(&db, "t_b"), Some(true));
 }
+
+/// As above, with the attempt recorded under another spelling of the
+/// version (`5`, by a release before the directory became `05_fill`): it is
+/// marked interrupted and resumed all the same, not started over.
+#[test]
+fn a_dead_running_attempt_under_another_spelling_is_resumed() {
+    use diesel::Connection;
+    let db = TestDb::new();
+    let (before, after) = (TempSet::new(), TempSet::new());
+    for set in [&before, &after] {
+        set.required("1_effects", "CREATE TABLE effects (v int);\n");
+    }
+    let fill = "INSERT INTO effects VALUES (5);\nINSERT INTO missing VALUES (6);\n";
+    before.required_no_tx("5_fill", fill);
+    after.required_no_tx("05_fill", fill);
+    let quick = |set: &TempSet| {
+        set.migrator()
+            .lock_timeout_retry_deadline(std::time::Duration::ZERO)
+    };
+    quick(&before).run_required(&db.url).unwrap_err();
+    let mut kept = diesel::PgConnection::establish(&db.url).unwrap();
+    let pid = support::count_on(&mut kept, "SELECT pg_backend_pid()::bigint AS n");
+    db.conn()
+        .batch_execute(&format!(
+            "UPDATE __diesel_rollout_attempts SET outcome = 'running', track = 'deferred', \
+             finished_at = NULL, error = NULL, backend_pid = {pid} WHERE version = '5'; \
+             CREATE TABLE missing (v int)"
+        ))
+        .unwrap();
+    let report = quick(&after).run_required(&db.url).unwrap();
+    assert_eq!(report.applied.len(), 1, "{report:?}");
+    assert_eq!(report.applied[0].statements, 1, "resumed at statement 2");
+    assert_eq!(db.count("SELECT count(*) AS n FROM effects"), 1);
+    drop(kept);
+}
