@@ -11,6 +11,42 @@ use crate::report::Report;
 use crate::source::{compare_versions, Track};
 
 impl Migrator {
+    /// What `rows` leave pending on `track`, drift checked (into `report`);
+    /// `None` when nothing is.
+    pub(crate) fn pending_locked<'a>(
+        &'a self,
+        rows: &'a [LedgerRow],
+        track: Track,
+        report: &mut Report,
+    ) -> Result<Option<Analysis<'a>>, Error> {
+        let a = self.analyze(rows, track);
+        report.deferred_pending = self.deferred_pending(&a, track);
+        self.check_drift(&a, report)?;
+        let mut a = a;
+        if track == Track::Deferred {
+            let plan = self.deferred_plan(rows);
+            let required = plan.waiting_for;
+            a.pending = plan.runnable;
+            if let Some(first) = required.first() {
+                return Err(Error::new(
+                    ErrorKind::RequiredPending,
+                    format!(
+                        "{} required migration(s) known to this binary are not applied yet \
+                         (first: {}): deferred migrations never run before them. Apply the \
+                         required track first (`rollout up --required-only`)",
+                        required.len(),
+                        first.dir_name()
+                    ),
+                ));
+            }
+        }
+        if a.pending.is_empty() {
+            tracing::info!(track = %track, "another process applied the pending migrations");
+            return Ok(None);
+        }
+        Ok(Some(a))
+    }
+
     pub(crate) fn analyze<'a>(&'a self, rows: &'a [LedgerRow], track: Track) -> Analysis<'a> {
         let by_version: HashMap<&str, &LedgerRow> =
             rows.iter().map(|r| (normal(&r.version), r)).collect();

@@ -105,6 +105,8 @@
 #[cfg(feature = "runtime")]
 mod analysis;
 #[cfg(feature = "runtime")]
+mod apply;
+#[cfg(feature = "runtime")]
 mod catalog;
 #[cfg(feature = "runtime")]
 mod deferred;

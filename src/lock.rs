@@ -119,6 +119,29 @@ pub(crate) fn try_lock(conn: &mut PgConnection, key: i64) -> Result<bool, Error>
         .map_err(|e| Error::db("taking the advisory lock", e))
 }
 
+/// Tries each key once, in one statement; returns those now held.
+pub(crate) fn try_lock_each(conn: &mut PgConnection, keys: &[i64]) -> Result<Vec<i64>, Error> {
+    #[derive(QueryableByName)]
+    struct Held {
+        #[diesel(sql_type = BigInt)]
+        k: i64,
+    }
+    sql_query("SELECT k FROM unnest($1::bigint[]) AS k WHERE pg_try_advisory_lock(k)")
+        .bind::<diesel::sql_types::Array<BigInt>, _>(keys)
+        .load::<Held>(conn)
+        .map(|h| h.into_iter().map(|h| h.k).collect())
+        .map_err(|e| Error::db("taking migrations' own locks", e))
+}
+
+/// Releases each key, in one statement.
+pub(crate) fn unlock_each(conn: &mut PgConnection, keys: &[i64]) -> Result<(), Error> {
+    sql_query("SELECT count(*) FILTER (WHERE pg_advisory_unlock(k)) AS flag FROM unnest($1::bigint[]) AS k")
+        .bind::<diesel::sql_types::Array<BigInt>, _>(keys)
+        .execute(conn)
+        .map(|_| ())
+        .map_err(|e| Error::db("releasing migrations' own locks", e))
+}
+
 /// Tries every key once, in order; all or none are held afterwards.
 pub(crate) fn try_lock_all(conn: &mut PgConnection, keys: &[i64]) -> Result<bool, Error> {
     for (i, &key) in keys.iter().enumerate() {

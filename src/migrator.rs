@@ -1,18 +1,16 @@
 //! The [`Migrator`] and its options, and the required track's policy: the
 //! fast path, the lock, ordering, and retries on `lock_timeout`.
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use diesel::prelude::*;
 
 use crate::error::{is_connection_error, Error, ErrorKind};
-use crate::executor;
-use crate::ledger::{self, Ledger, LedgerRow, Tables};
+use crate::ledger::{self, Ledger, Tables};
 use crate::lock::{self, LockGuard};
-use crate::migration::{normal, Migration, MigrationSet};
+use crate::migration::MigrationSet;
 use crate::options::DeferredOptions;
-use crate::report::{Applied, Report};
+use crate::report::Report;
 use crate::session::{self, set_application_name};
 use crate::source::Track;
 
@@ -41,7 +39,7 @@ pub struct Migrator {
     lock_report_every: Duration,
     lock_timeout: Duration,
     statement_timeout: Duration,
-    lock_retry_deadline: Duration,
+    pub(crate) lock_retry_deadline: Duration,
     deferred_lock_timeout: Duration,
     deferred_statement_timeout: Duration,
     pub(crate) deferred: DeferredOptions,
@@ -529,134 +527,12 @@ impl Migrator {
             );
         }
         let rows = ledger::rows(conn, tables)?;
-        let a = self.analyze(&rows, track);
-        report.deferred_pending = self.deferred_pending(&a, track);
-        self.check_drift(&a, report)?;
-        let mut a = a;
-        if track == Track::Deferred {
-            let plan = self.deferred_plan(&rows);
-            let required = plan.waiting_for;
-            a.pending = plan.runnable;
-            if let Some(first) = required.first() {
-                return Err(Error::new(
-                    ErrorKind::RequiredPending,
-                    format!(
-                        "{} required migration(s) known to this binary are not applied yet \
-                         (first: {}): deferred migrations never run before them. Apply the \
-                         required track first (`rollout up --required-only`)",
-                        required.len(),
-                        first.dir_name()
-                    ),
-                ));
-            }
-        }
-        if a.pending.is_empty() {
-            tracing::info!(track = %track, "another process applied the pending migrations");
+        let Some(first) = self.pending_locked(&rows, track, report)? else {
             return Ok(());
-        }
+        };
         // About to change the schema: make sure the lock is really ours.
         guard.check_not_pooled(probe)?;
-        let conn: &mut PgConnection = guard;
-        // The connection may be the service's (a pooled one): put back what
-        // was set before, not the server's defaults.
-        let saved = session::Settings::set(conn, &self.session_for(track))?;
-        let applied = self.apply_pending(conn, tables, &a.pending, &a.rows, track, report);
-        let restored = saved.restore(conn);
-        applied?;
-        restored
-    }
-
-    pub(crate) fn apply_pending(
-        &self,
-        conn: &mut PgConnection,
-        tables: &Tables,
-        pending: &[&Migration],
-        rows: &HashMap<&str, &LedgerRow>,
-        track: Track,
-        report: &mut Report,
-    ) -> Result<(), Error> {
-        for &m in pending {
-            for dep in m.requires_deferred() {
-                let applied = rows.get(normal(dep)).is_some_and(|r| r.applied);
-                if !applied {
-                    let dep_name = self
-                        .set
-                        .get(dep)
-                        .map_or_else(|| dep.to_string(), |d| d.dir_name().to_string());
-                    let state = match rows.get(normal(dep)) {
-                        Some(r) if r.failed() => "failed",
-                        Some(r) if r.outcome.as_deref() == Some("running") => "running",
-                        _ => "pending",
-                    };
-                    return Err(Error::new(
-                        ErrorKind::DeferredDependency,
-                        format!(
-                            "migration {} requires deferred migration {dep_name} \
-                             (requires_deferred in its metadata.toml), which is not applied yet \
-                             ({state}). Required migrations stop here; those before it are \
-                             applied. `rollout up` applies both in order (the required track \
-                             up to here, then {dep_name}, then the rest); or let the deferred \
-                             track apply it (`rollout deferred --wait`, or the replicas of the \
-                             previous release) and start again. A deferred migration a \
-                             required one depends on belongs in an earlier release",
-                            m.dir_name()
-                        ),
-                    )
-                    .at(m, None));
-                }
-            }
-            let Some(applied) = self.apply_retrying_lock_timeouts(conn, tables, m, track)? else {
-                continue;
-            };
-            crate::metrics::migration_duration(track, m.version(), applied.duration);
-            report.applied.push(applied);
-        }
-        Ok(())
-    }
-
-    /// Applies one migration; a failure on `lock_timeout` (nothing of the
-    /// failed statement applied, the table's lock queue left at once) is
-    /// retried with backoff until the lock-timeout retry deadline, each
-    /// retry logged with who was in the way. `None` when another session (the
-    /// other track's) applied it meanwhile.
-    fn apply_retrying_lock_timeouts(
-        &self,
-        conn: &mut PgConnection,
-        tables: &Tables,
-        m: &Migration,
-        track: Track,
-    ) -> Result<Option<Applied>, Error> {
-        let deadline = Instant::now() + self.lock_retry_deadline;
-        let mut backoff = Duration::from_millis(500);
-        let mut attempt = 1u32;
-        loop {
-            let result = executor::apply(conn, tables, m, &executor::Options::plain());
-            if let Ok(None) = result {
-                tracing::info!(
-                    track = %track,
-                    version = m.version(),
-                    "migration {} was applied by another session meanwhile",
-                    m.dir_name()
-                );
-            }
-            match result {
-                Err(e) if e.is_lock_timeout() && Instant::now() + backoff < deadline => {
-                    tracing::warn!(
-                        track = %track,
-                        version = m.version(),
-                        attempt,
-                        retry_in_ms = backoff.as_millis() as u64,
-                        error = %e,
-                        "migration {} could not take its lock in time; retrying",
-                        m.dir_name()
-                    );
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
+        self.apply_fresh(guard, tables, first, track, report)
     }
 }
 

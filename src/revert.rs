@@ -105,8 +105,12 @@ impl Migrator {
                     let rows = ledger::rows(conn, tables)?;
                     let by_version = rows.iter().map(|r| (normal(&r.version), r)).collect();
                     let saved = session::Settings::set(conn, &m.session_for(mig.track()))?;
-                    let applied =
-                        m.apply_pending(conn, tables, &[mig], &by_version, mig.track(), report);
+                    let pending = crate::apply::Pending {
+                        migrations: &[mig],
+                        rows: &by_version,
+                        held: &[],
+                    };
+                    let applied = m.apply_pending(conn, tables, &pending, mig.track(), report);
                     let restored = saved.restore(conn);
                     applied?;
                     restored?;

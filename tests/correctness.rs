@@ -2099,24 +2099,27 @@ fn a_running_attempt_whose_backend_holds_no_lock_is_resumed() {
 
 /// The new release's required track gets to a migration only after an
 /// earlier one waited on a lock; meanwhile the old release's deferred
-/// leader, which has it on its track, applied it. The new release finds it
-/// applied and does not run it again (a no-transaction one reads its row
-/// afresh under the migration's own lock; one made transactional as it
-/// moved, failing on the version row, finds it applied and reports no
-/// failure). Before, it ran
-/// it from the row it read when it planned: a no-transaction one's effects
-/// twice, a transactional one failed on the duplicate version row.
+/// leader, which has it on its track and was running it when the new
+/// release planned (so the new release could not take the migration's own
+/// lock then), finished it. The new release finds it applied and does not
+/// run it again (a no-transaction one reads its row afresh under the
+/// migration's own lock; one made transactional as it moved, failing on
+/// the version row, finds it applied and reports no failure). Before, it
+/// ran it from the row it read when it planned: a no-transaction one's
+/// effects twice, a transactional one failed on the duplicate version row.
 fn the_other_track_applied_it_meanwhile(no_tx: bool) {
+    use diesel::Connection;
     use std::time::Duration;
     let db = TestDb::new();
     db.conn()
-        .batch_execute("CREATE TABLE gate (v int)")
+        .batch_execute("CREATE TABLE gate (v int); CREATE TABLE gate2 (v int)")
         .unwrap();
     let (old, new) = (TempSet::new(), TempSet::new());
     for set in [&old, &new] {
         set.required("1_effects", "CREATE TABLE effects (v int);\n");
     }
-    let fill = "INSERT INTO effects VALUES (5);\nINSERT INTO effects VALUES (6);\n";
+    let fill =
+        "INSERT INTO effects VALUES (5);\nINSERT INTO effects SELECT count(*)::int + 6 FROM gate2;\n";
     new.required(
         "4_gate",
         "INSERT INTO effects SELECT count(*)::int + 4 FROM gate;\n",
@@ -2130,10 +2133,29 @@ fn the_other_track_applied_it_meanwhile(no_tx: bool) {
         new.required("5_fill", fill);
     }
     old.migrator().run_required(&db.url).unwrap();
-    let mut blocker = db.conn();
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE gate IN ACCESS EXCLUSIVE MODE")
+    let (mut gate, mut gate2) = (db.conn(), db.conn());
+    gate.batch_execute("BEGIN; LOCK TABLE gate IN ACCESS EXCLUSIVE MODE")
         .unwrap();
+    gate2
+        .batch_execute("BEGIN; LOCK TABLE gate2 IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let waiting_on = |what: &str| {
+        db.count(&format!(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND datname = current_database() AND pid <> pg_backend_pid() \
+             AND query LIKE '%{what}%'"
+        )) > 0
+    };
+    let leader = {
+        let (url, m) = (db.url.clone(), old.migrator());
+        std::thread::spawn(move || {
+            let mut c = diesel::PgConnection::establish(&url).unwrap();
+            m.run_deferred_on(&mut c).map(|r| r.applied.len())
+        })
+    };
+    wait_until("the leader to wait at statement 2", || {
+        waiting_on("count(*)::int + 6 FROM gate2")
+    });
     let required = {
         let url = db.url.clone();
         let m = new
@@ -2142,18 +2164,12 @@ fn the_other_track_applied_it_meanwhile(no_tx: bool) {
         std::thread::spawn(move || m.run_required(&url))
     };
     wait_until("4_gate to wait for the table", || {
-        db.count(
-            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-             AND datname = current_database() AND pid <> pg_backend_pid() \
-             AND query LIKE '%count(*)::int + 4 FROM gate%'",
-        ) > 0
+        waiting_on("count(*)::int + 4 FROM gate")
     });
-    let end = once(old.migrator()).run_deferred(pool(&db));
-    assert!(
-        matches!(end, diesel_rollout::DeferredState::Done { .. }),
-        "{end:?}"
-    );
-    blocker.batch_execute("COMMIT").unwrap();
+    // The leader finishes 5_fill while the new release waits at 4_gate.
+    gate2.batch_execute("COMMIT").unwrap();
+    assert_eq!(leader.join().unwrap().unwrap(), 1);
+    gate.batch_execute("COMMIT").unwrap();
     let report = required.join().unwrap().unwrap();
     let versions: Vec<_> = report.applied.iter().map(|a| a.version.as_str()).collect();
     assert_eq!(versions, ["4"], "{report:?}");
@@ -2434,4 +2450,63 @@ fn a_dead_running_attempt_under_another_spelling_is_resumed() {
     assert_eq!(report.applied[0].statements, 1, "resumed at statement 2");
     assert_eq!(db.count("SELECT count(*) AS n FROM effects"), 1);
     drop(kept);
+}
+
+/// The required track takes the own locks of its pending no-transaction
+/// migrations when it plans, so a release that has one on its deferred
+/// track does not start it while earlier required migrations run: its
+/// leader is refused (a lock timeout, retried later), the required track
+/// applies it, each effect once, and no lock is left held afterwards.
+#[test]
+fn the_required_track_holds_its_pending_migrations_against_the_other_track() {
+    use std::time::Duration;
+    let db = TestDb::new();
+    db.conn()
+        .batch_execute("CREATE TABLE gate (v int)")
+        .unwrap();
+    let (old, new) = (TempSet::new(), TempSet::new());
+    for set in [&old, &new] {
+        set.required("1_effects", "CREATE TABLE effects (v int);\n");
+    }
+    let fill = "INSERT INTO effects VALUES (5);\nINSERT INTO effects VALUES (6);\n";
+    old.deferred("5_fill", fill);
+    new.required(
+        "4_gate",
+        "INSERT INTO effects SELECT count(*)::int + 4 FROM gate;\n",
+    );
+    new.required_no_tx("5_fill", fill);
+    old.migrator().run_required(&db.url).unwrap();
+    let mut gate = db.conn();
+    gate.batch_execute("BEGIN; LOCK TABLE gate IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let required = {
+        let url = db.url.clone();
+        let m = new
+            .migrator()
+            .required_lock_timeout(Duration::from_secs(30));
+        std::thread::spawn(move || m.run_required(&url))
+    };
+    wait_until("4_gate to wait for the table", || {
+        db.count(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND datname = current_database() AND pid <> pg_backend_pid() \
+             AND query LIKE '%count(*)::int + 4 FROM gate%'",
+        ) > 0
+    });
+    let end = once(old.migrator()).run_deferred(pool(&db));
+    match &end {
+        diesel_rollout::DeferredState::Failed { error, .. } => {
+            assert!(error.contains("being applied now"), "{error}")
+        }
+        other => panic!("the leader ran it: {other:?}"),
+    }
+    gate.batch_execute("COMMIT").unwrap();
+    let report = required.join().unwrap().unwrap();
+    let versions: Vec<_> = report.applied.iter().map(|a| a.version.as_str()).collect();
+    assert_eq!(versions, ["4", "5"], "{report:?}");
+    assert_eq!(
+        db.texts("SELECT v::text AS t FROM effects ORDER BY v"),
+        ["4", "5", "6"]
+    );
+    assert_eq!(db.advisory_locks(), 0, "no lock left held");
 }

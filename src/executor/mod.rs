@@ -46,10 +46,63 @@ pub(crate) fn apply(
         // What the caller read may be stale by now: the other track may
         // have applied it, or stopped halfway, while earlier migrations ran.
         let row = ledger::row(conn, tables, m.version())?;
-        if row.as_ref().is_some_and(|r| r.applied) {
-            return Ok(None);
-        }
-        run(conn, tables, m, Direction::Up, row.as_ref(), options)
+        apply_claimed(conn, tables, m, row.as_ref(), options)
+    })
+}
+
+/// As [`apply`], for a `run_in_transaction = false` migration whose own lock
+/// the caller holds ([`claim_all`]) and whose `row` it read after taking
+/// it: nobody else can have changed that row since.
+pub(crate) fn apply_claimed(
+    conn: &mut PgConnection,
+    tables: &Tables,
+    m: &Migration,
+    row: Option<&LedgerRow>,
+    options: &Options<'_>,
+) -> Result<Option<Applied>, Error> {
+    if row.is_some_and(|r| r.applied) {
+        return Ok(None);
+    }
+    run(conn, tables, m, Direction::Up, row, options)
+}
+
+/// The own locks ([`lock::claim_key`]) of `migrations`' no-transaction
+/// ones, taken in one statement where free, before the caller reads the
+/// ledger rows it runs them from: a track's run then needs no lock and no
+/// read of its own per migration. Released, all in one statement, when the
+/// returned guard drops (panics and errors included). The guard's
+/// `versions` are the migrations it holds (normalised).
+pub(crate) fn claim_all<'c>(
+    conn: &'c mut PgConnection,
+    tables: &Tables,
+    migrations: &[&Migration],
+) -> Result<Claim<'c>, Error> {
+    let schema = tables.schema.as_deref().unwrap_or("public");
+    let wanted: Vec<(i64, &Migration)> = migrations
+        .iter()
+        .filter(|m| !m.run_in_transaction())
+        .map(|m| {
+            (
+                lock::claim_key(schema, &tables.migrations_table, m.version()),
+                *m,
+            )
+        })
+        .collect();
+    let keys: Vec<i64> = wanted.iter().map(|(k, _)| *k).collect();
+    let held = if keys.is_empty() {
+        Vec::new()
+    } else {
+        lock::try_lock_each(conn, &keys)?
+    };
+    let versions = wanted
+        .iter()
+        .filter(|(k, _)| held.contains(k))
+        .map(|(_, m)| crate::migration::normal(m.version()).to_string())
+        .collect();
+    Ok(Claim {
+        conn,
+        keys: held,
+        versions,
     })
 }
 
@@ -79,7 +132,11 @@ pub(crate) fn claimed<T>(
         .at(m, None)
         .lock_timeout(true));
     }
-    let mut claim = Claim { conn, key };
+    let mut claim = Claim {
+        conn,
+        keys: vec![key],
+        versions: Vec::new(),
+    };
     f(&mut claim)
 }
 
@@ -107,18 +164,23 @@ pub(crate) fn revert(
     })
 }
 
-/// A migration's own advisory lock, held while it runs; released on drop
+/// Migrations' own advisory locks, held while they run; released on drop
 /// (panics included).
-struct Claim<'c> {
+pub(crate) struct Claim<'c> {
     conn: &'c mut PgConnection,
-    key: i64,
+    keys: Vec<i64>,
+    /// The versions held, normalised (for [`claim_all`]).
+    pub versions: Vec<String>,
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        // A broken connection has let go of it already.
-        if let Err(e) = lock::unlock(self.conn, self.key) {
-            tracing::warn!(error = %e, key = self.key, "could not release a migration's own lock");
+        if self.keys.is_empty() {
+            return;
+        }
+        // A broken connection has let go of them already.
+        if let Err(e) = lock::unlock_each(self.conn, &self.keys) {
+            tracing::warn!(error = %e, "could not release migrations' own locks");
         }
     }
 }
