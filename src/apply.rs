@@ -17,6 +17,10 @@ use crate::report::{Applied, Report};
 use crate::session;
 use crate::source::Track;
 
+/// How many own locks of pending no-transaction migrations a run takes
+/// before it reads the ledger; any more take theirs one at a time.
+const CLAIMED_AT_ONCE: usize = 32;
+
 /// What a track's run applies: the pending migrations in order, the ledger
 /// rows they were found from (by normalised version), and those of them
 /// whose own locks were held when the rows were read (normalised).
@@ -43,10 +47,13 @@ impl Migrator {
         // under this run any more (a release that has one on the other
         // track takes its lock too), so none needs a lock or a read of its
         // own. One not free is run the slow way, when its turn comes.
+        // At most `CLAIMED_AT_ONCE`: each lock takes a slot of the
+        // server's shared lock table (64 per connection by default).
         let no_tx: Vec<&Migration> = first
             .pending
             .iter()
             .filter(|m| !m.run_in_transaction())
+            .take(CLAIMED_AT_ONCE)
             .copied()
             .collect();
         let mut claim = executor::claim_all(conn, tables, &no_tx)?;
