@@ -1974,10 +1974,7 @@ fn a_lock_timeout_is_located_at_the_statement_that_waited() {
 /// then another, each leaving a row) on the deferred track, the new on the
 /// required one. The old release's required track is applied.
 fn moved_to_the_required_track(db: &TestDb) -> (TempSet, TempSet) {
-    let (old, new) = (TempSet::new(), TempSet::new());
-    for set in [&old, &new] {
-        set.required("1_effects", "CREATE TABLE effects (v int);\n");
-    }
+    let (old, new) = two_releases();
     let fill = "INSERT INTO effects SELECT 5 FROM pg_sleep(2);\nINSERT INTO effects VALUES (6);\n";
     old.deferred("5_fill", fill);
     new.required_no_tx("5_fill", fill);
@@ -2091,9 +2088,7 @@ fn a_running_attempt_whose_backend_holds_no_lock_is_resumed() {
         ))
         .unwrap();
     let report = m.run_required(&db.url).unwrap();
-    assert_eq!(report.applied.len(), 1, "{report:?}");
-    assert_eq!(report.applied[0].statements, 1, "resumed at statement 2");
-    assert_eq!(db.count("SELECT count(*) AS n FROM effects"), 1);
+    resumed_at_statement_2(&db, &report);
     drop(kept);
 }
 
@@ -2114,10 +2109,7 @@ fn the_other_track_applied_it_meanwhile(no_tx: bool) {
     db.conn()
         .batch_execute("CREATE TABLE gate (v int); CREATE TABLE gate2 (v int)")
         .unwrap();
-    let (old, new) = (TempSet::new(), TempSet::new());
-    for set in [&old, &new] {
-        set.required("1_effects", "CREATE TABLE effects (v int);\n");
-    }
+    let (old, new) = two_releases();
     let fill =
         "INSERT INTO effects VALUES (5);\nINSERT INTO effects SELECT count(*)::int + 6 FROM gate2;\n";
     new.required(
@@ -2260,10 +2252,7 @@ fn reindex_concurrently_passes_indexes_it_does_not_rebuild() {
 #[test]
 fn a_half_applied_migration_renamed_with_a_leading_zero_resumes() {
     let db = TestDb::new();
-    let (before, after) = (TempSet::new(), TempSet::new());
-    for set in [&before, &after] {
-        set.required("1_effects", "CREATE TABLE effects (v int);\n");
-    }
+    let (before, after) = two_releases();
     before.required_no_tx(
         "5_fill",
         "INSERT INTO effects VALUES (5);\nINSERT INTO missing VALUES (6);\n",
@@ -2281,9 +2270,7 @@ fn a_half_applied_migration_renamed_with_a_leading_zero_resumes() {
         .batch_execute("CREATE TABLE missing (v int)")
         .unwrap();
     let report = quick(&after).run_required(&db.url).unwrap();
-    assert_eq!(report.applied.len(), 1, "{report:?}");
-    assert_eq!(report.applied[0].statements, 1, "resumed at statement 2");
-    assert_eq!(db.count("SELECT count(*) AS n FROM effects"), 1);
+    resumed_at_statement_2(&db, &report);
 }
 
 /// `resolve --force` of a migration that a release with it on the other
@@ -2297,10 +2284,7 @@ fn resolve_refuses_a_migration_the_other_track_is_running() {
     use diesel::Connection;
     use diesel_rollout::{ErrorKind, Resolution};
     let db = TestDb::new();
-    let (old, new) = (TempSet::new(), TempSet::new());
-    for set in [&old, &new] {
-        set.required("1_effects", "CREATE TABLE effects (v int);\n");
-    }
+    let (old, new) = two_releases();
     let fill = "INSERT INTO effects VALUES (5);\nINSERT INTO effects SELECT 6 FROM pg_sleep(3);\n";
     old.deferred("5_fill", fill);
     new.required_no_tx("5_fill", fill);
@@ -2381,9 +2365,7 @@ fn an_attempt_running_under_a_release_without_the_migrations_own_lock_is_waited_
         db.advisory_locks() == 0
     });
     let report = m.run_required(&db.url).unwrap();
-    assert_eq!(report.applied.len(), 1, "{report:?}");
-    assert_eq!(report.applied[0].statements, 1, "resumed at statement 2");
-    assert_eq!(db.count("SELECT count(*) AS n FROM effects"), 1);
+    resumed_at_statement_2(&db, &report);
 }
 
 /// `REINDEX (CONCURRENTLY) INDEX`, PostgreSQL 14's spelling, gets what
@@ -2424,10 +2406,7 @@ fn reindex_with_the_option_list_drops_an_earlier_tries_leftover() {
 fn a_dead_running_attempt_under_another_spelling_is_resumed() {
     use diesel::Connection;
     let db = TestDb::new();
-    let (before, after) = (TempSet::new(), TempSet::new());
-    for set in [&before, &after] {
-        set.required("1_effects", "CREATE TABLE effects (v int);\n");
-    }
+    let (before, after) = two_releases();
     let fill = "INSERT INTO effects VALUES (5);\nINSERT INTO missing VALUES (6);\n";
     before.required_no_tx("5_fill", fill);
     after.required_no_tx("05_fill", fill);
@@ -2446,9 +2425,7 @@ fn a_dead_running_attempt_under_another_spelling_is_resumed() {
         ))
         .unwrap();
     let report = quick(&after).run_required(&db.url).unwrap();
-    assert_eq!(report.applied.len(), 1, "{report:?}");
-    assert_eq!(report.applied[0].statements, 1, "resumed at statement 2");
-    assert_eq!(db.count("SELECT count(*) AS n FROM effects"), 1);
+    resumed_at_statement_2(&db, &report);
     drop(kept);
 }
 
@@ -2464,10 +2441,7 @@ fn the_required_track_holds_its_pending_migrations_against_the_other_track() {
     db.conn()
         .batch_execute("CREATE TABLE gate (v int)")
         .unwrap();
-    let (old, new) = (TempSet::new(), TempSet::new());
-    for set in [&old, &new] {
-        set.required("1_effects", "CREATE TABLE effects (v int);\n");
-    }
+    let (old, new) = two_releases();
     let fill = "INSERT INTO effects VALUES (5);\nINSERT INTO effects VALUES (6);\n";
     old.deferred("5_fill", fill);
     new.required(
@@ -2509,4 +2483,21 @@ fn the_required_track_holds_its_pending_migrations_against_the_other_track() {
         ["4", "5", "6"]
     );
     assert_eq!(db.advisory_locks(), 0, "no lock left held");
+}
+
+/// Two releases of one project, each starting with `1_effects`.
+fn two_releases() -> (TempSet, TempSet) {
+    let pair = (TempSet::new(), TempSet::new());
+    for set in [&pair.0, &pair.1] {
+        set.required("1_effects", "CREATE TABLE effects (v int);\n");
+    }
+    pair
+}
+
+/// The one migration applied resumed at statement 2: statement 1's row
+/// in `effects` is there once.
+fn resumed_at_statement_2(db: &TestDb, report: &diesel_rollout::Report) {
+    assert_eq!(report.applied.len(), 1, "{report:?}");
+    assert_eq!(report.applied[0].statements, 1, "resumed at statement 2");
+    assert_eq!(db.count("SELECT count(*) AS n FROM effects"), 1);
 }
