@@ -92,7 +92,17 @@ pub(crate) fn claim_all<'c>(
     let held = if keys.is_empty() {
         Vec::new()
     } else {
-        lock::try_lock_each(conn, &keys)?
+        match lock::try_lock_each(conn, &keys) {
+            Ok(held) => held,
+            Err(e) => {
+                // A session lock taken before the statement failed stays
+                // held (it does not roll back): let go of every one.
+                if let Err(u) = lock::unlock_each(conn, &keys) {
+                    tracing::warn!(error = %u, "could not release migrations' own locks");
+                }
+                return Err(e);
+            }
+        }
     };
     let versions = wanted
         .iter()
