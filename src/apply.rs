@@ -125,12 +125,10 @@ impl Migrator {
                 }
             }
             // Its own lock held since `rows` were read: they are fresh.
-            let claimed = held
-                .iter()
-                .any(|v| v == normal(m.version()))
-                .then(|| rows.get(normal(m.version())).copied());
+            let row = rows.get(normal(m.version())).copied();
+            let claimed = held.iter().any(|v| v == normal(m.version()));
             let Some(applied) =
-                self.apply_retrying_lock_timeouts(conn, tables, m, claimed, track)?
+                self.apply_retrying_lock_timeouts(conn, tables, m, row, claimed, track)?
             else {
                 continue;
             };
@@ -150,7 +148,8 @@ impl Migrator {
         conn: &mut PgConnection,
         tables: &Tables,
         m: &Migration,
-        claimed: Option<Option<&LedgerRow>>,
+        row: Option<&LedgerRow>,
+        claimed: bool,
         track: Track,
     ) -> Result<Option<Applied>, Error> {
         let deadline = Instant::now() + self.lock_retry_deadline;
@@ -158,16 +157,19 @@ impl Migrator {
         let mut attempt = 1u32;
         loop {
             let options = executor::Options::plain();
-            let result = match claimed {
-                // The row read under its own lock; a retry's is read again
-                // (the failed attempt wrote it).
-                Some(row) if attempt == 1 => {
-                    executor::apply_claimed(conn, tables, m, row, &options)
-                }
-                Some(_) => ledger::row(conn, tables, m.version()).and_then(|row| {
+            // The row as planned the first time (read under its own lock,
+            // when `claimed`); a retry's is read again (the failed attempt
+            // wrote it, or another session ran it meanwhile).
+            let result = if claimed && attempt == 1 {
+                executor::apply_claimed(conn, tables, m, row, &options)
+            } else if claimed {
+                ledger::row(conn, tables, m.version()).and_then(|row| {
                     executor::apply_claimed(conn, tables, m, row.as_ref(), &options)
-                }),
-                None => executor::apply(conn, tables, m, &options),
+                })
+            } else if attempt == 1 && m.run_in_transaction() {
+                executor::apply_planned(conn, tables, m, row, &options)
+            } else {
+                executor::apply(conn, tables, m, &options)
             };
             if let Ok(None) = result {
                 tracing::info!(

@@ -47,7 +47,7 @@ impl Migrator {
             };
             // A revert that failed leaves the migration applied, with the
             // revert's error (and, halfway through, its progress) shown.
-            let half_done = row.is_some_and(|r| r.revert_half_done(m.run_in_transaction()));
+            let half_done = row.is_some_and(|r| r.revert_half_done());
             let revert_failed = half_done || row.is_some_and(|r| r.revert_failed());
             let unfinished = state == State::Failed || revert_failed;
             out.push(MigrationStatus {
@@ -135,7 +135,7 @@ impl Migrator {
             if let Some(r) = a
                 .rows
                 .get(normal(m.version()))
-                .filter(|r| r.revert_half_done(m.run_in_transaction()))
+                .filter(|r| r.revert_half_done())
             {
                 v.failed.push((
                     m.version().to_string(),

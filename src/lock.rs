@@ -38,11 +38,12 @@ fn key_of(text: &str, what: impl std::fmt::Display) -> i64 {
     i64::from_be_bytes(bytes)
 }
 
-/// The session advisory lock a run holds while it runs one
-/// `run_in_transaction = false` migration, whichever track has it: two
-/// releases that have the migration on different tracks (each under only
-/// its own track's lock) do not run it at once. The version as the ledger
-/// compares it (leading zeros dropped).
+/// A migration's own advisory lock, whichever track has it: a session lock
+/// while a `run_in_transaction = false` run of it runs, a transaction lock
+/// for a transactional one's transaction. Two releases that have the
+/// migration on different tracks (each under only its own track's lock)
+/// do not run it at once. The version as the ledger compares it (leading
+/// zeros dropped).
 pub(crate) fn claim_key(schema: &str, table: &str, version: &str) -> i64 {
     key_of(
         &format!("{schema}.{table}:{}", crate::migration::normal(version)),

@@ -199,7 +199,7 @@ impl Migrator {
             let row = rows
                 .iter()
                 .find(|r| normal(&r.version) == normal(m.version()));
-            if let Some(r) = row.filter(|r| r.revert_half_done(m.run_in_transaction())) {
+            if let Some(r) = row.filter(|r| r.revert_half_done()) {
                 problems.push(format!(
                     "the revert of {} stopped halfway ({} of its down.sql statements done): \
                      `up` leaves it as it is. Run the revert again (`rollout revert`), or \
@@ -315,7 +315,7 @@ impl Migrator {
             let down = m.down_sql().unwrap_or_default();
             let statements = sql::split_statements(down).unwrap_or_default();
             let done = row
-                .filter(|r| r.revert_half_done(m.run_in_transaction()))
+                .filter(|r| r.revert_half_done())
                 .and_then(|r| r.statements_completed)
                 .map_or(0, |n| usize::try_from(n).unwrap_or(0));
             let action = match row {

@@ -2190,6 +2190,128 @@ fn a_transactional_migration_the_other_track_applied_meanwhile_is_not_a_failure(
     the_other_track_applied_it_meanwhile(false);
 }
 
+/// A migration the new release made transactional as it moved it to the
+/// required track, reached while the old release's deferred leader is
+/// halfway through it outside a transaction: the new release's transaction
+/// finds the migration's own lock held and runs none of it; it tries again
+/// (as after a lock timeout) until the leader is done, then finds it
+/// applied; or, with no retries left, fails naming the session that runs
+/// it, with no failure recorded. Before, it ran it at once, and committed
+/// first: both runs' effects.
+fn transactional_while_the_other_track_runs_it(times_out: bool) {
+    use diesel::Connection;
+    use std::time::Duration;
+    let db = TestDb::new();
+    db.conn()
+        .batch_execute("CREATE TABLE opened (v int); CREATE TABLE gate2 (v int)")
+        .unwrap();
+    let (old, new) = two_releases();
+    let fill =
+        "INSERT INTO effects VALUES (5);\nINSERT INTO effects SELECT count(*)::int + 6 FROM gate2;\n";
+    // Waits, under no lock, until the test opens it.
+    new.required(
+        "4_gate",
+        "DO $$ BEGIN WHILE NOT EXISTS (SELECT 1 FROM opened) LOOP PERFORM pg_sleep(0.02); \
+         END LOOP; END $$;\nINSERT INTO effects VALUES (4);\n",
+    );
+    old.deferred("5_fill", fill);
+    new.required("5_fill", fill);
+    old.migrator().run_required(&db.url).unwrap();
+    let mut gate2 = db.conn();
+    gate2
+        .batch_execute("BEGIN; LOCK TABLE gate2 IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let waiting = |event: &str, what: &str| {
+        db.count(&format!(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = '{event}' \
+             AND datname = current_database() AND pid <> pg_backend_pid() \
+             AND query LIKE '%{what}%'"
+        )) > 0
+    };
+    // The new release plans (5_fill pending) and waits at 4_gate ...
+    let required = {
+        let url = db.url.clone();
+        let m = if times_out {
+            new.migrator().lock_timeout_retry_deadline(Duration::ZERO)
+        } else {
+            new.migrator()
+                .lock_timeout_retry_deadline(Duration::from_secs(60))
+        };
+        std::thread::spawn(move || m.run_required(&url))
+    };
+    wait_until("4_gate to wait", || waiting("Timeout", "FROM opened"));
+    // ... while the old release's leader starts 5_fill and stops at its
+    // statement 2.
+    let leader = {
+        let (url, m) = (db.url.clone(), old.migrator());
+        std::thread::spawn(move || {
+            let mut c = diesel::PgConnection::establish(&url).unwrap();
+            m.run_deferred_on(&mut c).map(|r| r.applied.len())
+        })
+    };
+    wait_until("the leader to wait at statement 2", || {
+        waiting("Lock", "count(*)::int + 6 FROM gate2")
+    });
+    db.conn()
+        .batch_execute("INSERT INTO opened VALUES (1)")
+        .unwrap();
+    if times_out {
+        let e = required.join().unwrap().unwrap_err();
+        let text = e.to_string();
+        assert!(e.is_lock_timeout(), "{text}");
+        assert!(
+            text.contains("migration 5_fill is being applied now by another session")
+                && text.contains("Nothing of it ran here"),
+            "{text}"
+        );
+        assert_eq!(
+            db.texts("SELECT v::text AS t FROM effects ORDER BY v"),
+            ["4", "5"],
+            "4_gate, and the leader's statement 1 only"
+        );
+        gate2.batch_execute("COMMIT").unwrap();
+        assert_eq!(leader.join().unwrap().unwrap(), 1);
+    } else {
+        // Refused, it asked who holds the lock (to name it), and sleeps
+        // before its retry.
+        wait_until("the new release to be refused 5_fill's own lock", || {
+            db.count(
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE state = 'idle' \
+                 AND datname = current_database() \
+                 AND query LIKE '%FROM pg_locks l%l.objsubid = 1%'",
+            ) > 0
+        });
+        gate2.batch_execute("COMMIT").unwrap();
+        assert_eq!(leader.join().unwrap().unwrap(), 1);
+        let report = required.join().unwrap().unwrap();
+        let versions: Vec<_> = report.applied.iter().map(|a| a.version.as_str()).collect();
+        assert_eq!(versions, ["4"], "{report:?}");
+    }
+    assert_eq!(
+        db.texts("SELECT v::text AS t FROM effects ORDER BY v"),
+        ["4", "5", "6"],
+        "each effect once"
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM __diesel_rollout_attempts \
+             WHERE version = '5' AND outcome <> 'success'"
+        ),
+        0,
+        "no failed attempt of 5_fill is recorded"
+    );
+}
+
+#[test]
+fn a_transactional_migration_waits_while_the_other_track_runs_it() {
+    transactional_while_the_other_track_runs_it(false);
+}
+
+#[test]
+fn a_transactional_migration_the_other_track_runs_is_refused_by_name() {
+    transactional_while_the_other_track_runs_it(true);
+}
+
 /// `REINDEX ... CONCURRENTLY` succeeds past indexes it cannot rebuild, and
 /// so does the migration: a partitioned table's own index (`ON ONLY`,
 /// valid once every partition has one attached), and an index a failed
@@ -2271,6 +2393,102 @@ fn a_half_applied_migration_renamed_with_a_leading_zero_resumes() {
         .unwrap();
     let report = quick(&after).run_required(&db.url).unwrap();
     resumed_at_statement_2(&db, &report);
+}
+
+/// A no-transaction migration stopped halfway, then made transactional by
+/// the next release (to fix it): refused, naming the statements done and
+/// the two ways on, with nothing of it run. Before, it ran whole: statement
+/// 1's effect twice.
+#[test]
+fn a_half_applied_migration_made_transactional_is_refused() {
+    use diesel_rollout::ErrorKind;
+    let db = TestDb::new();
+    let (before, after) = two_releases();
+    before.required_no_tx(
+        "5_fill",
+        "INSERT INTO effects VALUES (5);\nINSERT INTO missing VALUES (6);\n",
+    );
+    after.required(
+        "5_fill",
+        "INSERT INTO effects VALUES (5);\nINSERT INTO effects VALUES (6);\n",
+    );
+    let quick = |set: &TempSet| {
+        set.migrator()
+            .lock_timeout_retry_deadline(std::time::Duration::ZERO)
+    };
+    quick(&before).run_required(&db.url).unwrap_err();
+    let e = quick(&after).run_required(&db.url).unwrap_err();
+    let text = e.to_string();
+    assert_eq!(e.kind(), ErrorKind::PartialMigrationChanged, "{text}");
+    assert!(
+        text.contains("stopped halfway when it last ran outside a transaction (1 of 2 statements")
+            && text.contains("rollout resolve 5 --rolled-back"),
+        "{text}"
+    );
+    assert_eq!(db.texts("SELECT v::text AS t FROM effects"), ["5"]);
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM __diesel_schema_migrations WHERE version = '5'"),
+        0
+    );
+}
+
+/// The old release's deferred leader applies `5_fill` while the new
+/// release, which renamed it `05_fill` and made it transactional on the
+/// required track, runs the migrations ahead of it: the new release's run
+/// finds the version there under the other spelling (which its own version
+/// row does not collide with) and runs none of it. Before, it ran it again.
+#[test]
+fn a_renamed_transactional_migration_applied_meanwhile_is_not_run_again() {
+    use diesel::Connection;
+    let db = TestDb::new();
+    db.conn()
+        .batch_execute("CREATE TABLE opened (v int)")
+        .unwrap();
+    let (old, new) = two_releases();
+    let fill = "INSERT INTO effects VALUES (5);\nINSERT INTO effects VALUES (6);\n";
+    new.required(
+        "4_gate",
+        "DO $$ BEGIN WHILE NOT EXISTS (SELECT 1 FROM opened) LOOP PERFORM pg_sleep(0.02); \
+         END LOOP; END $$;\nINSERT INTO effects VALUES (4);\n",
+    );
+    old.deferred("5_fill", fill);
+    new.required("05_fill", fill);
+    old.migrator().run_required(&db.url).unwrap();
+    let required = {
+        let (url, m) = (db.url.clone(), new.migrator());
+        std::thread::spawn(move || m.run_required(&url))
+    };
+    wait_until("4_gate to wait", || {
+        db.count(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Timeout' \
+             AND datname = current_database() AND query LIKE '%FROM opened%'",
+        ) > 0
+    });
+    let mut c = diesel::PgConnection::establish(&db.url).unwrap();
+    assert_eq!(
+        old.migrator()
+            .run_deferred_on(&mut c)
+            .unwrap()
+            .applied
+            .len(),
+        1
+    );
+    db.conn()
+        .batch_execute("INSERT INTO opened VALUES (1)")
+        .unwrap();
+    let report = required.join().unwrap().unwrap();
+    let versions: Vec<_> = report.applied.iter().map(|a| a.version.as_str()).collect();
+    assert_eq!(versions, ["4"], "{report:?}");
+    assert_eq!(
+        db.texts("SELECT v::text AS t FROM effects ORDER BY v"),
+        ["4", "5", "6"],
+        "each effect once"
+    );
+    assert_eq!(
+        db.texts("SELECT version AS t FROM __diesel_schema_migrations WHERE version LIKE '%5'"),
+        ["5"],
+        "one version row"
+    );
 }
 
 /// `resolve --force` of a migration that a release with it on the other

@@ -65,16 +65,25 @@ impl LedgerRow {
         self.applied && self.is("down") && self.unfinished()
     }
 
-    /// Applied, and a revert of this no-transaction migration (not
-    /// `transactional`) stopped, or is running, with some of its down.sql
-    /// done: the schema is neither side. A transactional revert that failed
-    /// undid nothing (its transaction rolled back), nor did one that failed
-    /// on its first statement.
-    pub(crate) fn revert_half_done(&self, transactional: bool) -> bool {
-        self.applied
-            && self.is("down")
-            && !transactional
-            && (self.unfinished() || self.outcome.as_deref() == Some("running"))
+    /// Applied, and a revert of it outside a transaction stopped, or is
+    /// running, with some of its down.sql done: the schema is neither side.
+    /// A transactional revert that failed undid nothing (its transaction
+    /// rolled back, and it records no statement done), nor did one that
+    /// failed on its first statement. Whatever the migration's metadata
+    /// says now: the attempt may be an older release's.
+    pub(crate) fn revert_half_done(&self) -> bool {
+        self.applied && self.is("down") && self.half_done()
+    }
+
+    /// Not applied, and an attempt to apply it outside a transaction
+    /// stopped, or is running, with some of its up.sql done (see
+    /// [`LedgerRow::revert_half_done`]).
+    pub(crate) fn up_half_done(&self) -> bool {
+        !self.applied && self.is("up") && self.half_done()
+    }
+
+    fn half_done(&self) -> bool {
+        (self.unfinished() || self.outcome.as_deref() == Some("running"))
             && self.statements_completed.unwrap_or(0) > 0
     }
 
@@ -466,8 +475,9 @@ pub(crate) fn finish_attempt(
         .map(drop)
 }
 
-/// Records a transactional migration as applied (its version row and a
-/// successful attempt, in one statement), inside its transaction.
+/// Records a transactional migration's successful attempt, inside its
+/// transaction, after its SQL (its version row is inserted before the SQL
+/// runs: [`insert_version_sql`]).
 pub(crate) fn record_success(
     conn: &mut PgConnection,
     t: &Tables,
@@ -521,6 +531,52 @@ pub(crate) fn record_success_sql(t: &Tables, m: &Migration, statements: i32) -> 
     )
 }
 
+/// The version row of `m`, as text.
+fn insert_version_sql(t: &Tables, m: &Migration) -> String {
+    inline(
+        &t.sql.insert_version,
+        &[literal(m.version()), literal(m.checksum())],
+    )
+}
+
+/// A transactional run's first statements, as text (`claim_version.sql`):
+/// its version row, inserted only under the migration's own lock `key`
+/// (tried once), and refused when the version is there under any spelling.
+/// A row already there fails the run before any of its SQL runs.
+pub(crate) fn claim_version_sql(t: &Tables, m: &Migration, key: i64) -> String {
+    // The spellings `migration::spellings` lists, made by the server.
+    let normal = crate::migration::normal(m.version());
+    let base = if normal == "0" { "" } else { normal };
+    let longest = m.version().len().max(14) + 2;
+    let sql: Vec<&str> = t
+        .sql
+        .claim_version
+        .lines()
+        .filter(|l| !l.starts_with("--"))
+        .collect();
+    inline(
+        &sql.join("\n"),
+        &[
+            literal(m.version()),
+            literal(m.checksum()),
+            key.to_string(),
+            literal(base),
+            usize::from(base.is_empty()).to_string(),
+            longest.saturating_sub(base.len()).to_string(),
+        ],
+    )
+}
+
+/// Whether `e` is the refusal of [`claim_version_sql`] to take a lock
+/// another session holds: its NULL version row.
+pub(crate) fn is_claim_refused(t: &Tables, e: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error as E};
+    let table = t.migrations_table.rsplit('.').next().unwrap_or_default();
+    matches!(e, E::DatabaseError(DatabaseErrorKind::NotNullViolation, info)
+        if info.column_name() == Some("version")
+            && info.table_name().is_some_and(|n| n == table.trim_matches('"')))
+}
+
 /// How a no-transaction migration's attempt `id` ends once its last
 /// statement ran, as one batch in one round trip: in a transaction, its
 /// version row inserted (`up`) or deleted (`down`), the last statement's
@@ -533,10 +589,7 @@ pub(crate) fn finish_statements_sql(
     total: i32,
 ) -> String {
     let version = if up {
-        inline(
-            &t.sql.insert_version,
-            &[literal(m.version()), literal(m.checksum())],
-        )
+        insert_version_sql(t, m)
     } else {
         inline(&t.sql.delete_version, &[literal(m.version())])
     };

@@ -1,8 +1,6 @@
--- Inside the migration's own transaction, in one statement: the version row
--- diesel reads, and the attempt (now() is when the transaction started).
-WITH applied AS (
-    INSERT INTO {migrations} (version, checksum) VALUES ($1, $4)
-)
+-- Inside the migration's own transaction, after its SQL: the successful
+-- attempt (now() is when the transaction started). Its version row was
+-- inserted first, before the SQL ran (`insert_version.sql`).
 INSERT INTO {attempts}
     (ledger, version, name, track, operation, checksum, outcome, started_at, finished_at,
      statements_completed, statements_total, host, client_pid, os_user)
