@@ -67,10 +67,14 @@ impl Migrator {
     /// stops the revert there ([`ErrorKind::MigrationFailed`]); the error's
     /// report lists what was reverted before it.
     pub fn revert(&self, conn: &mut PgConnection, target: RevertTarget) -> Result<Report, Error> {
-        let deferred = self.has_deferred();
+        // The deferred lock too, with no deferred track in this binary: a
+        // newer release's leader may be running a deferred migration that
+        // builds on what this reverts (refused while it leads; once it is
+        // dead, its attempt is marked interrupted and the check for
+        // half-applied migrations sees it).
         self.locked(
             conn,
-            deferred,
+            true,
             Box::new(move |m, conn, tables, rows, report| {
                 let targets = m.revert_targets(rows, &target)?;
                 m.revert_on(conn, tables, rows, &targets, report)
@@ -88,10 +92,10 @@ impl Migrator {
     /// reverted); a failing `up.sql` as `up` reports it, with the report
     /// listing what was reverted and what was applied again.
     pub fn redo(&self, conn: &mut PgConnection, count: usize) -> Result<Report, Error> {
-        let deferred = self.has_deferred();
+        // The deferred lock too, as `revert` takes it.
         self.locked(
             conn,
-            deferred,
+            true,
             Box::new(move |m, conn, tables, rows, report| {
                 let targets = m.revert_targets(rows, &RevertTarget::Count(count))?;
                 m.check_drift_after_revert(rows, &targets, report)?;

@@ -6,7 +6,7 @@
 mod support;
 
 use diesel::connection::SimpleConnection;
-use diesel_rollout::{ErrorKind, PlanAction, RevertTarget};
+use diesel_rollout::{ErrorKind, PlanAction, RevertTarget, Track};
 use support::{TempSet, TestDb};
 
 fn down(dir: &std::path::Path, sql: &str) {
@@ -440,6 +440,59 @@ fn an_attempts_table_commented_v2_with_every_column_is_read_whole() {
     let v = m.verify(&mut db.conn()).unwrap();
     assert!(!v.is_complete(), "{v:?}");
     assert!(v.failed[0].1.contains("revert stopped halfway"), "{v:?}");
+}
+
+/// A deploy rolled back to a release with no deferred track: its `revert`
+/// must not undo what a newer release's deferred migration builds on while
+/// that release's leader runs it (refused while it leads), nor after the
+/// leader died halfway (its attempt left `running`, which the revert marks
+/// interrupted under the deferred lock, and refuses). Before, a binary with
+/// no deferred migrations took no deferred lock and saw neither.
+#[test]
+fn a_release_without_a_deferred_track_does_not_revert_under_a_newer_deferred_run() {
+    let db = TestDb::new();
+    let old = TempSet::new();
+    let t = old.required("1_t", "CREATE TABLE t (x int);\n");
+    down(&t, "DROP TABLE t;\n");
+    old.migrator().run_required(&db.url).unwrap();
+    let mut leader = db.conn();
+    leader
+        .batch_execute(&format!(
+            "SELECT pg_advisory_lock({})",
+            diesel_rollout::lock_key("public", "__diesel_schema_migrations", Track::Deferred)
+        ))
+        .unwrap();
+    let err = old
+        .migrator()
+        .revert(&mut db.conn(), RevertTarget::Count(1))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RevertRefused, "{err}");
+    assert!(
+        err.to_string().contains("leads the deferred track"),
+        "{err}"
+    );
+    // The leader dies at its statement 2.
+    drop(leader);
+    db.conn()
+        .batch_execute(
+            "INSERT INTO __diesel_rollout_attempts (ledger, version, name, track, operation, \
+             checksum, outcome, statements_completed, statements_total) \
+             VALUES ('public.__diesel_schema_migrations', '2', 'backfill', 'deferred', 'up', \
+             'x', 'running', 1, 2)",
+        )
+        .unwrap();
+    let err = old.migrator().redo(&mut db.conn(), 1).unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.kind(), ErrorKind::RevertRefused, "{text}");
+    assert!(
+        text.contains("version 2 (not known to this binary) stopped halfway (1 statements done)"),
+        "{text}"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM t"),
+        0,
+        "t is still there"
+    );
 }
 
 /// A deploy rolled back to the release before: its `revert` must not undo
