@@ -225,6 +225,30 @@ fn a_password_never_appears_in_errors() {
     }
 }
 
+/// A connection string given where the command takes none (`rollout
+/// status $DATABASE_URL`), or for the fleet's targets file: the usage
+/// error and the unreadable file are reported without its password.
+#[test]
+fn a_password_in_a_misplaced_argument_is_not_echoed() {
+    let secret = "s3cr3t-Pa55";
+    let url = format!("postgres://alice:{secret}@127.0.0.1:1/app");
+    let keywords = format!("host=127.0.0.1 user=alice password={secret}");
+    for args in [
+        vec!["status", url.as_str()],
+        vec!["up", "--required-only", keywords.as_str()],
+        vec!["fleet", "status", "--targets", url.as_str()],
+    ] {
+        let out = rollout().args(&args).output().unwrap();
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("error"), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains(secret) && !stdout.contains(secret),
+            "password echoed for {args:?}:\n{stderr}"
+        );
+    }
+}
+
 #[test]
 fn deferred_without_wait_does_not_hang_on_pending_required_migrations() {
     let db = TestDb::new();

@@ -130,14 +130,11 @@ fn targets(cli: &Cli, source: &Source) -> Result<Vec<Target>, Failure> {
             &source.schemas_query,
         ) {
             (Some(file), _, _) => {
-                let text = std::fs::read_to_string(file).map_err(|e| {
-                    failure(format!(
-                        "cannot read the targets file {}: {e}",
-                        file.display()
-                    ))
-                })?;
-                Target::parse_list(&text)
-                    .map_err(|e| failure(format!("{}: {e}", file.display())))?
+                // A connection string given for the file is not printed.
+                let shown = diesel_rollout::redact_url(&file.display().to_string());
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| failure(format!("cannot read the targets file {shown}: {e}")))?;
+                Target::parse_list(&text).map_err(|e| failure(format!("{shown}: {e}")))?
             }
             (_, Some(query), _) => Target::from_query(control()?, query)?,
             (_, _, Some(query)) => Target::schemas_from_query(control()?, query)?,

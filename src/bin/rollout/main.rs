@@ -220,7 +220,20 @@ fn failure(message: impl Into<String>) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // clap quotes the arguments it refuses: a connection string
+            // given where none is taken (`rollout status $DATABASE_URL`)
+            // must not be printed with its password.
+            let text = std::env::args().fold(e.to_string(), |text, arg| {
+                diesel_rollout::redact_error(&text, &arg)
+            });
+            let _ = write!(std::io::stderr().lock(), "{text}");
+            return ExitCode::from(2);
+        }
+    };
     init_tracing(&cli);
     match run(&cli) {
         Ok(code) => ExitCode::from(code),
