@@ -2190,15 +2190,28 @@ fn a_transactional_migration_the_other_track_applied_meanwhile_is_not_a_failure(
     the_other_track_applied_it_meanwhile(false);
 }
 
+/// How the old release's leader, halfway through `5_fill`, and the new
+/// release's refused run of it end.
+#[derive(PartialEq)]
+enum LeaderRun {
+    /// The new release retries until the leader is done.
+    Finishes,
+    /// The new release has no retries left.
+    Outlasts,
+    /// The leader's backend is killed before the new release gets there.
+    Dies,
+}
+
 /// A migration the new release made transactional as it moved it to the
 /// required track, reached while the old release's deferred leader is
 /// halfway through it outside a transaction: the new release's transaction
 /// finds the migration's own lock held and runs none of it; it tries again
 /// (as after a lock timeout) until the leader is done, then finds it
 /// applied; or, with no retries left, fails naming the session that runs
-/// it, with no failure recorded. Before, it ran it at once, and committed
+/// it, with no failure recorded; or, the leader dead with statement 1
+/// done, refuses to run it whole. Before, it ran it at once, and committed
 /// first: both runs' effects.
-fn transactional_while_the_other_track_runs_it(times_out: bool) {
+fn transactional_while_the_other_track_runs_it(end: LeaderRun) {
     use diesel::Connection;
     use std::time::Duration;
     let db = TestDb::new();
@@ -2231,7 +2244,7 @@ fn transactional_while_the_other_track_runs_it(times_out: bool) {
     // The new release plans (5_fill pending) and waits at 4_gate ...
     let required = {
         let url = db.url.clone();
-        let m = if times_out {
+        let m = if end == LeaderRun::Outlasts {
             new.migrator().lock_timeout_retry_deadline(Duration::ZERO)
         } else {
             new.migrator()
@@ -2252,10 +2265,40 @@ fn transactional_while_the_other_track_runs_it(times_out: bool) {
     wait_until("the leader to wait at statement 2", || {
         waiting("Lock", "count(*)::int + 6 FROM gate2")
     });
+    if end == LeaderRun::Dies {
+        db.conn()
+            .batch_execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND wait_event_type = 'Lock' AND query LIKE '%+ 6 FROM gate2%'",
+            )
+            .unwrap();
+        assert!(leader.join().unwrap().is_err());
+        db.conn()
+            .batch_execute("INSERT INTO opened VALUES (1)")
+            .unwrap();
+        let e = required.join().unwrap().unwrap_err();
+        let text = e.to_string();
+        assert_eq!(
+            e.kind(),
+            diesel_rollout::ErrorKind::PartialMigrationChanged,
+            "{text}"
+        );
+        assert!(
+            text.contains("stopped halfway when it last ran outside a transaction (1 of 2"),
+            "{text}"
+        );
+        assert_eq!(
+            db.texts("SELECT v::text AS t FROM effects ORDER BY v"),
+            ["4", "5"],
+            "statement 1's effect once"
+        );
+        return;
+    }
     db.conn()
         .batch_execute("INSERT INTO opened VALUES (1)")
         .unwrap();
-    if times_out {
+    if end == LeaderRun::Outlasts {
         let e = required.join().unwrap().unwrap_err();
         let text = e.to_string();
         assert!(e.is_lock_timeout(), "{text}");
@@ -2304,12 +2347,17 @@ fn transactional_while_the_other_track_runs_it(times_out: bool) {
 
 #[test]
 fn a_transactional_migration_waits_while_the_other_track_runs_it() {
-    transactional_while_the_other_track_runs_it(false);
+    transactional_while_the_other_track_runs_it(LeaderRun::Finishes);
 }
 
 #[test]
 fn a_transactional_migration_the_other_track_runs_is_refused_by_name() {
-    transactional_while_the_other_track_runs_it(true);
+    transactional_while_the_other_track_runs_it(LeaderRun::Outlasts);
+}
+
+#[test]
+fn a_transactional_migration_the_other_track_left_half_done_meanwhile_is_refused() {
+    transactional_while_the_other_track_runs_it(LeaderRun::Dies);
 }
 
 /// `REINDEX ... CONCURRENTLY` succeeds past indexes it cannot rebuild, and

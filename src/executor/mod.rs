@@ -156,6 +156,26 @@ pub(crate) fn claimed<T>(
     f(&mut claim)
 }
 
+/// The refusal to run transactional migration `m` whole while an attempt
+/// of it outside a transaction stopped with `done` of `total` statements
+/// done: those would run a second time.
+fn half_done_error(m: &Migration, script: &Script<'_>, done: i32, total: i32) -> Error {
+    Error::new(
+        ErrorKind::PartialMigrationChanged,
+        format!(
+            "{} stopped halfway when it last ran outside a transaction ({done} of {total} \
+             statements completed), and is transactional now (`run_in_transaction` in its \
+             metadata.toml): run whole, its completed statements would run a second time. \
+             Nothing of it ran. Keep `run_in_transaction = false` for this release, so it \
+             resumes after them; or undo what they did by hand and record that with `rollout \
+             resolve {} --rolled-back`",
+            script.what(m),
+            m.version()
+        ),
+    )
+    .at(m, None)
+}
+
 /// `m`'s own advisory lock ([`lock::claim_key`]).
 fn own_key(tables: &Tables, m: &Migration) -> i64 {
     let schema = tables.schema.as_deref().unwrap_or("public");
@@ -247,22 +267,12 @@ fn run(
             Direction::Down => r.revert_half_done(),
         });
         if let Some(r) = half_done {
-            return Err(Error::new(
-                ErrorKind::PartialMigrationChanged,
-                format!(
-                    "{} stopped halfway when it last ran outside a transaction ({} of {} \
-                     statements completed), and is transactional now (`run_in_transaction` in \
-                     its metadata.toml): run whole, its completed statements would run a second \
-                     time. Nothing of it ran. Keep `run_in_transaction = false` for this \
-                     release, so it resumes after them; or undo what they did by hand and record \
-                     that with `rollout resolve {} --rolled-back`",
-                    script.what(m),
-                    r.statements_completed.unwrap_or(0),
-                    r.statements_total.unwrap_or(0),
-                    m.version()
-                ),
-            )
-            .at(m, None));
+            return Err(half_done_error(
+                m,
+                &script,
+                r.statements_completed.unwrap_or(0),
+                r.statements_total.unwrap_or(0),
+            ));
         }
     }
     // A script with its own `COMMIT` or `BEGIN` never gets here as a

@@ -19,20 +19,22 @@ use crate::migration::Migration;
 use crate::report::Applied;
 use crate::source::sql;
 
-/// The first statements of a transactional run going up, after `BEGIN`
-/// ([`ledger::claim_version_sql`]): its version row, under the migration's
-/// own lock, so it does not run while a release that has it on the other
-/// track runs it outside a transaction, nor after that release applied it
-/// meanwhile (under any spelling of its version). Either fails the run
-/// before any of its SQL runs. A revert takes no own lock (both of its
-/// release's tracks' locks are held, and the version row is there).
-fn claim_sql(tables: &Tables, m: &Migration, direction: Direction) -> String {
+/// What a transactional run going up sends around its SQL
+/// ([`ledger::claim_version_sql`]): first, after `BEGIN`, its version row,
+/// under the migration's own lock, so it does not run while a release that
+/// has it on the other track runs it outside a transaction (or after that
+/// release applied it under the same spelling); and after its SQL, the
+/// check that rolls it back when that release applied it under another
+/// spelling or left it halfway meanwhile. Each ends with `;\n`. A revert
+/// takes no own lock (both of its release's tracks' locks are held, and the
+/// version row is there): two empty strings.
+fn claim_sql(tables: &Tables, m: &Migration, direction: Direction) -> (String, String) {
     match direction {
-        Direction::Up => format!(
-            "{};\n",
-            ledger::claim_version_sql(tables, m, own_key(tables, m))
-        ),
-        Direction::Down => String::new(),
+        Direction::Up => {
+            let (first, check) = ledger::claim_version_sql(tables, m, own_key(tables, m));
+            (format!("{first};\n"), format!("{check};\n"))
+        }
+        Direction::Down => (String::new(), String::new()),
     }
 }
 
@@ -79,6 +81,12 @@ pub(super) fn run_transactional(
             }))
         }
         Err(_) if stage == Stage::Elsewhere => Ok(None),
+        Err(_) if matches!(stage, Stage::HalfDone(..)) => {
+            let Stage::HalfDone(done, total) = stage else {
+                unreachable!()
+            };
+            Err(super::half_done_error(m, script, done, total))
+        }
         Err(_) if matches!(stage, Stage::Claimed(_)) => {
             let Stage::Claimed(pid) = stage else {
                 unreachable!()
@@ -111,7 +119,9 @@ pub(super) fn run_transactional(
                 (None, Stage::Unlocated(why)) => {
                     (None, format!("its SQL or its ledger rows ({why})"))
                 }
-                (None, Stage::Elsewhere | Stage::Claimed(_)) => unreachable!("handled above"),
+                (None, Stage::Elsewhere | Stage::Claimed(_) | Stage::HalfDone(..)) => {
+                    unreachable!("handled above")
+                }
             };
             let mut pg = describe_db_error(&e);
             let lock_timeout = is_lock_timeout(&e);
@@ -197,19 +207,25 @@ fn not_here(
         let holder = lock::holder(conn, &[own_key(tables, m)]);
         return Some(Stage::Claimed(holder.ok().flatten().map(|h| h.pid)));
     }
-    let applied = matches!(ledger::row(conn, tables, m.version()), Ok(Some(r)) if r.applied);
-    applied.then(|| {
-        tracing::info!(
-            error = %describe_db_error(e),
-            "{} failed as another session applied it meanwhile: nothing of this run is left",
-            m.dir_name()
-        );
-        Stage::Elsewhere
-    })
+    match ledger::row(conn, tables, m.version()) {
+        Ok(Some(r)) if r.applied => {
+            tracing::info!(
+                error = %describe_db_error(e),
+                "{} failed as another session applied it meanwhile: nothing of this run is left",
+                m.dir_name()
+            );
+            Some(Stage::Elsewhere)
+        }
+        Ok(Some(r)) if r.up_half_done() => Some(Stage::HalfDone(
+            r.statements_completed.unwrap_or(0),
+            r.statements_total.unwrap_or(0),
+        )),
+        _ => None,
+    }
 }
 
 /// The migration's SQL and its ledger rows in one transaction, sent in one
-/// round trip (`BEGIN; own lock; version row; script; attempt; COMMIT`, see
+/// round trip (`BEGIN; version row; script; check; attempt; COMMIT`, see
 /// [`claim_sql`]). On failure (after a
 /// `ROLLBACK`) the statement that failed is found from PostgreSQL's error
 /// position; a lock timeout's from the locks other transactions hold; any
@@ -225,12 +241,13 @@ fn run_whole<'s>(
     statements: &'s [sql::Statement],
     total: i32,
 ) -> Outcome<'s> {
-    let prefix = format!("BEGIN;\n{}", claim_sql(tables, m, script.direction));
+    let (claim, check) = claim_sql(tables, m, script.direction);
+    let prefix = format!("BEGIN;\n{claim}");
     let ledger_sql = match script.direction {
         Direction::Up => ledger::record_success_sql(tables, m, total),
         Direction::Down => ledger::record_revert_sql(tables, m, &script.checksum, total),
     };
-    let batch = format!("{prefix}{}\n;\n{ledger_sql};\nCOMMIT", script.sql);
+    let batch = format!("{prefix}{}\n;\n{check}{ledger_sql};\nCOMMIT", script.sql);
     let sent = Instant::now();
     let Err(e) = conn.batch_execute(&batch) else {
         return (Ok(()), None, Stage::Commit, None);
@@ -350,6 +367,9 @@ enum Stage {
     Guessed,
     /// Before any of its SQL: another session applied it meanwhile.
     Elsewhere,
+    /// Before any of its SQL: an attempt outside a transaction, by another
+    /// session meanwhile, stopped with this many of so many statements done.
+    HalfDone(i32, i32),
     /// Before any of its SQL: its own lock was held by another session
     /// (this backend pid, unless it let go since), which runs it now.
     Claimed(Option<i32>),
@@ -441,7 +461,7 @@ fn run_nested<'s>(
     let mut failed_at = None;
     let mut stage = Stage::Ledger;
     let result = conn.transaction::<(), DieselError, _>(|c| {
-        let claim = claim_sql(tables, m, script.direction);
+        let (claim, check) = claim_sql(tables, m, script.direction);
         if !claim.is_empty() {
             c.batch_execute(&claim)?;
         }
@@ -450,6 +470,9 @@ fn run_nested<'s>(
                 failed_at = Some(s);
                 return Err(e);
             }
+        }
+        if !check.is_empty() {
+            c.batch_execute(&check)?;
         }
         match script.direction {
             Direction::Up => ledger::record_success(c, tables, m, total)?,

@@ -539,32 +539,29 @@ fn insert_version_sql(t: &Tables, m: &Migration) -> String {
     )
 }
 
-/// A transactional run's first statements, as text (`claim_version.sql`):
-/// its version row, inserted only under the migration's own lock `key`
-/// (tried once), and refused when the version is there under any spelling.
-/// A row already there fails the run before any of its SQL runs.
-pub(crate) fn claim_version_sql(t: &Tables, m: &Migration, key: i64) -> String {
+/// A transactional run's claim, as text, in two parts: the first
+/// statement (`claim_version.sql`), its version row, inserted only under
+/// the migration's own lock `key` (tried once); and the check after its SQL
+/// (`claim_check.sql`), which fails the transaction when the version is
+/// there under another spelling or its latest attempt stopped halfway.
+pub(crate) fn claim_version_sql(t: &Tables, m: &Migration, key: i64) -> (String, String) {
     // The spellings `migration::spellings` lists, made by the server.
     let normal = crate::migration::normal(m.version());
     let base = if normal == "0" { "" } else { normal };
     let longest = m.version().len().max(14) + 2;
-    let sql: Vec<&str> = t
-        .sql
-        .claim_version
-        .lines()
-        .filter(|l| !l.starts_with("--"))
-        .collect();
-    inline(
-        &sql.join("\n"),
-        &[
-            literal(m.version()),
-            literal(m.checksum()),
-            key.to_string(),
-            literal(base),
-            usize::from(base.is_empty()).to_string(),
-            longest.saturating_sub(base.len()).to_string(),
-        ],
-    )
+    let values = [
+        literal(m.version()),
+        literal(m.checksum()),
+        key.to_string(),
+        literal(base),
+        usize::from(base.is_empty()).to_string(),
+        longest.saturating_sub(base.len()).to_string(),
+    ];
+    let sent = |sql: &str| {
+        let lines: Vec<&str> = sql.lines().filter(|l| !l.starts_with("--")).collect();
+        inline(&lines.join("\n"), &values)
+    };
+    (sent(&t.sql.claim_version), sent(&t.sql.claim_check))
 }
 
 /// Whether `e` is the refusal of [`claim_version_sql`] to take a lock
