@@ -152,6 +152,17 @@ impl Migrator {
                 .find(|r| normal(&r.version) == normal(m.version()));
             let statements = sql::split_statements(m.up_sql()).unwrap_or_default();
             let action = match row {
+                // `up` refuses it (see `executor::run`).
+                Some(r) if r.up_half_done() && m.run_in_transaction() => PlanAction::Refused {
+                    reason: format!(
+                        "it stopped halfway when it last ran outside a transaction ({} \
+                         statements done) and is transactional now, so `up` refuses to run it \
+                         whole: keep `run_in_transaction = false` so it resumes, or undo what \
+                         they did by hand and record that with `rollout resolve {} --rolled-back`",
+                        r.statements_completed.unwrap_or(0),
+                        m.version()
+                    ),
+                },
                 Some(r) if r.failed() && !m.run_in_transaction() => match r.statements_completed {
                     Some(n) if n > 0 => resume_or_refusal(m, r, n, statements.len()),
                     _ => PlanAction::Retry {

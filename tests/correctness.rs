@@ -2478,6 +2478,14 @@ fn a_half_applied_migration_made_transactional_is_refused() {
         db.count("SELECT count(*) AS n FROM __diesel_schema_migrations WHERE version = '5'"),
         0
     );
+    // The dry run says so too.
+    let plan = after.migrator().plan(&mut db.conn()).unwrap();
+    let step = plan.steps.iter().find(|s| s.version == "5").unwrap();
+    assert!(
+        matches!(&step.action, diesel_rollout::PlanAction::Refused { reason }
+            if reason.contains("is transactional now")),
+        "{plan:?}"
+    );
 }
 
 /// The old release's deferred leader applies `5_fill` while the new
