@@ -2205,12 +2205,12 @@ enum LeaderRun {
 /// A migration the new release made transactional as it moved it to the
 /// required track, reached while the old release's deferred leader is
 /// halfway through it outside a transaction: the new release's transaction
-/// finds the migration's own lock held and runs none of it; it tries again
-/// (as after a lock timeout) until the leader is done, then finds it
-/// applied; or, with no retries left, fails naming the session that runs
-/// it, with no failure recorded; or, the leader dead with statement 1
-/// done, refuses to run it whole. Before, it ran it at once, and committed
-/// first: both runs' effects.
+/// finds the migration's own lock held as it commits, and rolls back; it
+/// tries again (as after a lock timeout) until the leader is done, then
+/// finds it applied; or, with no retries left, fails naming the session
+/// that runs it, with no failure recorded; or, the leader dead with
+/// statement 1 done, rolls back and refuses to run it whole. Before, it
+/// ran it at once, and committed first: both runs' effects.
 fn transactional_while_the_other_track_runs_it(end: LeaderRun) {
     use diesel::Connection;
     use std::time::Duration;
@@ -2228,7 +2228,11 @@ fn transactional_while_the_other_track_runs_it(end: LeaderRun) {
          END LOOP; END $$;\nINSERT INTO effects VALUES (4);\n",
     );
     old.deferred("5_fill", fill);
-    new.required("5_fill", fill);
+    // The same effects, without waiting for the gate the leader waits at.
+    new.required(
+        "5_fill",
+        "INSERT INTO effects VALUES (5);\nINSERT INTO effects VALUES (6);\n",
+    );
     old.migrator().run_required(&db.url).unwrap();
     let mut gate2 = db.conn();
     gate2

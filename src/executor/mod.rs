@@ -38,6 +38,9 @@ pub(crate) fn apply(
 ) -> Result<Option<Applied>, Error> {
     if m.run_in_transaction() {
         let row = ledger::row(conn, tables, m.version())?;
+        if row.as_ref().is_some_and(|r| r.applied) {
+            return Ok(None);
+        }
         return run(conn, tables, m, Direction::Up, row.as_ref(), options);
     }
     claimed(conn, tables, m, |conn| {

@@ -19,22 +19,26 @@ use crate::migration::Migration;
 use crate::report::Applied;
 use crate::source::sql;
 
-/// What a transactional run going up sends around its SQL
-/// ([`ledger::claim_version_sql`]): first, after `BEGIN`, its version row,
-/// under the migration's own lock, so it does not run while a release that
+/// What a transactional run going up sends after its SQL, before its
+/// attempt ([`ledger::claim_version_sql`]): its version row, only under
+/// the migration's own lock, so it does not commit while a release that
 /// has it on the other track runs it outside a transaction (or after that
-/// release applied it under the same spelling); and after its SQL, the
-/// check that rolls it back when that release applied it under another
-/// spelling or left it halfway meanwhile. Each ends with `;\n`. A revert
-/// takes no own lock (both of its release's tracks' locks are held, and the
-/// version row is there): two empty strings.
-fn claim_sql(tables: &Tables, m: &Migration, direction: Direction) -> (String, String) {
+/// release applied it under the same spelling); the attempt's insert
+/// (`record_success.sql`) then checks, under that lock, that the release
+/// did not apply it under its plain spelling or leave it halfway
+/// meanwhile. Either failure rolls the run back, its SQL included, so
+/// nothing of it is left; both go last so the race costs nothing on the
+/// success path but two cheap statements, and `pg_stat_activity` shows the
+/// migration's SQL first. Ends with `;\n`. A revert takes no own lock
+/// (both of its release's tracks' locks are held, and the version row is
+/// there): empty.
+fn claim_sql(tables: &Tables, m: &Migration, direction: Direction) -> String {
     match direction {
-        Direction::Up => {
-            let (first, check) = ledger::claim_version_sql(tables, m, own_key(tables, m));
-            (format!("{first};\n"), format!("{check};\n"))
-        }
-        Direction::Down => (String::new(), String::new()),
+        Direction::Up => format!(
+            "{};\n",
+            ledger::claim_version_sql(tables, m, own_key(tables, m))
+        ),
+        Direction::Down => String::new(),
     }
 }
 
@@ -203,9 +207,12 @@ fn not_here(
     if is_connection_error(e) || script.direction != Direction::Up {
         return None;
     }
-    if ledger::is_claim_refused(tables, e) {
-        let holder = lock::holder(conn, &[own_key(tables, m)]);
-        return Some(Stage::Claimed(holder.ok().flatten().map(|h| h.pid)));
+    // Refused its own lock; or failed otherwise while another session
+    // holds it (its run's effects in the way): either way that run is not
+    // this one's to record a failure over.
+    let holder = lock::holder(conn, &[own_key(tables, m)]).ok().flatten();
+    if ledger::is_claim_refused(tables, e) || holder.is_some() {
+        return Some(Stage::Claimed(holder.map(|h| h.pid)));
     }
     match ledger::row(conn, tables, m.version()) {
         Ok(Some(r)) if r.applied => {
@@ -225,7 +232,7 @@ fn not_here(
 }
 
 /// The migration's SQL and its ledger rows in one transaction, sent in one
-/// round trip (`BEGIN; version row; script; check; attempt; COMMIT`, see
+/// round trip (`BEGIN; script; version row; attempt; COMMIT`, see
 /// [`claim_sql`]). On failure (after a
 /// `ROLLBACK`) the statement that failed is found from PostgreSQL's error
 /// position; a lock timeout's from the locks other transactions hold; any
@@ -241,13 +248,13 @@ fn run_whole<'s>(
     statements: &'s [sql::Statement],
     total: i32,
 ) -> Outcome<'s> {
-    let (claim, check) = claim_sql(tables, m, script.direction);
-    let prefix = format!("BEGIN;\n{claim}");
+    let prefix = "BEGIN;\n";
+    let claim = claim_sql(tables, m, script.direction);
     let ledger_sql = match script.direction {
         Direction::Up => ledger::record_success_sql(tables, m, total),
         Direction::Down => ledger::record_revert_sql(tables, m, &script.checksum, total),
     };
-    let batch = format!("{prefix}{}\n;\n{check}{ledger_sql};\nCOMMIT", script.sql);
+    let batch = format!("{prefix}{}\n;\n{claim}{ledger_sql};\nCOMMIT", script.sql);
     let sent = Instant::now();
     let Err(e) = conn.batch_execute(&batch) else {
         return (Ok(()), None, Stage::Commit, None);
@@ -269,7 +276,6 @@ fn run_whole<'s>(
     let script_chars = script.sql.chars().count();
     if let Some(p) = position {
         if p <= prefix_chars {
-            // In its own lock or its version row.
             return (Err(e), None, Stage::Ledger, None);
         }
         let char_offset = p - 1 - prefix_chars;
@@ -461,18 +467,15 @@ fn run_nested<'s>(
     let mut failed_at = None;
     let mut stage = Stage::Ledger;
     let result = conn.transaction::<(), DieselError, _>(|c| {
-        let (claim, check) = claim_sql(tables, m, script.direction);
-        if !claim.is_empty() {
-            c.batch_execute(&claim)?;
-        }
         for s in statements {
             if let Err(e) = c.batch_execute(&s.sql) {
                 failed_at = Some(s);
                 return Err(e);
             }
         }
-        if !check.is_empty() {
-            c.batch_execute(&check)?;
+        let claim = claim_sql(tables, m, script.direction);
+        if !claim.is_empty() {
+            c.batch_execute(&claim)?;
         }
         match script.direction {
             Direction::Up => ledger::record_success(c, tables, m, total)?,

@@ -476,8 +476,9 @@ pub(crate) fn finish_attempt(
 }
 
 /// Records a transactional migration's successful attempt, inside its
-/// transaction, after its SQL (its version row is inserted before the SQL
-/// runs: [`insert_version_sql`]).
+/// transaction, after its SQL and its version row
+/// ([`claim_version_sql`]); fails, rolling it back, when the other track
+/// applied it under its plain spelling or left it halfway meanwhile.
 pub(crate) fn record_success(
     conn: &mut PgConnection,
     t: &Tables,
@@ -493,6 +494,7 @@ pub(crate) fn record_success(
         .bind::<Text, _>(HOST.as_str())
         .bind::<Integer, _>(client_pid())
         .bind::<Nullable<Text>, _>(OS_USER.as_deref())
+        .bind::<Text, _>(crate::migration::normal(m.version()))
         .execute(conn)
         .map(drop)
 }
@@ -527,6 +529,7 @@ pub(crate) fn record_success_sql(t: &Tables, m: &Migration, statements: i32) -> 
             literal(HOST.as_str()),
             client_pid().to_string(),
             OS_USER.as_deref().map_or("NULL".into(), literal),
+            literal(crate::migration::normal(m.version())),
         ],
     )
 }
@@ -539,29 +542,20 @@ fn insert_version_sql(t: &Tables, m: &Migration) -> String {
     )
 }
 
-/// A transactional run's claim, as text, in two parts: the first
-/// statement (`claim_version.sql`), its version row, inserted only under
-/// the migration's own lock `key` (tried once); and the check after its SQL
-/// (`claim_check.sql`), which fails the transaction when the version is
-/// there under another spelling or its latest attempt stopped halfway.
-pub(crate) fn claim_version_sql(t: &Tables, m: &Migration, key: i64) -> (String, String) {
-    // The spellings `migration::spellings` lists, made by the server.
-    let normal = crate::migration::normal(m.version());
-    let base = if normal == "0" { "" } else { normal };
-    let longest = m.version().len().max(14) + 2;
-    let values = [
-        literal(m.version()),
-        literal(m.checksum()),
-        key.to_string(),
-        literal(base),
-        usize::from(base.is_empty()).to_string(),
-        longest.saturating_sub(base.len()).to_string(),
-    ];
-    let sent = |sql: &str| {
-        let lines: Vec<&str> = sql.lines().filter(|l| !l.starts_with("--")).collect();
-        inline(&lines.join("\n"), &values)
-    };
-    (sent(&t.sql.claim_version), sent(&t.sql.claim_check))
+/// A transactional run's version row, as text (`claim_version.sql`), sent
+/// after its SQL: inserted only under the migration's own lock `key`
+/// (tried once), else refused.
+pub(crate) fn claim_version_sql(t: &Tables, m: &Migration, key: i64) -> String {
+    let lines: Vec<&str> = t
+        .sql
+        .claim_version
+        .lines()
+        .filter(|l| !l.starts_with("--"))
+        .collect();
+    inline(
+        &lines.join("\n"),
+        &[literal(m.version()), literal(m.checksum()), key.to_string()],
+    )
 }
 
 /// Whether `e` is the refusal of [`claim_version_sql`] to take a lock
