@@ -225,6 +225,88 @@ fn a_password_never_appears_in_errors() {
     }
 }
 
+/// Without --migrations-dir, every command finds the project's migrations
+/// as diesel's CLI does: diesel.toml's `[migrations_directory] dir`, else
+/// `migrations`, here or in a directory above; with neither, it refuses
+/// instead of applying the example set embedded in the binary (which only
+/// `rollout check` falls back to). Before, `rollout up` in a diesel project
+/// applied the example schema to its database.
+#[test]
+fn commands_find_the_projects_migrations_as_diesel_does() {
+    let db = TestDb::new();
+    let project = tempfile::tempdir().unwrap();
+    let plain = project.path().join("plain");
+    std::fs::create_dir_all(plain.join("migrations/2024-01-01-000000_create_x")).unwrap();
+    std::fs::write(
+        plain.join("migrations/2024-01-01-000000_create_x/up.sql"),
+        "CREATE TABLE x (id int);\r\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(plain.join("src")).unwrap();
+    let out = db
+        .rollout()
+        .args(["up", "--required-only"])
+        .current_dir(plain.join("src"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out).1);
+    let configured = project.path().join("configured");
+    std::fs::create_dir_all(configured.join("db/changes/2024-02-01-000000_create_y")).unwrap();
+    std::fs::write(
+        configured.join("db/changes/2024-02-01-000000_create_y/up.sql"),
+        "CREATE TABLE y (id int);\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(configured.join("migrations")).unwrap();
+    std::fs::write(
+        configured.join("diesel.toml"),
+        "[print_schema]\nfile = \"src/schema.rs\"\n\n[migrations_directory]\ndir = \"db/changes\"\n",
+    )
+    .unwrap();
+    let out = db
+        .rollout()
+        .args(["status"])
+        .current_dir(&configured)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("create_y"), "{stdout}");
+    let empty = tempfile::tempdir().unwrap();
+    let out = db
+        .rollout()
+        .args(["up"])
+        .current_dir(empty.path())
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no migrations directory"), "{stderr}");
+    let applied = db.texts("SELECT version AS t FROM __diesel_schema_migrations ORDER BY 1");
+    assert_eq!(
+        applied,
+        ["20240101000000"],
+        "only the project's own migration"
+    );
+    // A failing `up` does not say "nothing to apply" on stdout.
+    std::fs::create_dir_all(plain.join("migrations/2024-01-02-000000_bad")).unwrap();
+    std::fs::write(
+        plain.join("migrations/2024-01-02-000000_bad/up.sql"),
+        "SELEC 1;\n",
+    )
+    .unwrap();
+    let out = db
+        .rollout()
+        .args(["up"])
+        .current_dir(&plain)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stdout.contains("nothing to apply"), "{stdout}");
+    assert!(stderr.contains("up.sql:1"), "{stderr}");
+}
+
 /// A connection string given where the command takes none (`rollout
 /// status $DATABASE_URL`), or for the fleet's targets file: the usage
 /// error and the unreadable file are reported without its password.

@@ -155,7 +155,9 @@ pub fn count_on(conn: &mut PgConnection, sql: &str) -> i64 {
 /// The `rollout` binary, without DATABASE_URL from the environment.
 pub fn rollout() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rollout"));
-    c.env_remove("DATABASE_URL").env_remove("RUST_LOG");
+    c.env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .env_remove("MIGRATION_DIRECTORY");
     c
 }
 

@@ -16,10 +16,8 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
-    let required = cli
-        .migrations_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("migrations"));
+    let required =
+        crate::migration_dirs(cli)?.map_or_else(|| PathBuf::from("migrations"), |(r, _)| r);
     if !required.is_dir() {
         return Err(usage(format!(
             "{} is not a directory: `rollout baseline` writes the baseline beside the \

@@ -17,7 +17,7 @@ use crate::render::{
 };
 #[cfg(feature = "lint")]
 use crate::sibling_deferred;
-use crate::{failure, migrator, usage, Cli, Failure};
+use crate::{failure, usage, Cli, Failure};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {}
@@ -118,14 +118,11 @@ fn on_interrupt() {
 fn lint_before_check(cli: &Cli) -> Result<(), Failure> {
     #[cfg(feature = "lint")]
     {
-        let required = cli
-            .migrations_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("migrations"));
-        let deferred = cli
-            .deferred_dir
-            .clone()
-            .unwrap_or_else(|| sibling_deferred(&required));
+        let (required, deferred) = crate::migration_dirs(cli)?.unwrap_or_else(|| {
+            let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("migrations");
+            let deferred = sibling_deferred(&example);
+            (example, deferred)
+        });
         if !required.is_dir() {
             tracing::warn!(dir = %required.display(), "lint skipped: the migrations directory is not on this machine");
             return Ok(());
@@ -182,7 +179,7 @@ fn check(cli: &Cli) -> Result<u8, Failure> {
 
 fn check_scratch(cli: &Cli) -> Result<u8, Failure> {
     lint_before_check(cli)?;
-    let migrator = migrator(cli)?;
+    let migrator = crate::migrator_for(cli, crate::migration_set_or_example(cli)?);
     let started = Instant::now();
     let cluster;
     let admin_url = match &cli.database_url {

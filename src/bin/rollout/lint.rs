@@ -29,23 +29,16 @@ pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
     )
 }
 
-/// The directories to lint: the ones given, else `./migrations` when it
-/// exists, else the directories the embedded example set was built from.
+/// The directories to lint: the ones given or found (as every command
+/// finds them), else the directories the embedded example set was built
+/// from.
 #[cfg(feature = "lint")]
-pub(crate) fn lint_dirs(cli: &Cli) -> (PathBuf, PathBuf) {
-    let required = cli.migrations_dir.clone().unwrap_or_else(|| {
-        let here = PathBuf::from("migrations");
-        if here.is_dir() {
-            here
-        } else {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("migrations")
-        }
-    });
-    let deferred = cli
-        .deferred_dir
-        .clone()
-        .unwrap_or_else(|| sibling_deferred(&required));
-    (required, deferred)
+pub(crate) fn lint_dirs(cli: &Cli) -> Result<(PathBuf, PathBuf), Failure> {
+    Ok(crate::migration_dirs(cli)?.unwrap_or_else(|| {
+        let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let deferred = sibling_deferred(&example);
+        (example, deferred)
+    }))
 }
 
 #[cfg(feature = "lint")]
@@ -56,7 +49,7 @@ pub(crate) fn lint(
     warn: Vec<String>,
     deny_warnings: bool,
 ) -> Result<u8, Failure> {
-    let (required, deferred) = lint_dirs(cli);
+    let (required, deferred) = lint_dirs(cli)?;
     if !required.is_dir() {
         return Err(usage(format!(
             "{} is not a directory: pass --migrations-dir DIR",

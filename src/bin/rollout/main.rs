@@ -78,13 +78,13 @@ commands! {
 
 const EXAMPLES: &str = "\
 Examples:
-  rollout check                                  apply the embedded example set to a throwaway server
-  DATABASE_URL=postgres://app@db/app rollout up  apply pending required migrations
+  rollout check                                  apply the migrations to a throwaway server
+  DATABASE_URL=postgres://app@db/app rollout up  apply pending migrations (diesel.toml or ./migrations)
   rollout status --json                          every migration and its state, as JSON
   rollout verify                                 exit 1 unless every required migration is applied
   rollout deferred --wait                        apply the deferred track, waiting for another leader
-  rollout new add_orders --migrations-dir migrations
-  rollout baseline --migrations-dir migrations   adopt a database migrated by diesel
+  rollout new add_orders                         scaffold migrations/VERSION_add_orders
+  rollout baseline                               adopt a database migrated by diesel
   rollout plan                                   what `up` would do; exit 10 when something is pending
   rollout revert --count 2                       revert the two newest applied migrations
   rollout fleet up --targets tenants.txt --canary 1   migrate every tenant database
@@ -101,8 +101,16 @@ struct Cli {
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     database_url: Option<String>,
 
-    /// Required-track migrations directory, instead of the embedded example set.
-    #[arg(long, global = true, value_name = "DIR")]
+    /// Required-track migrations directory. Default, as diesel's CLI finds it: diesel.toml's
+    /// `[migrations_directory] dir`, else `migrations`, in this directory or the nearest one
+    /// above it. Only `rollout check` falls back to the example set embedded in this binary.
+    #[arg(
+        long,
+        visible_alias = "migration-dir",
+        env = "MIGRATION_DIRECTORY",
+        global = true,
+        value_name = "DIR"
+    )]
     migrations_dir: Option<PathBuf>,
 
     /// Deferred-track migrations directory (default: `migrations_deferred` beside --migrations-dir).
@@ -265,17 +273,95 @@ fn init_tracing(cli: &Cli) {
         .init();
 }
 
+/// The migration set the command runs: the directories given, else the
+/// ones found as diesel's CLI finds them ([`found_migrations_dir`]).
+/// Without either, an error naming how to give them: the set embedded in
+/// this binary is an example schema, not a service's (`rollout check`
+/// alone falls back to it, [`migration_set_or_example`]).
 fn migration_set(cli: &Cli) -> Result<MigrationSet, Failure> {
-    match (&cli.migrations_dir, &cli.deferred_dir) {
-        (None, None) => Ok(MigrationSet::example()),
-        (Some(req), def) => {
-            let def = def.clone().unwrap_or_else(|| sibling_deferred(req));
-            Ok(MigrationSet::from_dirs(req, &def)?)
+    let (req, def) = migration_dirs(cli)?.ok_or_else(|| {
+        usage(
+            "no migrations directory: none given (--migrations-dir DIR, or \
+             MIGRATION_DIRECTORY), and no diesel.toml `[migrations_directory]` or \
+             `migrations` directory here or in a directory above. `rollout check` runs the \
+             example set embedded in this binary",
+        )
+    })?;
+    Ok(MigrationSet::from_dirs(&req, &def)?)
+}
+
+/// As [`migration_set`], falling back to the example set embedded in this
+/// binary when no directory is given or found.
+fn migration_set_or_example(cli: &Cli) -> Result<MigrationSet, Failure> {
+    match migration_dirs(cli)? {
+        Some((req, def)) => Ok(MigrationSet::from_dirs(&req, &def)?),
+        None => {
+            tracing::info!(
+                "no migrations directory given or found here: using the example set embedded \
+                 in this binary"
+            );
+            Ok(MigrationSet::example())
         }
-        (None, Some(_)) => Err(usage(
-            "--deferred-dir needs --migrations-dir too (the embedded set is used as a whole)",
-        )),
     }
+}
+
+/// The required and deferred directories: those given, else the found
+/// one and the `migrations_deferred` beside it; `None` when none is
+/// given or found.
+pub(crate) fn migration_dirs(cli: &Cli) -> Result<Option<(PathBuf, PathBuf)>, Failure> {
+    let required = match (&cli.migrations_dir, &cli.deferred_dir) {
+        (Some(req), _) => req.clone(),
+        (None, def) => match found_migrations_dir()? {
+            Some(found) => {
+                tracing::debug!(dir = %found.display(), "migrations directory found");
+                found
+            }
+            None if def.is_some() => {
+                return Err(usage(
+                    "--deferred-dir needs --migrations-dir too (no migrations directory was \
+                     found here)",
+                ))
+            }
+            None => return Ok(None),
+        },
+    };
+    let deferred = cli
+        .deferred_dir
+        .clone()
+        .unwrap_or_else(|| sibling_deferred(&required));
+    Ok(Some((required, deferred)))
+}
+
+/// The migrations directory of the project the command runs in, found as
+/// diesel's CLI finds it: in this directory, then each one above it, a
+/// `diesel.toml` with `[migrations_directory] dir` (relative to that file),
+/// else a `migrations` directory.
+fn found_migrations_dir() -> Result<Option<PathBuf>, Failure> {
+    let Ok(here) = std::env::current_dir() else {
+        return Ok(None);
+    };
+    for dir in here.ancestors() {
+        let config = dir.join("diesel.toml");
+        if config.is_file() {
+            let text = std::fs::read_to_string(&config)
+                .map_err(|e| failure(format!("cannot read {}: {e}", config.display())))?;
+            let table: toml::Table = text
+                .parse()
+                .map_err(|e| failure(format!("{} is not valid TOML: {e}", config.display())))?;
+            let configured = table
+                .get("migrations_directory")
+                .and_then(|m| m.get("dir"))
+                .and_then(|d| d.as_str());
+            if let Some(d) = configured {
+                return Ok(Some(dir.join(d)));
+            }
+        }
+        let plain = dir.join("migrations");
+        if plain.is_dir() {
+            return Ok(Some(plain));
+        }
+    }
+    Ok(None)
 }
 
 /// `migrations_deferred` beside the required directory.

@@ -41,10 +41,7 @@ fn new_migration(cli: &Cli, name: &str, deferred: bool) -> Result<u8, Failure> {
             "migration name `{name}` must be letters, digits and `_` only"
         )));
     }
-    let req = cli
-        .migrations_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("migrations"));
+    let req = crate::migration_dirs(cli)?.map_or_else(|| PathBuf::from("migrations"), |(r, _)| r);
     let def = cli
         .deferred_dir
         .clone()

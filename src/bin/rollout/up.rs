@@ -38,7 +38,9 @@ impl Foreground for Tracks<'_> {
         let result = self.m.run_required(self.url);
         let report = crate::render::report_of(&result);
         if let Some(r) = report {
-            if !self.cli.json {
+            // A failed run prints what it applied before the failure, and
+            // never "nothing to apply": the error follows on stderr.
+            if !self.cli.json && (result.is_ok() || !r.applied.is_empty()) {
                 print_applied("required", r);
             }
             self.required.push(report_json(r));
