@@ -44,6 +44,7 @@ pub struct Migrator {
     deferred_statement_timeout: Duration,
     pub(crate) deferred: DeferredOptions,
     strict: bool,
+    pub(crate) revert_empty_down: bool,
     application_name: String,
     pool_url: crate::url::PoolRedactor,
     baseline: Option<String>,
@@ -67,6 +68,7 @@ impl Migrator {
             deferred_statement_timeout: Duration::ZERO,
             deferred: DeferredOptions::default(),
             strict: false,
+            revert_empty_down: false,
             application_name: "diesel-rollout".into(),
             pool_url: crate::url::PoolRedactor::default(),
             baseline: None,
@@ -172,6 +174,16 @@ impl Migrator {
     /// an old binary starts against a newer schema during a rollout.
     pub fn strict(mut self, strict: bool) -> Self {
         self.strict = strict;
+        self
+    }
+
+    /// Lets `revert` and `redo` revert a migration whose `down.sql` has no
+    /// statements (diesel's comment-only stub, as data fixes often keep it):
+    /// its version row goes and nothing of the schema is undone, as
+    /// diesel's own revert does. Default off: such a revert is refused,
+    /// since a later `up` applies the migration again over what it left.
+    pub fn revert_empty_down(mut self, allow: bool) -> Self {
+        self.revert_empty_down = allow;
         self
     }
 

@@ -310,7 +310,7 @@ impl Migrator {
                      --rolled-back` using that release"
                 )));
             };
-            check_down(m)?;
+            check_down(m, self.revert_empty_down)?;
         }
         Ok(chosen.into_iter().map(str::to_string).collect())
     }
@@ -506,8 +506,6 @@ fn refused(message: String) -> Error {
     Error::new(ErrorKind::RevertRefused, message)
 }
 
-/// Whether `m`'s `down.sql` can run: it exists, has statements, and holds
-/// nothing that cannot run the way the migration runs.
 /// Why `m` cannot be reverted now: a deferred migration whose index
 /// another session is building.
 pub(crate) fn being_built(conn: &mut PgConnection, m: &Migration) -> Result<Option<String>, Error> {
@@ -531,7 +529,10 @@ pub(crate) fn being_built(conn: &mut PgConnection, m: &Migration) -> Result<Opti
         }))
 }
 
-fn check_down(m: &Migration) -> Result<(), Error> {
+/// Whether `m`'s `down.sql` can run: it exists, has statements (or none
+/// is allowed, `empty_ok`), and holds nothing that cannot run the way the
+/// migration runs.
+fn check_down(m: &Migration, empty_ok: bool) -> Result<(), Error> {
     let path = m.down_path();
     let Some(down) = m.down_sql() else {
         return Err(refused(format!(
@@ -552,13 +553,14 @@ fn check_down(m: &Migration) -> Result<(), Error> {
         ))
         .at(m, Some(e.line))
     })?;
-    if statements.is_empty() {
+    if statements.is_empty() && !empty_ok {
         return Err(refused(format!(
             "{path} of migration {} has no statements: reverting it would only forget that it \
-             was applied and leave its changes in place. Write the down.sql, or if nothing \
-             needs undoing, record it with `rollout resolve {} --rolled-back`",
-            m.dir_name(),
-            m.version()
+             was applied and leave its changes in place, and a later `up` would apply it \
+             again over them. Nothing was reverted. Write the down.sql; or, if nothing needs \
+             undoing, revert with --allow-empty-down (`Migrator::revert_empty_down`), which \
+             reverts it as diesel does: the version row goes, the schema stays",
+            m.dir_name()
         ))
         .at(m, None));
     }

@@ -698,3 +698,67 @@ fn a_dry_run_says_what_revert_and_redo_then_do_on_a_long_history() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing pending"));
 }
+
+/// A `down.sql` with only a comment (diesel's stub, kept by a data fix):
+/// `revert` refuses it, naming the way on, and with `revert_empty_down`
+/// (`--allow-empty-down`) reverts it as diesel does: the version row goes,
+/// the data stays. `revert --all` (diesel's habit) then reverts the rest.
+/// Before, the refusal's advice (`resolve --rolled-back`) was itself
+/// refused for an applied migration.
+#[test]
+fn a_comment_only_down_sql_is_reverted_when_allowed() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    let t = set.required("1_t", "CREATE TABLE t (x int);\n");
+    down(&t, "DROP TABLE t;\n");
+    let fix = set.required("2_fix", "INSERT INTO t VALUES (1);\n");
+    down(&fix, "-- This file should undo anything in `up.sql`\r\n");
+    set.required("3_more", "INSERT INTO t VALUES (2);\n");
+    down(
+        &set.required_dir().join("3_more"),
+        "DELETE FROM t WHERE x = 2;\n",
+    );
+    set.migrator().run_required(&db.url).unwrap();
+    let err = set
+        .migrator()
+        .revert(&mut db.conn(), RevertTarget::Count(2))
+        .unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.kind(), ErrorKind::RevertRefused, "{text}");
+    assert!(
+        text.contains("2_fix") && text.contains("--allow-empty-down"),
+        "{text}"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM t"),
+        2,
+        "nothing reverted"
+    );
+    let report = set
+        .migrator()
+        .revert_empty_down(true)
+        .revert(&mut db.conn(), RevertTarget::Count(2))
+        .unwrap();
+    let reverted: Vec<_> = report.reverted.iter().map(|a| a.version.as_str()).collect();
+    assert_eq!(reverted, ["3", "2"]);
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM t"),
+        1,
+        "2_fix's row stays"
+    );
+    let out = db
+        .rollout()
+        .args(["revert", "--all", "--migrations-dir"])
+        .arg(set.required_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM __diesel_schema_migrations"),
+        0
+    );
+}

@@ -251,6 +251,17 @@ pub fn parse_dir_name(dir_name: &str) -> Result<(String, String), String> {
     Ok((version, name.to_string()))
 }
 
+/// `text` without the UTF-8 byte order mark some Windows editors put first,
+/// which PostgreSQL would read as part of the first word (`syntax error at
+/// or near "CREATE"`, the mark invisible). No file with one can have been
+/// applied, so no recorded checksum has it.
+fn without_bom(text: String) -> String {
+    match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    }
+}
+
 /// The checksum of a migration's SQL: the SHA-256 of the text with every
 /// CRLF turned into LF, so a checkout with Windows line endings (git's
 /// `core.autocrlf`) hashes the same as one without. For an LF file it is
@@ -356,7 +367,7 @@ fn read_migration(
 
     let up_path = dir.join("up.sql");
     let up_sql = match fs::read_to_string(&up_path) {
-        Ok(s) => Some(s),
+        Ok(s) => Some(without_bom(s)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             problems.push(problem(
                 &up_path,
@@ -373,7 +384,7 @@ fn read_migration(
 
     let down_path = dir.join("down.sql");
     let down = match fs::read_to_string(&down_path) {
-        Ok(s) => Some((down_path, s)),
+        Ok(s) => Some((down_path, without_bom(s))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => {
             problems.push(problem(&down_path, None, format!("cannot read: {e}")));
@@ -383,7 +394,7 @@ fn read_migration(
 
     let meta_path = dir.join("metadata.toml");
     let none = Metadata::default();
-    let metadata = match fs::read_to_string(&meta_path) {
+    let metadata = match fs::read_to_string(&meta_path).map(without_bom) {
         Ok(text) => match metadata::parse_lenient(&text) {
             Ok((m, complaints)) => {
                 for (line, msg) in complaints {

@@ -41,6 +41,27 @@ impl Tree {
 
 const NO_TX: (&str, &str) = ("metadata.toml", "run_in_transaction = false\n");
 
+/// A byte order mark (as some Windows editors save) is not part of the SQL
+/// or the checksum, in any of the three files.
+#[test]
+fn a_byte_order_mark_is_left_out() {
+    let t = Tree::new();
+    let body = "CREATE TABLE t (id int);\r\n";
+    t.add(
+        Track::Required,
+        "1_bom",
+        &[
+            ("up.sql", &format!("\u{feff}{body}")),
+            ("down.sql", "\u{feff}DROP TABLE t;\n"),
+            ("metadata.toml", "\u{feff}run_in_transaction = false\n"),
+        ],
+    );
+    let m = t.read().unwrap().remove(0);
+    assert_eq!(m.up_sql, body);
+    assert_eq!(m.checksum, checksum_of_sql(body));
+    assert!(!m.run_in_transaction, "metadata.toml read past the mark");
+}
+
 #[test]
 fn versions_follow_diesel_and_order_numerically() {
     assert_eq!(

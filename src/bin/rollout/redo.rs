@@ -9,18 +9,21 @@ use crate::{database_url, migrator, usage, Cli, Failure};
 #[derive(clap::Args)]
 pub(crate) struct Args {
     /// How many of the newest applied migrations to redo [default: 1].
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, short = 'n', value_name = "N", default_value_t = 1)]
     count: usize,
     /// Change nothing: show what would be reverted and applied again, each down.sql's and up.sql's statements with the locks they take. Exits 1 when redo would be refused.
     #[arg(long)]
     dry_run: bool,
+    /// Revert a migration whose down.sql has no statements (diesel's stub) as diesel does: its version row goes, nothing is undone. Refused without it.
+    #[arg(long)]
+    allow_empty_down: bool,
 }
 
 pub(crate) fn run(cli: &Cli, args: &Args) -> Result<u8, Failure> {
     if args.count == 0 {
         return Err(usage("--count must be 1 or more"));
     }
-    let m = migrator(cli)?;
+    let m = migrator(cli)?.revert_empty_down(args.allow_empty_down);
     let url = database_url(cli)?;
     let mut conn = connect(url)?;
     if args.dry_run {
