@@ -162,6 +162,12 @@ fn a_failed_no_transaction_migration_resumes_after_its_last_completed_statement(
     assert_eq!(err.kind(), ErrorKind::MigrationFailed);
     assert_eq!(err.migration().unwrap().line, Some(2));
     assert!(err.to_string().contains("statement 2 of 3"), "{err}");
+    // The advice matches what the resume accepts: the file as it ran.
+    assert!(
+        err.to_string().contains("refuses an edited one")
+            && err.to_string().contains("--rolled-back`, then fix it"),
+        "{err}"
+    );
     assert_eq!(
         db.count("SELECT count(*) AS n FROM pg_class WHERE relname = 'step_one'"),
         1

@@ -289,9 +289,8 @@ pub(super) fn run_statements(
                 kind,
                 format!(
                     "{} (track {}, no transaction) failed at {}:{line}, statement {} of \
-                     {total}: {pg}. {}; the next run resumes at statement {}. Fix the cause (or \
-                     the statement, if it never ran) and run again; `rollout status` shows \
-                     where it stopped",
+                     {total}: {pg}. {}; the next run resumes at statement {}. {}; `rollout \
+                     status` shows where it stopped",
                     script.what(m),
                     m.track(),
                     script.path,
@@ -300,7 +299,23 @@ pub(super) fn run_statements(
                         0 => "No statement of it completed".to_string(),
                         n => format!("Statements 1 to {n} completed and stay {done}"),
                     },
-                    completed + 1
+                    completed + 1,
+                    match completed {
+                        0 => format!("Fix the cause, or {}, and run again", script.path),
+                        n => format!(
+                            "Fix the cause and run again, leaving {} as it is: the resume \
+                             checks it is the file statements 1 to {n} ran from, and refuses \
+                             an edited one. If the statement itself is wrong, undo statements \
+                             1 to {n} by hand, record that with `rollout resolve {} {}`, \
+                             then fix it",
+                            script.path,
+                            m.version(),
+                            match script.direction {
+                                Direction::Up => "--rolled-back",
+                                Direction::Down => "--applied",
+                            }
+                        ),
+                    }
                 ),
             )
             .at(m, Some(line))
