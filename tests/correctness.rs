@@ -2165,19 +2165,7 @@ fn the_other_track_applied_it_meanwhile(no_tx: bool) {
     let report = required.join().unwrap().unwrap();
     let versions: Vec<_> = report.applied.iter().map(|a| a.version.as_str()).collect();
     assert_eq!(versions, ["4"], "{report:?}");
-    assert_eq!(
-        db.texts("SELECT v::text AS t FROM effects ORDER BY v"),
-        ["4", "5", "6"],
-        "each effect once"
-    );
-    assert_eq!(
-        db.count(
-            "SELECT count(*) AS n FROM __diesel_rollout_attempts \
-             WHERE version = '5' AND outcome <> 'success'"
-        ),
-        0,
-        "no failed attempt of 5_fill is recorded"
-    );
+    each_effect_once_and_no_failure(&db);
 }
 
 #[test]
@@ -2334,19 +2322,7 @@ fn transactional_while_the_other_track_runs_it(end: LeaderRun) {
         let versions: Vec<_> = report.applied.iter().map(|a| a.version.as_str()).collect();
         assert_eq!(versions, ["4"], "{report:?}");
     }
-    assert_eq!(
-        db.texts("SELECT v::text AS t FROM effects ORDER BY v"),
-        ["4", "5", "6"],
-        "each effect once"
-    );
-    assert_eq!(
-        db.count(
-            "SELECT count(*) AS n FROM __diesel_rollout_attempts \
-             WHERE version = '5' AND outcome <> 'success'"
-        ),
-        0,
-        "no failed attempt of 5_fill is recorded"
-    );
+    each_effect_once_and_no_failure(&db);
 }
 
 #[test]
@@ -2770,6 +2746,24 @@ fn two_releases() -> (TempSet, TempSet) {
         set.required("1_effects", "CREATE TABLE effects (v int);\n");
     }
     pair
+}
+
+/// `4_gate`'s and `5_fill`'s effects each once, and no attempt of `5_fill`
+/// recorded as anything but a success.
+fn each_effect_once_and_no_failure(db: &TestDb) {
+    assert_eq!(
+        db.texts("SELECT v::text AS t FROM effects ORDER BY v"),
+        ["4", "5", "6"],
+        "each effect once"
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM __diesel_rollout_attempts \
+             WHERE version = '5' AND outcome <> 'success'"
+        ),
+        0,
+        "no failed attempt of 5_fill is recorded"
+    );
 }
 
 /// The one migration applied resumed at statement 2: statement 1's row

@@ -19,29 +19,6 @@ use crate::migration::Migration;
 use crate::report::Applied;
 use crate::source::sql;
 
-/// What a transactional run going up sends after its SQL, before its
-/// attempt ([`ledger::claim_version_sql`]): its version row, only under
-/// the migration's own lock, so it does not commit while a release that
-/// has it on the other track runs it outside a transaction (or after that
-/// release applied it under the same spelling); the attempt's insert
-/// (`record_success.sql`) then checks, under that lock, that the release
-/// did not apply it under its plain spelling or leave it halfway
-/// meanwhile. Either failure rolls the run back, its SQL included, so
-/// nothing of it is left; both go last so the race costs nothing on the
-/// success path but two cheap statements, and `pg_stat_activity` shows the
-/// migration's SQL first. Ends with `;\n`. A revert takes no own lock
-/// (both of its release's tracks' locks are held, and the version row is
-/// there): empty.
-fn claim_sql(tables: &Tables, m: &Migration, direction: Direction) -> String {
-    match direction {
-        Direction::Up => format!(
-            "{};\n",
-            ledger::claim_version_sql(tables, m, own_key(tables, m))
-        ),
-        Direction::Down => String::new(),
-    }
-}
-
 pub(super) fn run_transactional(
     conn: &mut PgConnection,
     tables: &Tables,
@@ -232,8 +209,9 @@ fn not_here(
 }
 
 /// The migration's SQL and its ledger rows in one transaction, sent in one
-/// round trip (`BEGIN; script; version row; attempt; COMMIT`, see
-/// [`claim_sql`]). On failure (after a
+/// round trip (`BEGIN; script; version row and attempt; COMMIT`, the
+/// version row only under the migration's own lock: see
+/// [`ledger::record_success`]). On failure (after a
 /// `ROLLBACK`) the statement that failed is found from PostgreSQL's error
 /// position; a lock timeout's from the locks other transactions hold; any
 /// other, unless a replay would repeat it (see [`not_replayed`]), by
@@ -249,12 +227,11 @@ fn run_whole<'s>(
     total: i32,
 ) -> Outcome<'s> {
     let prefix = "BEGIN;\n";
-    let claim = claim_sql(tables, m, script.direction);
     let ledger_sql = match script.direction {
-        Direction::Up => ledger::record_success_sql(tables, m, total),
+        Direction::Up => ledger::record_success_sql(tables, m, total, own_key(tables, m)),
         Direction::Down => ledger::record_revert_sql(tables, m, &script.checksum, total),
     };
-    let batch = format!("{prefix}{}\n;\n{claim}{ledger_sql};\nCOMMIT", script.sql);
+    let batch = format!("{prefix}{}\n;\n{ledger_sql};\nCOMMIT", script.sql);
     let sent = Instant::now();
     let Err(e) = conn.batch_execute(&batch) else {
         return (Ok(()), None, Stage::Commit, None);
@@ -473,12 +450,8 @@ fn run_nested<'s>(
                 return Err(e);
             }
         }
-        let claim = claim_sql(tables, m, script.direction);
-        if !claim.is_empty() {
-            c.batch_execute(&claim)?;
-        }
         match script.direction {
-            Direction::Up => ledger::record_success(c, tables, m, total)?,
+            Direction::Up => ledger::record_success(c, tables, m, total, own_key(tables, m))?,
             Direction::Down => ledger::record_revert(c, tables, m, &script.checksum, total)?,
         }
         stage = Stage::Commit;

@@ -475,15 +475,18 @@ pub(crate) fn finish_attempt(
         .map(drop)
 }
 
-/// Records a transactional migration's successful attempt, inside its
-/// transaction, after its SQL and its version row
-/// ([`claim_version_sql`]); fails, rolling it back, when the other track
-/// applied it under its plain spelling or left it halfway meanwhile.
+/// Records a transactional migration as applied, inside its transaction,
+/// after its SQL, in one statement (`record_success.sql`): its version row,
+/// only under the migration's own lock `key` (tried once, [`is_claim_refused`]
+/// tells the refusal), and a successful attempt; fails, rolling the
+/// transaction back, when the other track applied it under its plain
+/// spelling or died halfway in it meanwhile.
 pub(crate) fn record_success(
     conn: &mut PgConnection,
     t: &Tables,
     m: &Migration,
     statements: i32,
+    key: i64,
 ) -> QueryResult<()> {
     sql_query(&t.sql.record_success)
         .bind::<Text, _>(m.version())
@@ -495,6 +498,7 @@ pub(crate) fn record_success(
         .bind::<Integer, _>(client_pid())
         .bind::<Nullable<Text>, _>(OS_USER.as_deref())
         .bind::<Text, _>(crate::migration::normal(m.version()))
+        .bind::<BigInt, _>(key)
         .execute(conn)
         .map(drop)
 }
@@ -517,7 +521,7 @@ fn inline(sql: &str, values: &[String]) -> String {
 
 /// What [`record_success`] runs, as text to send in the same round trip as
 /// the migration's SQL.
-pub(crate) fn record_success_sql(t: &Tables, m: &Migration, statements: i32) -> String {
+pub(crate) fn record_success_sql(t: &Tables, m: &Migration, statements: i32, key: i64) -> String {
     inline(
         &t.sql.record_success,
         &[
@@ -530,6 +534,7 @@ pub(crate) fn record_success_sql(t: &Tables, m: &Migration, statements: i32) -> 
             client_pid().to_string(),
             OS_USER.as_deref().map_or("NULL".into(), literal),
             literal(crate::migration::normal(m.version())),
+            key.to_string(),
         ],
     )
 }
@@ -542,23 +547,7 @@ fn insert_version_sql(t: &Tables, m: &Migration) -> String {
     )
 }
 
-/// A transactional run's version row, as text (`claim_version.sql`), sent
-/// after its SQL: inserted only under the migration's own lock `key`
-/// (tried once), else refused.
-pub(crate) fn claim_version_sql(t: &Tables, m: &Migration, key: i64) -> String {
-    let lines: Vec<&str> = t
-        .sql
-        .claim_version
-        .lines()
-        .filter(|l| !l.starts_with("--"))
-        .collect();
-    inline(
-        &lines.join("\n"),
-        &[literal(m.version()), literal(m.checksum()), key.to_string()],
-    )
-}
-
-/// Whether `e` is the refusal of [`claim_version_sql`] to take a lock
+/// Whether `e` is the refusal of [`record_success`] to take a lock
 /// another session holds: its NULL version row.
 pub(crate) fn is_claim_refused(t: &Tables, e: &diesel::result::Error) -> bool {
     use diesel::result::{DatabaseErrorKind, Error as E};
