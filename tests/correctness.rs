@@ -2199,7 +2199,7 @@ enum LeaderRun {
 /// that runs it, with no failure recorded; or, the leader dead with
 /// statement 1 done, rolls back and refuses to run it whole. Before, it
 /// ran it at once, and committed first: both runs' effects.
-fn transactional_while_the_other_track_runs_it(end: LeaderRun) {
+fn transactional_while_the_other_track_runs_it(end: LeaderRun, new_spelling: &str) {
     use diesel::Connection;
     use std::time::Duration;
     let db = TestDb::new();
@@ -2218,7 +2218,7 @@ fn transactional_while_the_other_track_runs_it(end: LeaderRun) {
     old.deferred("5_fill", fill);
     // The same effects, without waiting for the gate the leader waits at.
     new.required(
-        "5_fill",
+        new_spelling,
         "INSERT INTO effects VALUES (5);\nINSERT INTO effects VALUES (6);\n",
     );
     old.migrator().run_required(&db.url).unwrap();
@@ -2327,17 +2327,25 @@ fn transactional_while_the_other_track_runs_it(end: LeaderRun) {
 
 #[test]
 fn a_transactional_migration_waits_while_the_other_track_runs_it() {
-    transactional_while_the_other_track_runs_it(LeaderRun::Finishes);
+    transactional_while_the_other_track_runs_it(LeaderRun::Finishes, "5_fill");
 }
 
 #[test]
 fn a_transactional_migration_the_other_track_runs_is_refused_by_name() {
-    transactional_while_the_other_track_runs_it(LeaderRun::Outlasts);
+    transactional_while_the_other_track_runs_it(LeaderRun::Outlasts, "5_fill");
 }
 
 #[test]
 fn a_transactional_migration_the_other_track_left_half_done_meanwhile_is_refused() {
-    transactional_while_the_other_track_runs_it(LeaderRun::Dies);
+    transactional_while_the_other_track_runs_it(LeaderRun::Dies, "5_fill");
+}
+
+/// As above, the new release spelling the version with a leading zero
+/// (`05_fill`): the attempt the dead leader left under the plain spelling
+/// refuses it all the same.
+#[test]
+fn a_respelled_transactional_migration_the_other_track_left_half_done_meanwhile_is_refused() {
+    transactional_while_the_other_track_runs_it(LeaderRun::Dies, "05_fill");
 }
 
 /// `REINDEX ... CONCURRENTLY` succeeds past indexes it cannot rebuild, and

@@ -125,7 +125,8 @@ pub(crate) fn history(server: &Server, sizes: &Sizes, report: &mut String) -> f6
     writeln!(
         report,
         "\nBoth send a transactional migration's file in one round trip with its ledger row; \
-         diesel-rollout also writes an attempt row (in the same statement as the version row) \
+         diesel-rollout also writes an attempt row and checks for a half-done run (in the \
+         same round trip as the version row) \
          and takes its advisory lock once for the whole run. A no-transaction migration is \
          sent statement by statement by both (diesel as one batch, which a single statement \
          is), diesel-rollout recording its progress.\n"

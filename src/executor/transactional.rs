@@ -211,7 +211,7 @@ fn not_here(
 /// The migration's SQL and its ledger rows in one transaction, sent in one
 /// round trip (`BEGIN; script; version row and attempt; COMMIT`, the
 /// version row only under the migration's own lock: see
-/// [`ledger::record_success`]). On failure (after a
+/// [`ledger::record_success_sql`]). On failure (after a
 /// `ROLLBACK`) the statement that failed is found from PostgreSQL's error
 /// position; a lock timeout's from the locks other transactions hold; any
 /// other, unless a replay would repeat it (see [`not_replayed`]), by
@@ -451,7 +451,12 @@ fn run_nested<'s>(
             }
         }
         match script.direction {
-            Direction::Up => ledger::record_success(c, tables, m, total, own_key(tables, m))?,
+            Direction::Up => c.batch_execute(&ledger::record_success_sql(
+                tables,
+                m,
+                total,
+                own_key(tables, m),
+            ))?,
             Direction::Down => ledger::record_revert(c, tables, m, &script.checksum, total)?,
         }
         stage = Stage::Commit;

@@ -475,54 +475,59 @@ pub(crate) fn finish_attempt(
         .map(drop)
 }
 
-/// Records a transactional migration as applied, inside its transaction,
-/// after its SQL, in one statement (`record_success.sql`): its version row,
-/// only under the migration's own lock `key` (tried once, [`is_claim_refused`]
-/// tells the refusal), and a successful attempt; fails, rolling the
-/// transaction back, when the other track applied it under its plain
-/// spelling or died halfway in it meanwhile.
-pub(crate) fn record_success(
-    conn: &mut PgConnection,
-    t: &Tables,
-    m: &Migration,
-    statements: i32,
-    key: i64,
-) -> QueryResult<()> {
-    sql_query(&t.sql.record_success)
-        .bind::<Text, _>(m.version())
-        .bind::<Text, _>(m.name())
-        .bind::<Text, _>(m.track().as_str())
-        .bind::<Text, _>(m.checksum())
-        .bind::<Integer, _>(statements)
-        .bind::<Text, _>(HOST.as_str())
-        .bind::<Integer, _>(client_pid())
-        .bind::<Nullable<Text>, _>(OS_USER.as_deref())
-        .bind::<Text, _>(crate::migration::normal(m.version()))
-        .bind::<BigInt, _>(key)
-        .execute(conn)
-        .map(drop)
-}
-
 /// A value for SQL sent whole (no parameters): an escape string, read the
 /// same whatever `standard_conforming_strings` a migration left set.
 fn literal(value: &str) -> String {
     format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-/// `sql` with its parameters `$1`, `$2`, ... replaced by `values`.
+/// `sql` with its parameters `$1`, `$2`, ... replaced by `values`, in one
+/// pass (this is on every migration's success path); a `$` inside a quoted
+/// literal or identifier (a table name) is left alone.
 fn inline(sql: &str, values: &[String]) -> String {
-    let mut out = sql.to_string();
-    // Highest first, so `$1` never eats the start of `$10`.
-    for (i, v) in values.iter().enumerate().rev() {
-        out = out.replace(&format!("${}", i + 1), v);
+    let mut out = String::with_capacity(sql.len() + values.iter().map(String::len).sum::<usize>());
+    let bytes = sql.as_bytes();
+    let (mut copied, mut i) = (0, 0);
+    let mut quote = None;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match quote {
+            Some(q) if b == q => quote = None,
+            Some(_) => {}
+            None if b == b'\'' || b == b'"' => quote = Some(b),
+            None if b == b'$' => {
+                let digits = bytes[i + 1..]
+                    .iter()
+                    .take_while(|d| d.is_ascii_digit())
+                    .count();
+                let n: usize = sql[i + 1..i + 1 + digits].parse().unwrap_or(0);
+                if let Some(v) = n.checked_sub(1).and_then(|k| values.get(k)) {
+                    out.push_str(&sql[copied..i]);
+                    out.push_str(v);
+                    i += 1 + digits;
+                    copied = i;
+                    continue;
+                }
+            }
+            None => {}
+        }
+        i += 1;
     }
+    out.push_str(&sql[copied..]);
     out
 }
 
-/// What [`record_success`] runs, as text to send in the same round trip as
-/// the migration's SQL.
+/// Records transactional migration `m` as applied, inside its transaction,
+/// after its SQL: the text to send in the same round trip
+/// (`record_success.sql`, after `other_spelling.sql` when `m`'s version has
+/// leading zeros). Its version row, only under the migration's own lock
+/// `key` (tried once, [`is_claim_refused`] tells the refusal), and a
+/// successful attempt; fails, rolling the transaction back, when the other
+/// track applied it under its plain spelling or died halfway in it
+/// meanwhile.
 pub(crate) fn record_success_sql(t: &Tables, m: &Migration, statements: i32, key: i64) -> String {
-    inline(
+    let plain = crate::migration::normal(m.version());
+    let record = inline(
         &t.sql.record_success,
         &[
             literal(m.version()),
@@ -533,10 +538,17 @@ pub(crate) fn record_success_sql(t: &Tables, m: &Migration, statements: i32, key
             literal(HOST.as_str()),
             client_pid().to_string(),
             OS_USER.as_deref().map_or("NULL".into(), literal),
-            literal(crate::migration::normal(m.version())),
             key.to_string(),
         ],
-    )
+    );
+    if plain == m.version() {
+        record
+    } else {
+        format!(
+            "{};\n{record}",
+            inline(&t.sql.other_spelling, &[literal(plain)])
+        )
+    }
 }
 
 /// The version row of `m`, as text.
@@ -547,7 +559,7 @@ fn insert_version_sql(t: &Tables, m: &Migration) -> String {
     )
 }
 
-/// Whether `e` is the refusal of [`record_success`] to take a lock
+/// Whether `e` is the refusal of [`record_success_sql`] to take a lock
 /// another session holds: its NULL version row.
 pub(crate) fn is_claim_refused(t: &Tables, e: &diesel::result::Error) -> bool {
     use diesel::result::{DatabaseErrorKind, Error as E};
@@ -642,6 +654,15 @@ mod tests {
                 &(1..=10).map(|i| i.to_string()).collect::<Vec<_>>()
             ),
             "VALUES (1, 10, 2)"
+        );
+        // A table named with `$1` in it, a parameter past the values, and
+        // a value that itself reads `$2`: none is replaced.
+        assert_eq!(
+            inline(
+                "INSERT INTO \"t$1\" VALUES ($1, '$2', $3)",
+                &["E'$2'".to_string(), "x".to_string()]
+            ),
+            "INSERT INTO \"t$1\" VALUES (E'$2', '$2', $3)"
         );
     }
 }

@@ -90,6 +90,7 @@ pub(crate) struct Sql {
     pub mark_interrupted: String,
     pub start_attempt: String,
     pub record_success: String,
+    pub other_spelling: String,
     pub record_failure: String,
     pub progress: String,
     pub finish_attempt: String,
@@ -280,7 +281,8 @@ impl Ledger {
             ),
         };
         let r = |t: &str| {
-            t.replace("{migrations_checksum}", "m.checksum")
+            without_comment_lines(t)
+                .replace("{migrations_checksum}", "m.checksum")
                 .replace("{migrations}", &m)
                 .replace("{attempts}", &a)
                 .replace("{ledger}", &ledger)
@@ -310,6 +312,7 @@ impl Ledger {
                 mark_interrupted: r(include_str!("../sql/mark_interrupted.sql")),
                 start_attempt: r(include_str!("../sql/start_attempt.sql")),
                 record_success: r(include_str!("../sql/record_success.sql")),
+                other_spelling: r(include_str!("../sql/other_spelling.sql")),
                 record_failure: r(include_str!("../sql/record_failure.sql")),
                 progress: r(include_str!("../sql/progress.sql")),
                 finish_attempt: r(include_str!("../sql/finish_attempt.sql")),
@@ -336,6 +339,15 @@ impl Tables {
             }
         }
     }
+}
+
+/// `sql` without its whole-line `--` comments, which would otherwise be
+/// sent (and parsed by the server) with every statement.
+fn without_comment_lines(sql: &str) -> String {
+    sql.lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// What `resolve_ledger.sql` finds.
