@@ -1933,6 +1933,9 @@ fn a_lock_timeout_is_located_at_the_statement_that_waited() {
     holder
         .batch_execute("BEGIN; SELECT count(*) FROM orders")
         .unwrap();
+    // Begun well before the migration, as a transaction that holds it up
+    // for its whole lock timeout is.
+    std::thread::sleep(Duration::from_millis(200));
     // A reader of users that arrives while the migration holds users.
     let reader = {
         let url = db.url.clone();

@@ -3,7 +3,7 @@
 //! on failure, where in `up.sql` it failed and whether another session has
 //! the migration (applied meanwhile, or running it now).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -18,6 +18,13 @@ use crate::locks;
 use crate::migration::Migration;
 use crate::report::Applied;
 use crate::source::sql;
+
+/// How much older than the batch a transaction holding a lock a statement
+/// needs must be to count as what a timed-out statement waited for, beyond
+/// one round trip: a transaction that blocked it for the whole lock timeout
+/// began well before, while a reader queued behind the migration's own lock
+/// may begin a few milliseconds after the batch was sent.
+const OLDER_BY: Duration = Duration::from_millis(50);
 
 pub(super) fn run_transactional(
     conn: &mut PgConnection,
@@ -239,7 +246,9 @@ fn run_whole<'s>(
     if is_connection_error(&e) {
         return (Err(e), None, Stage::Unlocated("the connection broke"), None);
     }
+    let rolling_back = Instant::now();
     let _ = conn.batch_execute("ROLLBACK");
+    let round_trip = rolling_back.elapsed();
     if let Some(stage) = not_here(conn, tables, m, script, &e) {
         return (Err(e), None, stage, None);
     }
@@ -282,10 +291,16 @@ fn run_whole<'s>(
         // statement that needs a lock on a table that a transaction older
         // than this run holds in a conflicting mode (the readers queued
         // behind the migration's own request came later).
-        let waited = sent.elapsed().as_secs_f64();
+        // Older than the batch by a margin: the server reads its clock a
+        // round trip (or a scheduling delay) after this process does, and
+        // a reader queued behind the migration's own lock began only just
+        // after the batch was sent.
+        let margin = round_trip + OLDER_BY;
         let at = statements.iter().find(|s| {
             locks::of_statement(&s.sql).iter().any(|l| {
-                held_against(conn, &l.table, locks::conflicting(l.mode), waited).unwrap_or(false)
+                let older_than = (sent.elapsed() + margin).as_secs_f64();
+                held_against(conn, &l.table, locks::conflicting(l.mode), older_than)
+                    .unwrap_or(false)
             })
         });
         let stage = if at.is_some() {

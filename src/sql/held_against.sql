@@ -9,5 +9,5 @@ SELECT EXISTS (
       AND l.granted
       AND l.pid <> pg_backend_pid()
       AND l.mode = ANY ($2)
-      AND a.xact_start < clock_timestamp() - make_interval(secs => $3)
+      AND a.xact_start < statement_timestamp() - make_interval(secs => $3)
 ) AS found
