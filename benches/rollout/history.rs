@@ -13,7 +13,7 @@ use crate::harness::*;
 
 #[path = "../../tests/support/history.rs"]
 #[allow(dead_code)]
-mod generated;
+pub(crate) mod generated;
 
 /// Returns diesel-rollout's total ÷ diesel_migrations' (the median runs).
 pub(crate) fn history(server: &Server, sizes: &Sizes, report: &mut String) -> f64 {

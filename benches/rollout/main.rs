@@ -19,6 +19,7 @@ mod fleet;
 mod harness;
 mod history;
 mod many;
+mod revert;
 mod stampede;
 mod startup;
 mod traffic;
@@ -34,6 +35,7 @@ use fleet::fleet;
 use harness::*;
 use history::history;
 use many::many;
+use revert::revert;
 use stampede::{child, stampede};
 use startup::startup;
 use traffic::traffic;
@@ -113,29 +115,29 @@ fn main() {
     flush(&report);
     let mut many_ratio = None;
     if run(1) {
-        eprintln!("1/7 start-up with nothing pending");
+        eprintln!("1/8 start-up with nothing pending");
         startup(&server, &sizes, &mut report);
         flush(&report);
     }
     if run(2) {
-        eprintln!("2/7 many migrations from empty");
+        eprintln!("2/8 many migrations from empty");
         many_ratio = Some(many(&server, &sizes, &mut report));
         flush(&report);
     }
     let mut history_ratio = None;
     if run(3) {
-        eprintln!("3/7 a realistic history from empty");
+        eprintln!("3/8 a realistic history from empty");
         history_ratio = Some(history(&server, &sizes, &mut report));
         flush(&report);
     }
     if run(4) {
-        eprintln!("4/7 stampede");
+        eprintln!("4/8 stampede");
         stampede(&server, &sizes, &mut report);
         flush(&report);
     }
     let mut headline = None;
     if run(5) {
-        eprintln!("5/7 traffic during an index build");
+        eprintln!("5/8 traffic during an index build");
         headline = Some(traffic(
             &server,
             &sizes,
@@ -145,13 +147,19 @@ fn main() {
         flush(&report);
     }
     if run(6) {
-        eprintln!("6/7 build cost");
+        eprintln!("6/8 build cost");
         build_cost(&sizes, &mut report);
         flush(&report);
     }
     if run(7) {
-        eprintln!("7/7 one release on many databases");
+        eprintln!("7/8 one release on many databases");
         fleet(&server, &sizes, &mut report);
+        flush(&report);
+    }
+    let mut revert_ratio = None;
+    if run(8) {
+        eprintln!("8/8 reverting the newest migrations");
+        revert_ratio = Some(revert(&server, &sizes, &mut report));
         flush(&report);
     }
 
@@ -246,6 +254,15 @@ fn main() {
             ))
         )
         .unwrap();
+        if let Some(r) = revert_ratio {
+            writeln!(
+                report,
+                "- **Reverting (§8): {}.** Reverting the newest tenth of §3's history took \
+                 {r:.2}× diesel_migrations' time.\n",
+                if r <= 1.0 { "not a loss" } else { "a loss" }
+            )
+            .unwrap();
+        }
         flush(&report);
     }
     if write {
