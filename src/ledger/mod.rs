@@ -539,6 +539,7 @@ pub(crate) fn record_success_sql(t: &Tables, m: &Migration, statements: i32, key
             client_pid().to_string(),
             OS_USER.as_deref().map_or("NULL".into(), literal),
             key.to_string(),
+            literal(plain),
         ],
     );
     if plain == m.version() {
