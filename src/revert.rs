@@ -558,8 +558,8 @@ fn check_down(m: &Migration, empty_ok: bool) -> Result<(), Error> {
             "{path} of migration {} has no statements: reverting it would only forget that it \
              was applied and leave its changes in place, and a later `up` would apply it \
              again over them. Nothing was reverted. Write the down.sql; or, if nothing needs \
-             undoing, revert with --allow-empty-down (`Migrator::revert_empty_down`), which \
-             reverts it as diesel does: the version row goes, the schema stays",
+             undoing, revert with --allow-empty-down (`Migrator::revert_empty_down`): the \
+             version row goes, the schema stays",
             m.dir_name()
         ))
         .at(m, None));

@@ -14,7 +14,7 @@ pub(crate) struct Args {
     /// Change nothing: show what would be reverted and applied again, each down.sql's and up.sql's statements with the locks they take. Exits 1 when redo would be refused.
     #[arg(long)]
     dry_run: bool,
-    /// Revert a migration whose down.sql has no statements (diesel's stub) as diesel does: its version row goes, nothing is undone. Refused without it.
+    /// Revert a migration whose down.sql has no statements (diesel's stub): its version row goes, nothing is undone. Refused without it.
     #[arg(long)]
     allow_empty_down: bool,
 }

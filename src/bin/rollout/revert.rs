@@ -20,7 +20,7 @@ pub(crate) struct Args {
     /// Change nothing: show what would be reverted, newest first, each down.sql's statements with the locks they take. Exits 1 when the revert would be refused.
     #[arg(long)]
     dry_run: bool,
-    /// Revert a migration whose down.sql has no statements (diesel's stub) as diesel does: its version row goes, nothing is undone. Refused without it.
+    /// Revert a migration whose down.sql has no statements (diesel's stub): its version row goes, nothing is undone. Refused without it.
     #[arg(long)]
     allow_empty_down: bool,
 }
