@@ -35,6 +35,10 @@ pub(crate) fn history(server: &Server, sizes: &Sizes, report: &mut String) -> f6
                     server.statements(&db, || time(|| ours.run_required(&url).unwrap()));
                 ours_t.push(t);
                 ours_s = s;
+                if std::env::var_os("BENCH_PROFILE").is_some() {
+                    eprintln!("diesel-rollout, {}:", ms(t));
+                    crate::many::profile(server, &db);
+                }
                 if run == 0 {
                     // Kept for the no-op start below.
                     ours_db = Some((db, url));
@@ -53,6 +57,10 @@ pub(crate) fn history(server: &Server, sizes: &Sizes, report: &mut String) -> f6
                 });
                 diesel_t.push(t);
                 diesel_s = s;
+                if std::env::var_os("BENCH_PROFILE").is_some() {
+                    eprintln!("diesel_migrations, {}:", ms(t));
+                    crate::many::profile(server, &db);
+                }
                 if run == 0 {
                     diesel_db = Some((db, url));
                     continue;

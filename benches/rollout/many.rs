@@ -123,7 +123,7 @@ pub(crate) fn many(server: &Server, sizes: &Sizes, report: &mut String) -> (f64,
 
 /// The statements that took the most server time in `database` (to see
 /// where a harness spends it): set BENCH_PROFILE=1.
-fn profile(server: &Server, database: &str) {
+pub(crate) fn profile(server: &Server, database: &str) {
     #[derive(QueryableByName)]
     struct Row {
         #[diesel(sql_type = Text)]
@@ -143,4 +143,13 @@ fn profile(server: &Server, database: &str) {
     for r in rows {
         eprintln!("{:>8.2} ms {:>6} calls  {}", r.ms, r.calls, r.q);
     }
+    let all = scalar_f64(
+        &mut server.admin_conn(),
+        &format!(
+            "SELECT coalesce(sum(total_exec_time + total_plan_time), 0)::float8 AS x \
+             FROM pg_stat_statements \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = '{database}')"
+        ),
+    );
+    eprintln!("{all:>8.2} ms in all");
 }

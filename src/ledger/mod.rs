@@ -539,7 +539,11 @@ pub(crate) fn record_success_sql(t: &Tables, m: &Migration, statements: i32, key
             client_pid().to_string(),
             OS_USER.as_deref().map_or("NULL".into(), literal),
             key.to_string(),
-            literal(plain),
+            if plain == m.version() {
+                literal(plain)
+            } else {
+                format!("{}, {}", literal(m.version()), literal(plain))
+            },
         ],
     );
     if plain == m.version() {
