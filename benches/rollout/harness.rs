@@ -270,3 +270,26 @@ pub(crate) fn write_file(path: &Path, body: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, body).unwrap();
 }
+
+/// The two rows of a "harness | total | per migration | vs
+/// diesel_migrations | statements per migration" table: diesel's and ours,
+/// each (total time, statements), over `n` migrations.
+pub(crate) fn both_rows(
+    report: &mut String,
+    diesel: (Duration, i64),
+    ours: (Duration, i64),
+    n: usize,
+) {
+    use std::fmt::Write as _;
+    for (what, (t, s)) in [("diesel_migrations", diesel), ("diesel-rollout", ours)] {
+        writeln!(
+            report,
+            "| {what} | {} | {} | {:.2}× | {:.1} |",
+            ms(t),
+            us(t / n as u32),
+            t.as_secs_f64() / diesel.0.as_secs_f64(),
+            s as f64 / n as f64
+        )
+        .unwrap();
+    }
+}

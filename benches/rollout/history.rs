@@ -82,20 +82,7 @@ pub(crate) fn history(server: &Server, sizes: &Sizes, report: &mut String) -> f6
         h.no_transaction, sizes.many_runs
     )
     .unwrap();
-    for (what, t, s) in [
-        ("diesel_migrations", d, diesel_s),
-        ("diesel-rollout", o, ours_s),
-    ] {
-        writeln!(
-            report,
-            "| {what} | {} | {} | {:.2}× | {:.1} |",
-            ms(t),
-            us(t / n as u32),
-            t.as_secs_f64() / d.as_secs_f64(),
-            s as f64 / n as f64
-        )
-        .unwrap();
-    }
+    both_rows(report, (d, diesel_s), (o, ours_s), n);
     // A replica's start once all of it is applied: nothing pending, on an
     // open connection, the two in turn.
     let (ours_db, ours_url) = ours_db.unwrap();

@@ -5,6 +5,7 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
+use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel_migrations::MigrationHarness;
@@ -13,8 +14,9 @@ use diesel_rollout::{MigrationSet, Migrator, RevertTarget};
 use crate::harness::*;
 use crate::history::generated;
 
-/// Returns diesel-rollout's time ÷ diesel_migrations' (the median runs).
-pub(crate) fn revert(server: &Server, sizes: &Sizes, report: &mut String) -> f64 {
+/// Returns diesel-rollout's time ÷ diesel_migrations' (the median runs),
+/// reverting the newest tenth and the newest one.
+pub(crate) fn revert(server: &Server, sizes: &Sizes, report: &mut String) -> (f64, f64) {
     let n = sizes.history;
     let count = (n / 10).max(2);
     let dir = tempfile::tempdir().unwrap();
@@ -27,9 +29,68 @@ pub(crate) fn revert(server: &Server, sizes: &Sizes, report: &mut String) -> f64
     // diesel's harness gets the set in memory (it is a `MigrationSource`),
     // so it does not read the directory again for each revert.
     let set = ours.migrations().clone();
+    // The newest one (`diesel migration revert`'s default, the everyday
+    // case, where fixed costs show), with more runs; then the newest tenth.
+    let one = measure(server, &ours, &set, n, 1, sizes.many_runs * 3);
+    let (diesel, ours_m) = measure(server, &ours, &set, n, count, sizes.many_runs);
+    let (o, d) = (ours_m.0, diesel.0);
+    writeln!(
+        report,
+        "## 8. Reverting the newest {count} of {n} applied migrations\n\nThe history of §3, \
+         all applied; then the newest {count} reverted with their `down.sql`: \
+         diesel_migrations' `revert_last_migration` called {count} times (as `diesel \
+         migration revert -n {count}` does) with the migrations in memory, diesel-rollout's \
+         `revert` once, on an open connection. {stubbed} of them had no `down.sql` or a comment-only one in the generated \
+         history (diesel's harness fails that with \"Received an empty query\"; \
+         diesel-rollout refuses it unless `revert_empty_down(true)`) and were given `SELECT 1`. \
+         Median of {} runs, the two harnesses alternating.\n\n\
+         | harness | total | per migration | vs diesel_migrations | statements per migration |\n\
+         |---|---|---|---|---|",
+        sizes.many_runs
+    )
+    .unwrap();
+    both_rows(report, diesel, ours_m, count);
+    writeln!(
+        report,
+        "\nThe newest one alone, median of {} runs:\n\n| harness | total | per migration | vs \
+         diesel_migrations | statements per migration |\n|---|---|---|---|---|",
+        sizes.many_runs * 3
+    )
+    .unwrap();
+    both_rows(report, one.0, one.1, 1);
+    writeln!(
+        report,
+        "\ndiesel's harness reads every applied version to find the newest each time and \
+         runs each `down.sql` in a transaction with its ledger delete, four round trips. \
+         diesel-rollout takes its locks and reads the ledger once, then sends each \
+         transactional `down.sql` with its ledger rows (the version row deleted, a `down` \
+         attempt recorded) in one round trip. Alone, the newest one pays diesel-rollout's \
+         fixed costs: both tracks' locks, marking dead attempts, and the read of the whole \
+         ledger with every version's latest attempt (`ledger_rows.sql`, about 4 ms of server \
+         time against 1000 attempts; `BENCH_PROFILE=1` prints it), where diesel reads the \
+         versions.\n"
+    )
+    .unwrap();
+    (
+        o.as_secs_f64() / d.as_secs_f64(),
+        one.1 .0.as_secs_f64() / one.0 .0.as_secs_f64(),
+    )
+}
+
+/// Reverts the newest `count` of `n` applied migrations with each harness,
+/// `runs` times in turn, each from a fresh database with all applied; the
+/// median (time, statements) of diesel_migrations and of diesel-rollout.
+fn measure(
+    server: &Server,
+    ours: &Migrator,
+    set: &MigrationSet,
+    n: usize,
+    count: usize,
+    runs: usize,
+) -> ((Duration, i64), (Duration, i64)) {
     let (mut ours_t, mut diesel_t) = (Vec::new(), Vec::new());
     let (mut ours_s, mut diesel_s) = (0, 0);
-    for run in 0..sizes.many_runs {
+    for run in 0..runs {
         for which in in_turn(run) {
             let (db, url) = server.database();
             // Both from the same applied state: diesel-rollout's ledger, which
@@ -43,6 +104,10 @@ pub(crate) fn revert(server: &Server, sizes: &Sizes, report: &mut String) -> f64
                 assert_eq!(report.reverted.len(), count);
                 ours_t.push(t);
                 ours_s = s;
+                if std::env::var_os("BENCH_PROFILE").is_some() && run == 0 {
+                    eprintln!("diesel-rollout, reverting {count}, {}:", ms(t));
+                    crate::many::profile(server, &db);
+                }
             } else {
                 let ((_, t), s) = server.statements(&db, || {
                     time(|| {
@@ -63,46 +128,7 @@ pub(crate) fn revert(server: &Server, sizes: &Sizes, report: &mut String) -> f64
             server.drop_database(&db);
         }
     }
-    let (o, d) = (median(ours_t), median(diesel_t));
-    writeln!(
-        report,
-        "## 8. Reverting the newest {count} of {n} applied migrations\n\nThe history of §3, \
-         all applied; then the newest {count} reverted with their `down.sql`: \
-         diesel_migrations' `revert_last_migration` called {count} times (as `diesel \
-         migration revert -n {count}` does) with the migrations in memory, diesel-rollout's \
-         `revert` once, on an open connection. {stubbed} of them had no `down.sql` or a comment-only one in the generated \
-         history (diesel's harness fails that with \"Received an empty query\"; \
-         diesel-rollout refuses it unless `revert_empty_down(true)`) and were given `SELECT 1`. \
-         Median of {} runs, the two harnesses alternating.\n\n\
-         | harness | total | per migration | vs diesel_migrations | statements per migration |\n\
-         |---|---|---|---|---|",
-        sizes.many_runs
-    )
-    .unwrap();
-    for (what, t, s) in [
-        ("diesel_migrations", d, diesel_s),
-        ("diesel-rollout", o, ours_s),
-    ] {
-        writeln!(
-            report,
-            "| {what} | {} | {} | {:.2}× | {:.1} |",
-            ms(t),
-            us(t / count as u32),
-            t.as_secs_f64() / d.as_secs_f64(),
-            s as f64 / count as f64
-        )
-        .unwrap();
-    }
-    writeln!(
-        report,
-        "\ndiesel's harness reads every applied version to find the newest each time and \
-         runs each `down.sql` in a transaction with its ledger delete, four round trips. \
-         diesel-rollout takes its locks and reads the ledger once, then sends each \
-         transactional `down.sql` with its ledger rows (the version row deleted, a `down` \
-         attempt recorded) in one round trip.\n"
-    )
-    .unwrap();
-    o.as_secs_f64() / d.as_secs_f64()
+    ((median(diesel_t), diesel_s), (median(ours_t), ours_s))
 }
 
 /// Gives each of the newest `count` migrations whose `down.sql` is missing
