@@ -181,8 +181,8 @@ impl Migrator {
     /// statements (diesel's comment-only stub, as data fixes often keep it):
     /// its version row goes and nothing of the schema is undone (diesel
     /// 2.3's harness fails it instead, "Received an empty query"). Default
-    /// off: such a revert is refused,
-    /// since a later `up` applies the migration again over what it left.
+    /// off: such a revert is refused, since a later `up` applies the
+    /// migration again over what it left.
     pub fn revert_empty_down(mut self, allow: bool) -> Self {
         self.revert_empty_down = allow;
         self

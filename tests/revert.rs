@@ -701,8 +701,8 @@ fn a_dry_run_says_what_revert_and_redo_then_do_on_a_long_history() {
 
 /// A `down.sql` with only a comment (diesel's stub, kept by a data fix):
 /// `revert` refuses it, naming the way on, and with `revert_empty_down`
-/// (`--allow-empty-down`) reverts it: the version row goes,
-/// the data stays. `revert --all` (diesel's habit) then reverts the rest.
+/// (`--allow-empty-down`) reverts it: the version row goes, the data
+/// stays. `revert --all` (diesel's habit) then reverts the rest.
 /// Before, the refusal's advice (`resolve --rolled-back`) was itself
 /// refused for an applied migration.
 #[test]
