@@ -531,7 +531,7 @@ impl Migrator {
         same_schema(ledger, resolved, &tables)?;
         ledger::ensure_tables(conn, ledger, &mut tables)?;
         let tables = &tables;
-        let n = ledger::mark_interrupted(conn, tables, track)?;
+        let n = ledger::mark_interrupted(conn, tables, &[track])?;
         if n > 0 {
             tracing::warn!(
                 attempts = n,

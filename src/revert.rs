@@ -39,10 +39,11 @@ pub enum Resolution {
 }
 
 /// What runs under the locks: the migrator, the connection holding them,
-/// the resolved ledger, its rows read under the lock, and the report it
-/// fills as work is done (so an error still reports that work).
-type Locked<'a, T> = dyn FnOnce(&Migrator, &mut PgConnection, &Tables, &[LedgerRow], &mut Report) -> Result<T, Error>
-    + 'a;
+/// the resolved ledger (its attempts left running marked interrupted), and
+/// the report it fills as work is done (so an error still reports that
+/// work). It reads what it needs of the ledger under the locks.
+type Locked<'a, T> =
+    dyn FnOnce(&Migrator, &mut PgConnection, &Tables, &mut Report) -> Result<T, Error> + 'a;
 
 impl Migrator {
     /// Reverts applied migrations, newest first, each with its `down.sql`:
@@ -75,9 +76,10 @@ impl Migrator {
         self.locked(
             conn,
             true,
-            Box::new(move |m, conn, tables, rows, report| {
-                let targets = m.revert_targets(rows, &target)?;
-                m.revert_on(conn, tables, rows, &targets, report)
+            Box::new(move |m, conn, tables, report| {
+                let rows = m.revert_rows(conn, tables, &target)?;
+                let targets = m.revert_targets(&rows, &target)?;
+                m.revert_on(conn, tables, &rows, &targets, report)
             }),
         )
     }
@@ -96,10 +98,12 @@ impl Migrator {
         self.locked(
             conn,
             true,
-            Box::new(move |m, conn, tables, rows, report| {
-                let targets = m.revert_targets(rows, &RevertTarget::Count(count))?;
-                m.check_drift_after_revert(rows, &targets, report)?;
-                m.revert_on(conn, tables, rows, &targets, report)?;
+            Box::new(move |m, conn, tables, report| {
+                // Strict mode's checks read every version.
+                let rows = ledger::rows(conn, tables)?;
+                let targets = m.revert_targets(&rows, &RevertTarget::Count(count))?;
+                m.check_drift_after_revert(&rows, &targets, report)?;
+                m.revert_on(conn, tables, &rows, &targets, report)?;
                 for v in targets.iter().rev() {
                     let Some(mig) = m.migrations().get(v) else {
                         continue;
@@ -188,12 +192,10 @@ impl Migrator {
         self.locked(
             conn,
             deferred,
-            Box::new(move |_, conn, tables, rows, _| {
-                let row = rows
-                    .iter()
-                    .find(|r| normal(&r.version) == normal(m.version()));
+            Box::new(move |_, conn, tables, _| {
+                let row = ledger::row(conn, tables, m.version())?;
                 if !any_state {
-                    check_resolvable(m, row)?;
+                    check_resolvable(m, row.as_ref())?;
                 }
                 let outcome = match resolution {
                     Resolution::Applied => "applied",
@@ -219,6 +221,42 @@ impl Migrator {
         self.migrations().track(Track::Deferred).next().is_some()
     }
 
+    /// The ledger rows a revert of `target` checks, read without the whole
+    /// ledger: every applied version (by its migrations-table row alone),
+    /// and in full the versions it reverts and each newer one whose apply
+    /// stopped with statements done.
+    fn revert_rows(
+        &self,
+        conn: &mut PgConnection,
+        tables: &Tables,
+        target: &RevertTarget,
+    ) -> Result<Vec<LedgerRow>, Error> {
+        let scope = ledger::revert_scope(conn, tables)?;
+        let mut rows: Vec<LedgerRow> = scope
+            .applied
+            .into_iter()
+            .map(|v| LedgerRow::applied(v, None))
+            .collect();
+        let chosen = chosen(&rows, target)?;
+        let oldest = chosen.last().copied().unwrap_or_default();
+        let mut read: Vec<&str> = chosen.clone();
+        read.extend(
+            scope
+                .stopped
+                .iter()
+                .map(String::as_str)
+                .filter(|v| compare_versions(v, oldest).is_gt()),
+        );
+        let exact = ledger::rows_of(conn, tables, &read)?;
+        let replaced: std::collections::HashSet<String> = exact
+            .iter()
+            .map(|r| normal(&r.version).to_string())
+            .collect();
+        rows.retain(|r| !replaced.contains(normal(&r.version)));
+        rows.extend(exact);
+        Ok(rows)
+    }
+
     /// The applied versions `target` names, newest first, each known to
     /// this binary with a `down.sql` that can run.
     pub(crate) fn revert_targets(
@@ -226,45 +264,7 @@ impl Migrator {
         rows: &[LedgerRow],
         target: &RevertTarget,
     ) -> Result<Vec<String>, Error> {
-        let mut applied: Vec<&str> = rows
-            .iter()
-            .filter(|r| r.applied)
-            .map(|r| r.version.as_str())
-            .collect();
-        applied.sort_by(|a, b| compare_versions(b, a));
-        // One version, however many spellings the ledger holds (`1` and
-        // `01`, from a tool that compares them as text): reverted once.
-        applied.dedup_by(|a, b| normal(a) == normal(b));
-        let chosen: Vec<&str> = match target {
-            RevertTarget::Count(n) => applied.into_iter().take(*n).collect(),
-            RevertTarget::To(v) => {
-                // The version to stay at must be one that is applied: a
-                // typo or a shortened version would otherwise compare below
-                // every real one and revert everything.
-                if !applied.iter().any(|a| normal(a) == normal(v)) {
-                    return Err(refused(format!(
-                        "version {v} is not an applied migration: --to names the applied \
-                         migration to go back to, which stays applied (`rollout status` lists \
-                         the applied versions); --count N reverts the newest N"
-                    )));
-                }
-                applied
-                    .into_iter()
-                    .take_while(|a| normal(a) != normal(v))
-                    .collect()
-            }
-        };
-        if chosen.is_empty() {
-            return Err(refused(match target {
-                RevertTarget::To(v) => format!(
-                    "nothing to revert: {v} is the newest applied migration (`rollout status` \
-                     lists them; --to names the one to go back to, which stays applied)"
-                ),
-                RevertTarget::Count(_) => {
-                    "nothing to revert: no migration is applied (`rollout status`)".to_string()
-                }
-            }));
-        }
+        let chosen = chosen(rows, target)?;
         // A newer migration that stopped halfway resumes after the
         // statements it recorded: reverting what it builds on would leave
         // those statements' work undone while the resume skips them.
@@ -421,9 +421,8 @@ impl Migrator {
             crate::migrator::same_schema(&ledger, &resolved, &tables)?;
             ledger::ensure_tables(conn, &ledger, &mut tables)?;
             if !deferred_too {
-                ledger::mark_interrupted(conn, &tables, Track::Required)?;
-                let rows = ledger::rows(conn, &tables)?;
-                return f(self, conn, &tables, &rows, report);
+                ledger::mark_interrupted(conn, &tables, &[Track::Required])?;
+                return f(self, conn, &tables, report);
             }
             if !lock::try_lock_all(conn, &deferred_keys)? {
                 let who = lock::holder(conn, &deferred_keys)
@@ -450,10 +449,8 @@ impl Migrator {
                          directly or through a pooler in session mode",
                     ));
                 }
-                ledger::mark_interrupted(conn, &tables, Track::Deferred)?;
-                ledger::mark_interrupted(conn, &tables, Track::Required)?;
-                let rows = ledger::rows(conn, &tables)?;
-                f(self, conn, &tables, &rows, report)
+                ledger::mark_interrupted(conn, &tables, &[Track::Deferred, Track::Required])?;
+                f(self, conn, &tables, report)
             })();
             if !matches!(lock::unlock_all(conn, &deferred_keys), Ok(true)) {
                 tracing::warn!("could not release the deferred lock; dropping the connection");
@@ -500,6 +497,51 @@ fn check_resolvable(m: &Migration, row: Option<&LedgerRow>) -> Result<(), Error>
         ),
     };
     Err(refused(message).at(m, None))
+}
+
+/// The applied versions `target` names, newest first (refused when it
+/// names none).
+fn chosen<'r>(rows: &'r [LedgerRow], target: &RevertTarget) -> Result<Vec<&'r str>, Error> {
+    let mut applied: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.applied)
+        .map(|r| r.version.as_str())
+        .collect();
+    applied.sort_by(|a, b| compare_versions(b, a));
+    // One version, however many spellings the ledger holds (`1` and
+    // `01`, from a tool that compares them as text): reverted once.
+    applied.dedup_by(|a, b| normal(a) == normal(b));
+    let chosen: Vec<&str> = match target {
+        RevertTarget::Count(n) => applied.into_iter().take(*n).collect(),
+        RevertTarget::To(v) => {
+            // The version to stay at must be one that is applied: a
+            // typo or a shortened version would otherwise compare below
+            // every real one and revert everything.
+            if !applied.iter().any(|a| normal(a) == normal(v)) {
+                return Err(refused(format!(
+                    "version {v} is not an applied migration: --to names the applied \
+                         migration to go back to, which stays applied (`rollout status` lists \
+                         the applied versions); --count N reverts the newest N"
+                )));
+            }
+            applied
+                .into_iter()
+                .take_while(|a| normal(a) != normal(v))
+                .collect()
+        }
+    };
+    if chosen.is_empty() {
+        return Err(refused(match target {
+            RevertTarget::To(v) => format!(
+                "nothing to revert: {v} is the newest applied migration (`rollout status` \
+                     lists them; --to names the one to go back to, which stays applied)"
+            ),
+            RevertTarget::Count(_) => {
+                "nothing to revert: no migration is applied (`rollout status`)".to_string()
+            }
+        }));
+    }
+    Ok(chosen)
 }
 
 fn refused(message: String) -> Error {

@@ -762,3 +762,62 @@ fn a_comment_only_down_sql_is_reverted_when_allowed() {
         0
     );
 }
+
+/// On a generated 300-migration history, a revert reads only what it
+/// checks, and still finds what the whole ledger would show: a newer
+/// no-transaction migration stopped halfway refuses it, and once that
+/// attempt is resolved by hand (its stopped attempt no longer the latest),
+/// the revert goes ahead, undoing only the newest applied migration, as the
+/// dry run (which reads the whole ledger) says it will.
+#[test]
+fn a_long_history_revert_sees_a_newer_stopped_migration_until_it_is_resolved() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    let history = support::history::write_with(&set.required_dir(), 300, false);
+    let newest = history.versions.last().unwrap().clone();
+    let stopped = support::history::version(300);
+    set.required_no_tx(
+        &support::history::dir_name(300, "stopped"),
+        "CREATE TABLE stopped_here (id int);\nSELECT 1/0;\n",
+    );
+    let m = set.migrator();
+    let err = m.run_required(&db.url).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::MigrationFailed, "{err}");
+    let applied = || db.count("SELECT count(*) AS n FROM __diesel_schema_migrations");
+    assert_eq!(applied(), 300);
+
+    let err = m
+        .revert(&mut db.conn(), RevertTarget::Count(1))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RevertRefused, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "stopped halfway (1 statements done) and is newer than {newest}"
+        )),
+        "{text}"
+    );
+    assert_eq!(applied(), 300, "a refused revert reverted nothing");
+
+    db.conn().batch_execute("DROP TABLE stopped_here").unwrap();
+    m.resolve(
+        &mut db.conn(),
+        &stopped,
+        diesel_rollout::Resolution::RolledBack,
+        "",
+    )
+    .unwrap();
+    let plan = m
+        .plan_revert(&mut db.conn(), &RevertTarget::Count(1))
+        .unwrap();
+    let report = m.revert(&mut db.conn(), RevertTarget::Count(1)).unwrap();
+    assert_eq!(
+        versions(report.reverted.iter().map(|a| &a.version)),
+        vec![newest.clone()]
+    );
+    assert_eq!(
+        versions(plan.steps.iter().map(|s| &s.version)),
+        vec![newest]
+    );
+    assert_eq!(applied(), 299);
+}

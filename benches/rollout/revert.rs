@@ -62,13 +62,14 @@ pub(crate) fn revert(server: &Server, sizes: &Sizes, report: &mut String) -> (f6
         report,
         "\ndiesel's harness reads every applied version to find the newest each time and \
          runs each `down.sql` in a transaction with its ledger delete, four round trips. \
-         diesel-rollout takes its locks and reads the ledger once, then sends each \
-         transactional `down.sql` with its ledger rows (the version row deleted, a `down` \
-         attempt recorded) in one round trip. Alone, the newest one pays diesel-rollout's \
-         fixed costs: both tracks' locks, marking dead attempts, and the read of the whole \
-         ledger with every version's latest attempt (`ledger_rows.sql`, about 4 ms of server \
-         time against 1000 attempts; `BENCH_PROFILE=1` prints it), where diesel reads the \
-         versions.\n"
+         diesel-rollout takes its locks and reads what the revert checks once (every applied \
+         version, and in full only the versions it reverts and any newer one stopped \
+         halfway), then sends each transactional `down.sql` with its ledger rows (the \
+         version row deleted, a `down` attempt recorded) in one round trip. Alone, the newest \
+         one pays diesel-rollout's fixed costs: finding the ledger tables before and after \
+         the lock, both tracks' locks each checked on this backend, marking dead attempts, \
+         and setting and restoring the session's timeouts (`BENCH_PROFILE=1` prints the \
+         server time of each statement).\n"
     )
     .unwrap();
     (

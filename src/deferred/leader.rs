@@ -348,7 +348,7 @@ fn lead(
             .get_result::<Pid>(conn)
             .map_err(|e| Error::db("reading the backend pid", e))?
             .pid;
-        ledger::mark_interrupted(conn, &tables, Track::Deferred)?;
+        ledger::mark_interrupted(conn, &tables, &[Track::Deferred])?;
         Ok(pid)
     };
     let pid = setup().map_err(|e| {

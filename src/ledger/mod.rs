@@ -3,18 +3,20 @@
 //! All SQL lives in `src/sql/*.sql`; the tables' names and SQL in
 //! `tables.rs`.
 
+mod read;
 mod tables;
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_query;
-use diesel::sql_types::{BigInt, Bool, Double, Integer, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text};
 use once_cell::sync::Lazy;
 
 use crate::error::{Error, ErrorKind};
 use crate::migration::Migration;
 use crate::source::Track;
 
+pub(crate) use self::read::{revert_scope, row, rows, rows_fast, rows_of};
 pub(crate) use self::tables::{Ledger, Tables, ATTEMPTS_VERSION};
 
 /// One version as the ledger knows it.
@@ -54,6 +56,24 @@ pub(crate) struct LedgerRow {
 }
 
 impl LedgerRow {
+    /// An applied version, known by its migrations-table row alone.
+    pub(crate) fn applied(version: String, applied_checksum: Option<String>) -> LedgerRow {
+        LedgerRow {
+            version,
+            applied: true,
+            applied_at: None,
+            operation: None,
+            outcome: None,
+            error: None,
+            statements_completed: None,
+            statements_total: None,
+            attempt_checksum: None,
+            applied_checksum,
+            finished_epoch: None,
+            attempt_backend_pid: None,
+        }
+    }
+
     /// Not applied, and the latest attempt, to apply it, did not succeed.
     pub(crate) fn failed(&self) -> bool {
         !self.applied && self.is("up") && self.unfinished()
@@ -143,95 +163,6 @@ pub(crate) fn server_epoch(conn: &mut PgConnection) -> QueryResult<f64> {
         .map(|n| n.now)
 }
 
-mod diesels {
-    diesel::table! {
-        /// diesel's ledger, as the fast path reads it.
-        __diesel_schema_migrations (version) {
-            version -> Text,
-            checksum -> Nullable<Text>,
-        }
-    }
-}
-
-/// The fast path's single query: applied versions and their checksums
-/// only, from the migrations table alone. For diesel's own table, a
-/// statement diesel prepares once per connection and reuses. Fails when
-/// the table (or its checksum column) is missing.
-pub(crate) fn rows_fast(conn: &mut PgConnection, ledger: &Ledger) -> QueryResult<Vec<LedgerRow>> {
-    #[derive(QueryableByName)]
-    struct Fast {
-        #[diesel(sql_type = Text)]
-        version: String,
-        #[diesel(sql_type = Nullable<Text>)]
-        applied_checksum: Option<String>,
-    }
-    let rows: Vec<(String, Option<String>)> = if ledger.is_diesels() {
-        use self::diesels::__diesel_schema_migrations::dsl::*;
-        __diesel_schema_migrations
-            .select((version, checksum))
-            .load(conn)?
-    } else {
-        sql_query(ledger.fast_query())
-            .load::<Fast>(conn)?
-            .into_iter()
-            .map(|f| (f.version, f.applied_checksum))
-            .collect()
-    };
-    Ok(rows
-        .into_iter()
-        .map(|(version, applied_checksum)| LedgerRow {
-            version,
-            applied: true,
-            applied_at: None,
-            operation: None,
-            outcome: None,
-            error: None,
-            statements_completed: None,
-            statements_total: None,
-            attempt_checksum: None,
-            applied_checksum,
-            finished_epoch: None,
-            attempt_backend_pid: None,
-        })
-        .collect())
-}
-
-/// The ledger rows, working whichever ledger tables exist (and on a
-/// read-only session). `t` is resolved.
-pub(crate) fn rows(conn: &mut PgConnection, t: &Tables) -> Result<Vec<LedgerRow>, Error> {
-    let query = match (t.migrations_exist, t.attempts_exist) {
-        (true, true) if !t.attempts_operations => &t.sql.ledger_rows_v1,
-        (true, true) => &t.sql.ledger_rows,
-        (true, false) => &t.sql.applied_only,
-        (false, _) => return Ok(Vec::new()),
-    };
-    sql_query(query)
-        .load(conn)
-        .map_err(|e| Error::db("reading the migration ledger", e))
-}
-
-/// The ledger row of one version (as [`rows`] would give it, `01` and `1`
-/// one version), read by the tables' indexes rather than the whole ledger:
-/// whether it is applied, and where an attempt of it resumes. `t` is
-/// resolved.
-pub(crate) fn row(
-    conn: &mut PgConnection,
-    t: &Tables,
-    version: &str,
-) -> Result<Option<LedgerRow>, Error> {
-    if !(t.migrations_exist && t.attempts_exist && t.attempts_operations) {
-        let rows = rows(conn, t)?;
-        return Ok(rows
-            .into_iter()
-            .find(|r| crate::migration::normal(&r.version) == crate::migration::normal(version)));
-    }
-    sql_query(&t.sql.ledger_row)
-        .bind::<diesel::sql_types::Array<Text>, _>(crate::migration::spellings(version))
-        .get_result(conn)
-        .optional()
-        .map_err(|e| Error::db("reading the migration ledger", e))
-}
-
 /// Creates the ledger tables that are missing, and brings an attempts
 /// table an earlier release created up to this release's layout. Call
 /// under a track's lock, with `t` resolved; `t` then says both tables exist.
@@ -312,15 +243,16 @@ pub(crate) fn ensure_tables(
     }
 }
 
-/// Marks every attempt of `track` still `running` as interrupted: under the
-/// track's lock, none of them is alive. Call under the track's lock.
+/// Marks every attempt of `tracks` still `running` as interrupted: under
+/// a track's lock, none of them is alive. Call under the tracks' locks.
 pub(crate) fn mark_interrupted(
     conn: &mut PgConnection,
     t: &Tables,
-    track: Track,
+    tracks: &[Track],
 ) -> Result<usize, Error> {
+    let tracks: Vec<&str> = tracks.iter().map(|t| t.as_str()).collect();
     sql_query(&t.sql.mark_interrupted)
-        .bind::<Text, _>(track.as_str())
+        .bind::<Array<Text>, _>(tracks)
         .bind::<Nullable<Text>, _>(None::<&str>)
         .execute(conn)
         .map_err(|e| Error::db("marking interrupted attempts", e))
@@ -334,7 +266,7 @@ pub(crate) fn mark_interrupted_version(
     version: &str,
 ) -> Result<usize, Error> {
     sql_query(&t.sql.mark_interrupted)
-        .bind::<Text, _>("")
+        .bind::<Array<Text>, _>(Vec::<&str>::new())
         .bind::<Nullable<Text>, _>(Some(version))
         .execute(conn)
         .map_err(|e| Error::db("marking an interrupted attempt", e))

@@ -85,6 +85,8 @@ pub(crate) struct Sql {
     pub backfill_checksums: String,
     pub ledger_rows: String,
     pub ledger_row: String,
+    pub ledger_rows_of: String,
+    pub revert_scope: String,
     pub ledger_rows_v1: String,
     pub applied_only: String,
     pub mark_interrupted: String,
@@ -307,6 +309,8 @@ impl Ledger {
                 backfill_checksums: r(include_str!("../sql/backfill_checksums.sql")),
                 ledger_rows: r(include_str!("../sql/ledger_rows.sql")),
                 ledger_row: r(include_str!("../sql/ledger_row.sql")),
+                ledger_rows_of: r(include_str!("../sql/ledger_rows_of.sql")),
+                revert_scope: r(include_str!("../sql/revert_scope.sql")),
                 ledger_rows_v1: r(include_str!("../sql/ledger_rows_v1.sql")),
                 applied_only: r(include_str!("../sql/applied_only.sql")),
                 mark_interrupted: r(include_str!("../sql/mark_interrupted.sql")),
@@ -333,7 +337,11 @@ impl Tables {
         if self.migrations_checksum != present {
             self.migrations_checksum = present;
             if !present {
-                for q in [&mut self.sql.ledger_rows, &mut self.sql.ledger_row] {
+                for q in [
+                    &mut self.sql.ledger_rows,
+                    &mut self.sql.ledger_row,
+                    &mut self.sql.ledger_rows_of,
+                ] {
                     *q = q.replace("coalesce(m.checksum, ", "coalesce(NULL::text, ");
                 }
             }
