@@ -131,7 +131,7 @@ pub(crate) fn try_lock_each(conn: &mut PgConnection, keys: &[i64]) -> Result<Vec
         .bind::<diesel::sql_types::Array<BigInt>, _>(keys)
         .load::<Held>(conn)
         .map(|h| h.into_iter().map(|h| h.k).collect())
-        .map_err(|e| Error::db("taking migrations' own locks", e))
+        .map_err(|e| Error::db("taking advisory locks", e))
 }
 
 /// Releases each key, in one statement.
@@ -143,20 +143,18 @@ pub(crate) fn unlock_each(conn: &mut PgConnection, keys: &[i64]) -> Result<(), E
         .map_err(|e| Error::db("releasing migrations' own locks", e))
 }
 
-/// Tries every key once, in order; all or none are held afterwards.
+/// Tries every key once, in one round trip (two when one is
+/// held elsewhere, to release those taken); all or none are held
+/// afterwards.
 pub(crate) fn try_lock_all(conn: &mut PgConnection, keys: &[i64]) -> Result<bool, Error> {
-    for (i, &key) in keys.iter().enumerate() {
-        match try_lock(conn, key) {
-            Ok(true) => {}
-            other => {
-                for &taken in keys[..i].iter().rev() {
-                    unlock(conn, taken)?;
-                }
-                return other;
-            }
-        }
+    let held = try_lock_each(conn, keys)?;
+    if held.len() == keys.len() {
+        return Ok(true);
     }
-    Ok(true)
+    if !held.is_empty() {
+        unlock_each(conn, &held)?;
+    }
+    Ok(false)
 }
 
 /// Releases every key and wakes the sessions waiting for the first (see
@@ -298,14 +296,6 @@ pub(crate) fn backend_pid(conn: &mut PgConnection) -> QueryResult<i32> {
     sql_query("SELECT pg_backend_pid() AS pid")
         .get_result::<Pid>(conn)
         .map(|p| p.pid)
-}
-
-pub(crate) fn unlock(conn: &mut PgConnection, key: i64) -> Result<bool, Error> {
-    sql_query("SELECT pg_advisory_unlock($1) AS flag")
-        .bind::<BigInt, _>(key)
-        .get_result::<Flag>(conn)
-        .map(|f| f.flag)
-        .map_err(|e| Error::db("releasing the advisory lock", e))
 }
 
 /// A pseudo-random pause in `[0, max)`, different across processes and

@@ -821,3 +821,48 @@ fn a_long_history_revert_sees_a_newer_stopped_migration_until_it_is_resolved() {
     );
     assert_eq!(applied(), 299);
 }
+
+/// The track's keys are taken all or none: with only a later one (the key
+/// an earlier release derives from the qualified name) held by another
+/// session, a revert is refused and leaves this session holding nothing,
+/// nor is anything reverted; once that key is free, it reverts.
+#[test]
+fn a_lock_key_held_elsewhere_leaves_none_of_the_others_held() {
+    let db = TestDb::new();
+    let set = TempSet::new();
+    let one = set.required("1_a", "CREATE TABLE a (x int);\n");
+    down(&one, "DROP TABLE a;\n");
+    let m = set.migrator();
+    m.run_required(&db.url).unwrap();
+    let mut holder = db.conn();
+    let keys = m.lock_keys(&mut holder, Track::Deferred).unwrap();
+    assert!(keys.len() > 1, "{keys:?}");
+    holder
+        .batch_execute(&format!(
+            "SELECT pg_advisory_lock({})",
+            keys[keys.len() - 1]
+        ))
+        .unwrap();
+    let mut conn = db.conn();
+    let err = m.revert(&mut conn, RevertTarget::Count(1)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RevertRefused, "{err}");
+    assert!(
+        err.to_string().contains("leads the deferred track"),
+        "{err}"
+    );
+    assert_eq!(
+        db.advisory_locks(),
+        1,
+        "only the other session's key is held"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM __diesel_schema_migrations"),
+        1
+    );
+    holder
+        .batch_execute("SELECT pg_advisory_unlock_all()")
+        .unwrap();
+    let report = m.revert(&mut conn, RevertTarget::Count(1)).unwrap();
+    assert_eq!(report.reverted.len(), 1);
+    assert_eq!(db.advisory_locks(), 0);
+}
