@@ -131,7 +131,7 @@ pub(crate) fn try_lock_each(conn: &mut PgConnection, keys: &[i64]) -> Result<Vec
         .bind::<diesel::sql_types::Array<BigInt>, _>(keys)
         .load::<Held>(conn)
         .map(|h| h.into_iter().map(|h| h.k).collect())
-        .map_err(|e| Error::db("taking advisory locks", e))
+        .map_err(|e| Error::db("taking migrations' own locks", e))
 }
 
 /// Releases each key, in one statement.
@@ -143,16 +143,40 @@ pub(crate) fn unlock_each(conn: &mut PgConnection, keys: &[i64]) -> Result<(), E
         .map_err(|e| Error::db("releasing migrations' own locks", e))
 }
 
-/// Tries every key once, in one round trip (two when one is
-/// held elsewhere, to release those taken); all or none are held
-/// afterwards.
+/// Tries the keys in order, in one round trip, stopping at the first one
+/// another session holds (so of two sessions racing, the one that got the
+/// first key gets them all); all or none are held afterwards, errors
+/// included (a session lock taken before a statement failed stays held).
 pub(crate) fn try_lock_all(conn: &mut PgConnection, keys: &[i64]) -> Result<bool, Error> {
-    let held = try_lock_each(conn, keys)?;
-    if held.len() == keys.len() {
+    #[derive(QueryableByName)]
+    struct Taken {
+        #[diesel(sql_type = Integer)]
+        n: i32,
+    }
+    if keys.is_empty() {
         return Ok(true);
     }
-    if !held.is_empty() {
-        unlock_each(conn, &held)?;
+    // CASE tries its conditions in order and stops at the first true one.
+    let tries: String = (1..=keys.len())
+        .map(|i| format!(" WHEN NOT pg_try_advisory_lock(${i}) THEN {}", i - 1))
+        .collect();
+    let sql = format!("SELECT CASE{tries} ELSE {} END AS n", keys.len());
+    let mut query = sql_query(sql).into_boxed();
+    for &key in keys {
+        query = query.bind::<BigInt, _>(key);
+    }
+    let n = match query.get_result::<Taken>(conn) {
+        Ok(t) => usize::try_from(t.n).unwrap_or(0).min(keys.len()),
+        Err(e) => {
+            let _ = unlock_all(conn, keys);
+            return Err(Error::db("taking the advisory lock", e));
+        }
+    };
+    if n == keys.len() {
+        return Ok(true);
+    }
+    if n > 0 {
+        unlock_all(conn, &keys[..n])?;
     }
     Ok(false)
 }

@@ -55,7 +55,12 @@ pub(crate) fn rows_fast(conn: &mut PgConnection, ledger: &Ledger) -> QueryResult
 pub(crate) fn rows(conn: &mut PgConnection, t: &Tables) -> Result<Vec<LedgerRow>, Error> {
     let query = match (t.migrations_exist, t.attempts_exist) {
         (true, true) if !t.attempts_operations => &t.sql.ledger_rows_v1,
-        (true, true) => &t.sql.ledger_rows,
+        (true, true) => {
+            return sql_query(&t.sql.ledger_rows)
+                .bind::<Nullable<Array<Text>>, _>(None::<Vec<String>>)
+                .load(conn)
+                .map_err(|e| Error::db("reading the migration ledger", e))
+        }
         (true, false) => &t.sql.applied_only,
         (false, _) => return Ok(Vec::new()),
     };
@@ -132,8 +137,8 @@ pub(crate) fn rows_of(
         return Ok(Vec::new());
     }
     let all: Vec<String> = versions.iter().flat_map(|v| spellings(v)).collect();
-    sql_query(&t.sql.ledger_rows_of)
-        .bind::<Array<Text>, _>(all)
+    sql_query(&t.sql.ledger_rows)
+        .bind::<Nullable<Array<Text>>, _>(Some(all))
         .load(conn)
         .map_err(|e| Error::db("reading the migration ledger", e))
 }

@@ -85,7 +85,6 @@ pub(crate) struct Sql {
     pub backfill_checksums: String,
     pub ledger_rows: String,
     pub ledger_row: String,
-    pub ledger_rows_of: String,
     pub revert_scope: String,
     pub ledger_rows_v1: String,
     pub applied_only: String,
@@ -309,7 +308,6 @@ impl Ledger {
                 backfill_checksums: r(include_str!("../sql/backfill_checksums.sql")),
                 ledger_rows: r(include_str!("../sql/ledger_rows.sql")),
                 ledger_row: r(include_str!("../sql/ledger_row.sql")),
-                ledger_rows_of: r(include_str!("../sql/ledger_rows_of.sql")),
                 revert_scope: r(include_str!("../sql/revert_scope.sql")),
                 ledger_rows_v1: r(include_str!("../sql/ledger_rows_v1.sql")),
                 applied_only: r(include_str!("../sql/applied_only.sql")),
@@ -337,11 +335,7 @@ impl Tables {
         if self.migrations_checksum != present {
             self.migrations_checksum = present;
             if !present {
-                for q in [
-                    &mut self.sql.ledger_rows,
-                    &mut self.sql.ledger_row,
-                    &mut self.sql.ledger_rows_of,
-                ] {
+                for q in [&mut self.sql.ledger_rows, &mut self.sql.ledger_row] {
                     *q = q.replace("coalesce(m.checksum, ", "coalesce(NULL::text, ");
                 }
             }

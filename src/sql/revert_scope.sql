@@ -1,7 +1,8 @@
 -- What a revert chooses from, in one read without the whole ledger: every
 -- applied version (applied = true), and every version with an attempt to
 -- apply it that stopped with statements done (applied = false), of which
--- ledger_rows_of.sql then reads whether that attempt is the latest.
+-- ledger_rows.sql (given the versions) then reads whether that attempt is
+-- the latest.
 SELECT version, true AS applied FROM {migrations}
 UNION ALL
 SELECT DISTINCT version, false
