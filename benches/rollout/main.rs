@@ -259,8 +259,10 @@ fn main() {
                 report,
                 "- **Reverting (§8): {}.** Reverting the newest tenth of §3's history took \
                  {tenth:.2}× diesel_migrations' time, the newest one alone {one:.2}×: one \
-                 revert pays the locks and the read of the whole ledger that diesel-rollout \
-                 takes once for any number.\n",
+                 revert pays the fixed costs diesel-rollout takes once for any number (the \
+                 ledger tables found before and after the lock, both tracks' locks each \
+                 checked on this backend, dead attempts marked, the session's timeouts set and \
+                 restored: 17 statements against diesel's 6).\n",
                 if tenth <= 1.0 && one <= 1.0 {
                     "not a loss"
                 } else if tenth <= 1.0 {
