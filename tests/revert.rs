@@ -9,6 +9,15 @@ use diesel::connection::SimpleConnection;
 use diesel_rollout::{ErrorKind, PlanAction, RevertTarget, Track};
 use support::{TempSet, TestDb};
 
+/// Reverting the newest migration is refused: its message.
+fn refused_revert(m: &diesel_rollout::Migrator, db: &TestDb) -> String {
+    let err = m
+        .revert(&mut db.conn(), RevertTarget::Count(1))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RevertRefused, "{err}");
+    err.to_string()
+}
+
 fn down(dir: &std::path::Path, sql: &str) {
     std::fs::write(dir.join("down.sql"), sql).unwrap();
 }
@@ -410,11 +419,7 @@ fn revert_refuses_to_undo_what_a_half_applied_migration_builds_on() {
     let m = set.migrator();
     let err = m.run_required(&db.url).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::MigrationFailed, "{err}");
-    let err = m
-        .revert(&mut db.conn(), RevertTarget::Count(1))
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::RevertRefused, "{err}");
-    let text = err.to_string();
+    let text = refused_revert(&m, &db);
     assert!(
         text.contains("migration 2_indexes stopped halfway (1 statements done)"),
         "{text}"
@@ -786,11 +791,7 @@ fn a_long_history_revert_sees_a_newer_stopped_migration_until_it_is_resolved() {
     let applied = || db.count("SELECT count(*) AS n FROM __diesel_schema_migrations");
     assert_eq!(applied(), 300);
 
-    let err = m
-        .revert(&mut db.conn(), RevertTarget::Count(1))
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::RevertRefused, "{err}");
-    let text = err.to_string();
+    let text = refused_revert(&m, &db);
     assert!(
         text.contains(&format!(
             "stopped halfway (1 statements done) and is newer than {newest}"
